@@ -1,0 +1,23 @@
+//! # postback-core
+//!
+//! The domain of the postback engine and the seams between it and the outside world.
+//!
+//! It is: identifiers (`ids`), the log's event envelope (`event`), request parameters
+//! (`params`), the catalog of advertisers, offers, partners and postback settings (`catalog`),
+//! the processing rules of a postback (`rules`), the batch processor (`processor`), and the
+//! seam traits with their in-memory implementations (`seams`).
+//!
+//! It is not: an HTTP server, a log on disk, a database client or a clock. It depends on no IO
+//! crate and reads no time or randomness of its own; callers pass them in. That keeps every
+//! rule unit-testable, fuzzable and benchmarkable alone.
+
+pub mod catalog;
+pub mod event;
+pub mod ids;
+pub mod params;
+pub mod processor;
+pub mod rules;
+pub mod seams;
+
+#[cfg(test)]
+mod rules_tests;

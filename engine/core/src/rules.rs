@@ -1,0 +1,354 @@
+//! The processing rules of a server postback (CONTRACT section 3), as one pure function:
+//! given the parsed postback, its click, the catalog and the existing conversion, decide.
+
+use crate::catalog::{ip_allowed, Catalog, Offer, OfferStatus};
+use crate::event::{ClickEvent, PostbackEvent};
+use crate::ids::ObjectId;
+use crate::params::{parse_form, parse_json, Params};
+
+/// A click as the processor knows it: the click event itself.
+pub type Click = ClickEvent;
+
+/// Conversion statuses, as Affise numbers them (there is no 4).
+pub const STATUS_CONFIRMED: u8 = 1;
+pub const STATUS_PENDING: u8 = 2;
+pub const STATUS_DECLINED: u8 = 3;
+pub const STATUS_HOLD: u8 = 5;
+
+/// The name of a status in the conversions API, or `None` for a number that is no status.
+pub fn status_name(status: u8) -> Option<&'static str> {
+    match status {
+        STATUS_CONFIRMED => Some("confirmed"),
+        STATUS_PENDING => Some("pending"),
+        STATUS_DECLINED => Some("declined"),
+        STATUS_HOLD => Some("hold"),
+        _ => None,
+    }
+}
+
+/// Why a postback did not register a conversion; `message` is the contract's text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    AccessDenied,
+    IpDenied,
+    MissingClickId,
+    BrokenClickId,
+    ClickNotFound,
+    OfferDisabled,
+    GoalNotFound,
+    InvalidStatus,
+    ConversionExists,
+    StatusNotPending,
+}
+
+impl Reject {
+    pub fn message(self) -> &'static str {
+        match self {
+            Reject::AccessDenied => "Access denied",
+            Reject::IpDenied => "Current IP-address is denied",
+            Reject::MissingClickId => "Missing mandatory parameter clickid/click_id",
+            Reject::BrokenClickId => "Broken clickid",
+            Reject::ClickNotFound => "Click not found",
+            Reject::OfferDisabled => "Offer disabled",
+            Reject::GoalNotFound => "Goal not found",
+            Reject::InvalidStatus => "Invalid status",
+            Reject::ConversionExists => "Conversion exists",
+            Reject::StatusNotPending => "Conversion status is not pending",
+        }
+    }
+}
+
+/// A postback's parameters, read once from its raw query and body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParsedPostback {
+    pub at_us: i64,
+    /// The sender's address.
+    pub server: String,
+    pub method: String,
+    /// Query parameters as received (for a pixel, plus `pixel=1` and `source`).
+    pub get: Params,
+    /// Body parameters as received.
+    pub post: Params,
+    pub pixel: bool,
+    /// The click id from a pixel's cookie, used when no `clickid` is passed.
+    pub cookie_click_id: Option<String>,
+}
+
+impl ParsedPostback {
+    pub fn parse(event: &PostbackEvent) -> Self {
+        let mut get = parse_form(event.query.as_bytes());
+        let body = event.body_bytes();
+        let post = if body.is_empty() {
+            Params::default()
+        } else if event.content_type.starts_with("application/json")
+            || body.first() == Some(&b'{')
+        {
+            // A JSON body that is not an object is kept whole under one key, not dropped.
+            parse_json(&body).unwrap_or_else(|_| {
+                Params(vec![(String::new(), String::from_utf8_lossy(&body).into_owned())])
+            })
+        } else {
+            parse_form(&body)
+        };
+        let mut cookie_click_id = None;
+        if let Some(px) = &event.pixel {
+            get.0.push(("pixel".into(), "1".into()));
+            get.0.push(("source".into(), px.source.clone()));
+            cookie_click_id = px.cookie_click_id.clone();
+        }
+        Self {
+            at_us: event.at_us,
+            server: event.ip.clone(),
+            method: event.method.clone(),
+            get,
+            post,
+            pixel: event.pixel.is_some(),
+            cookie_click_id,
+        }
+    }
+
+    /// A parameter by name: the query wins over the body.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.get.get(name).or_else(|| self.post.get(name))
+    }
+
+    fn param_nonempty(&self, name: &str) -> Option<&str> {
+        self.param(name).filter(|v| !v.is_empty())
+    }
+
+    /// A parameter under its S2S name, or its pixel name (`afstatus`, ...) for pixels.
+    fn field(&self, s2s: &str, pixel: &str) -> Option<&str> {
+        if self.pixel {
+            self.param_nonempty(pixel).or_else(|| self.param_nonempty(s2s))
+        } else {
+            self.param_nonempty(s2s)
+        }
+    }
+
+    /// The click id as passed (`clickid`, `click_id`, or a pixel's cookie).
+    pub fn clickid(&self) -> Option<&str> {
+        self.param_nonempty("clickid")
+            .or_else(|| self.param_nonempty("click_id"))
+            .or(self.cookie_click_id.as_deref().filter(|c| !c.is_empty()))
+    }
+    pub fn action_id(&self) -> Option<&str> {
+        self.field("action_id", "afid")
+    }
+    pub fn goal(&self) -> Option<&str> {
+        self.field("goal", "afgoal")
+    }
+    pub fn status_raw(&self) -> Option<&str> {
+        self.field("status", "afstatus")
+    }
+    /// The passed status as a number, 0 when absent or not a number.
+    pub fn status_passed(&self) -> i64 {
+        self.status_raw().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+    }
+    pub fn secure(&self) -> Option<&str> {
+        self.field("secure", "afsecure")
+    }
+    pub fn sum(&self) -> f64 {
+        self.field("sum", "afprice")
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .filter(|v| v.is_finite())
+            .unwrap_or(0.0)
+    }
+    pub fn text(&self, name: &str) -> String {
+        self.param(name).unwrap_or("").to_string()
+    }
+    pub fn custom_fields(&self) -> Vec<String> {
+        (1..=7)
+            .map(|i| {
+                self.param(&format!("custom_field{i}"))
+                    .or_else(|| self.param(&format!("custom_field_{i}")))
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect()
+    }
+}
+
+/// What makes two postbacks the same conversion: (offer, goal, action id), where the action
+/// id defaults to the click id.
+pub fn conversion_key(offer_id: u64, goal: &str, action_id: &str) -> String {
+    format!("{offer_id}|{}|{action_id}", goal.to_lowercase())
+}
+
+/// A registered conversion, in its current state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conversion {
+    pub id: String,
+    pub key: String,
+    pub offer_id: u64,
+    pub pid: u64,
+    pub advertiser_id: String,
+    pub goal: String,
+    pub action_id: String,
+    pub clickid: String,
+    pub status: u8,
+    pub sum: f64,
+    pub payouts: f64,
+    pub revenue: f64,
+    pub currency: String,
+    pub ip: String,
+    pub ua: String,
+    pub comment: String,
+    pub subs: Vec<String>,
+    pub custom_fields: Vec<String>,
+    pub promo_code: String,
+    pub user_id: String,
+    pub created_us: i64,
+    pub updated_us: i64,
+    pub click_us: i64,
+}
+
+/// The decision about one postback.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Rejected(Reject),
+    Created(Conversion),
+    /// A pending conversion moved to a new status.
+    Updated(Conversion),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub outcome: Outcome,
+    /// The offer, partner and advertiser, known once the click is (0 / empty otherwise).
+    pub offer_id: u64,
+    pub pid: u64,
+    pub advertiser_id: String,
+    /// Seconds from the click to this postback, when the click is known.
+    pub delta: Option<i64>,
+}
+
+/// Everything the rules read besides the postback itself.
+pub struct Context<'a> {
+    pub catalog: &'a Catalog,
+    /// The platform-level secure code; empty when not set.
+    pub platform_secure: &'a str,
+}
+
+/// Applies the rules in the contract's order. `click` is the click the postback names, if the
+/// store has it; `existing` finds a conversion by its key.
+pub fn judge<'c>(
+    pb: &ParsedPostback,
+    click: Option<&Click>,
+    ctx: &Context<'_>,
+    existing: impl FnOnce(&str) -> Option<&'c Conversion>,
+) -> Verdict {
+    let offer: Option<&Offer> = click.and_then(|c| ctx.catalog.offer_at(c.offer_id, pb.at_us));
+    let advertiser = offer
+        .filter(|o| !o.advertiser.is_empty())
+        .and_then(|o| ctx.catalog.advertiser_at(&o.advertiser, pb.at_us));
+    let mut verdict = Verdict {
+        outcome: Outcome::Rejected(Reject::AccessDenied),
+        offer_id: click.map_or(0, |c| c.offer_id),
+        pid: click.map_or(0, |c| c.pid),
+        advertiser_id: offer.map(|o| o.advertiser.clone()).unwrap_or_default(),
+        delta: click.map(|c| (pb.at_us - c.at_us).div_euclid(1_000_000)),
+    };
+    let reject = |mut v: Verdict, r: Reject| {
+        v.outcome = Outcome::Rejected(r);
+        v
+    };
+
+    // Every secure code that is set (platform, advertiser, offer) must be passed.
+    let passed = pb.secure().unwrap_or("");
+    let codes = [
+        ctx.platform_secure,
+        advertiser.map_or("", |a| a.secure.as_str()),
+        offer.map_or("", |o| o.secure.as_str()),
+    ];
+    if codes.iter().any(|c| !c.is_empty() && *c != passed) {
+        return reject(verdict, Reject::AccessDenied);
+    }
+    // Allow-lists name advertisers' servers; a pixel comes from the user's browser instead.
+    if !pb.pixel {
+        let lists = [
+            advertiser.map(|a| a.allowed_ip.as_slice()),
+            offer.map(|o| o.allowed_ip.as_slice()),
+        ];
+        if lists.into_iter().flatten().any(|l| !ip_allowed(l, &pb.server)) {
+            return reject(verdict, Reject::IpDenied);
+        }
+    }
+    let Some(clickid) = pb.clickid() else {
+        return reject(verdict, Reject::MissingClickId);
+    };
+    if clickid.parse::<ObjectId>().is_err() {
+        return reject(verdict, Reject::BrokenClickId);
+    }
+    let Some(click) = click else {
+        return reject(verdict, Reject::ClickNotFound);
+    };
+    let Some(offer) = offer.filter(|o| o.status == OfferStatus::Active) else {
+        return reject(verdict, Reject::OfferDisabled);
+    };
+    let goal = pb.goal().unwrap_or("1");
+    let Some(payment) = offer.payment(goal) else {
+        return reject(verdict, Reject::GoalNotFound);
+    };
+    let passed_status = match pb.status_raw() {
+        None => None,
+        Some(s) => match s.trim().parse::<u8>().ok().filter(|n| status_name(*n).is_some()) {
+            Some(n) => Some(n),
+            None => return reject(verdict, Reject::InvalidStatus),
+        },
+    };
+    let status = passed_status
+        .or(payment.status)
+        .unwrap_or(offer.default_status);
+    let action_id = pb.action_id().unwrap_or(&click.click_id);
+    let key = conversion_key(offer.id, &payment.goal, action_id);
+
+    if let Some(current) = existing(&key) {
+        let changed = passed_status.is_some_and(|s| s != current.status);
+        if !changed {
+            return reject(verdict, Reject::ConversionExists);
+        }
+        if current.status != STATUS_PENDING {
+            return reject(verdict, Reject::StatusNotPending);
+        }
+        let mut next = current.clone();
+        next.status = status;
+        next.updated_us = pb.at_us;
+        if let Some(comment) = pb.param_nonempty("comment") {
+            next.comment = comment.to_string();
+        }
+        verdict.outcome = Outcome::Updated(next);
+        return verdict;
+    }
+
+    let sum = pb.sum();
+    let (payouts, revenue) = payment.amounts(sum);
+    verdict.outcome = Outcome::Created(Conversion {
+        id: String::new(), // assigned by the processor from the log position
+        key,
+        offer_id: offer.id,
+        pid: click.pid,
+        advertiser_id: offer.advertiser.clone(),
+        goal: payment.goal.clone(),
+        action_id: action_id.to_string(),
+        clickid: click.click_id.clone(),
+        status,
+        sum,
+        payouts,
+        revenue,
+        currency: payment.currency.clone(),
+        ip: pb
+            .param_nonempty("ip")
+            .unwrap_or(click.ip.as_str())
+            .to_string(),
+        ua: click.ua.clone(),
+        comment: pb.text("comment"),
+        subs: (1..=8).map(|i| click.sub(i).to_string()).collect(),
+        custom_fields: pb.custom_fields(),
+        promo_code: pb.text("promo_code"),
+        user_id: pb.text("user_id"),
+        created_us: pb.at_us,
+        updated_us: pb.at_us,
+        click_us: click.at_us,
+    });
+    verdict
+}
