@@ -14,6 +14,7 @@
 pub mod catalog;
 pub mod event;
 pub mod ids;
+pub mod macros;
 pub mod params;
 pub mod processor;
 pub mod rules;

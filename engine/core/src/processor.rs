@@ -59,7 +59,11 @@ impl ServerPostbackRow {
         if self.response_status == 1 {
             r#"{"status":1}"#.to_string()
         } else {
-            serde_json::json!({"status": 2, "message": self.error}).to_string()
+            // Built by hand: the key order is part of what clients compare.
+            format!(
+                r#"{{"status":2,"message":{}}}"#,
+                serde_json::Value::String(self.error.clone())
+            )
         }
     }
 }

@@ -46,6 +46,8 @@ pub trait EventLog: Send + Sync + 'static {
     /// Drops records before `offset` where the backend can (whole segments); returns the new
     /// start.
     fn truncate_before(&self, offset: u64) -> BoxFuture<'_, Result<u64, SeamError>>;
+    /// Makes everything appended so far durable and refuses later appends. Blocks until done.
+    fn close(&self) {}
 }
 
 /// A page of query results.
@@ -208,5 +210,134 @@ impl Future for WaitFor {
             inner.waiters.push(cx.waker().clone());
             Poll::Pending
         }
+    }
+}
+
+/// The conformance suite every [`EventLog`] must pass. Each check starts from an empty log.
+pub mod conformance {
+    use super::EventLog;
+
+    fn records(prefix: &str, n: usize) -> Vec<Vec<u8>> {
+        (0..n).map(|i| format!("{prefix}-{i}").into_bytes()).collect()
+    }
+
+    /// Offsets are dense from the log's end, reads return durable records in order.
+    pub async fn append_then_read(log: &dyn EventLog) {
+        assert_eq!(log.end(), 0, "a new log is empty");
+        let a = log.append(records("a", 3)).await.expect("append");
+        assert_eq!(a, vec![0, 1, 2]);
+        let b = log.append(records("b", 2)).await.expect("append");
+        assert_eq!(b, vec![3, 4]);
+        assert_eq!(log.end(), 5);
+        let all = log.read(0, 100).await.expect("read");
+        let offsets: Vec<u64> = all.iter().map(|(o, _)| *o).collect();
+        assert_eq!(offsets, vec![0, 1, 2, 3, 4]);
+        assert_eq!(all[3].1, b"b-0".to_vec());
+        let mid = log.read(2, 2).await.expect("read");
+        assert_eq!(mid.iter().map(|(o, _)| *o).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(mid[0].1, b"a-2".to_vec());
+        assert!(log.read(5, 10).await.expect("read at end").is_empty());
+        assert!(log.read(99, 10).await.expect("read past end").is_empty());
+        assert!(log.append(vec![]).await.expect("empty append").is_empty());
+        assert_eq!(log.end(), 5);
+    }
+
+    /// Empty and binary records survive as they are.
+    pub async fn records_are_kept_exactly(log: &dyn EventLog) {
+        let binary: Vec<u8> = (0..=255u8).collect();
+        log.append(vec![Vec::new(), binary.clone(), vec![0; 100_000]]).await.expect("append");
+        let got = log.read(0, 10).await.expect("read");
+        assert_eq!(got[0].1, Vec::<u8>::new());
+        assert_eq!(got[1].1, binary);
+        assert_eq!(got[2].1.len(), 100_000);
+    }
+
+    /// `wait_for` resolves once a record exists at the offset, not before.
+    pub async fn wait_for_wakes_on_append(log: &dyn EventLog) {
+        log.append(records("x", 1)).await.expect("append");
+        log.wait_for(0).await; // already there
+        let mut wait = log.wait_for(1);
+        let polled = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(wait.as_mut().poll(cx).is_ready())
+        })
+        .await;
+        assert!(!polled, "nothing at offset 1 yet");
+        log.append(records("y", 1)).await.expect("append");
+        wait.await;
+    }
+
+    /// Truncation only drops a prefix; later records keep their offsets.
+    pub async fn truncate_keeps_the_rest(log: &dyn EventLog) {
+        for i in 0..10 {
+            log.append(records(&format!("t{i}"), 10)).await.expect("append");
+        }
+        let start = log.truncate_before(50).await.expect("truncate");
+        assert!(start <= 50, "never drops past the offset asked");
+        assert_eq!(log.start(), start);
+        let rest = log.read(50, 1000).await.expect("read");
+        assert_eq!(rest.len(), 50);
+        assert_eq!(rest[0].0, 50);
+        assert_eq!(rest[0].1, b"t5-0".to_vec());
+        let from_start = log.read(0, 1).await.expect("read before start");
+        assert_eq!(from_start[0].0, start, "reads before the start begin at the start");
+        assert_eq!(log.append(records("z", 1)).await.expect("append"), vec![100]);
+    }
+
+    /// Many concurrent appends each get their own offsets, and all are readable.
+    pub async fn concurrent_appends_are_all_kept(log: &dyn EventLog) {
+        let appends = (0..50).map(|i| log.append(records(&format!("c{i}"), 4)));
+        let results = futures_join_all(appends).await;
+        let mut offsets: Vec<u64> = results
+            .into_iter()
+            .flat_map(|r| r.expect("append"))
+            .collect();
+        offsets.sort();
+        assert_eq!(offsets, (0..200).collect::<Vec<_>>());
+        assert_eq!(log.read(0, 1000).await.expect("read").len(), 200);
+    }
+
+    /// A minimal join_all so that this crate needs no futures dependency.
+    async fn futures_join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+        let mut pending: Vec<_> = futures.into_iter().map(Box::pin).collect();
+        let mut out: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
+        std::future::poll_fn(|cx| {
+            let mut done = true;
+            for (fut, slot) in pending.iter_mut().zip(out.iter_mut()) {
+                if slot.is_none() {
+                    match fut.as_mut().poll(cx) {
+                        std::task::Poll::Ready(v) => *slot = Some(v),
+                        std::task::Poll::Pending => done = false,
+                    }
+                }
+            }
+            if done { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+        })
+        .await;
+        out.into_iter().flatten().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block_on<F: Future>(f: F) -> F::Output {
+        // The in-memory log never parks, so a busy poll with a no-op waker is enough.
+        let mut f = Box::pin(f);
+        let mut cx = Context::from_waker(Waker::noop());
+        loop {
+            if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+                return v;
+            }
+        }
+    }
+
+    #[test]
+    fn memory_log_conforms() {
+        block_on(conformance::append_then_read(&MemoryEventLog::new()));
+        block_on(conformance::records_are_kept_exactly(&MemoryEventLog::new()));
+        block_on(conformance::wait_for_wakes_on_append(&MemoryEventLog::new()));
+        block_on(conformance::truncate_keeps_the_rest(&MemoryEventLog::new()));
+        block_on(conformance::concurrent_appends_are_all_kept(&MemoryEventLog::new()));
     }
 }

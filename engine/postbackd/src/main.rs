@@ -1,1 +1,101 @@
-fn main(){}
+//! `postbackd`: parse the command line, load the configuration, start telemetry, run.
+
+use clap::{Parser, Subcommand};
+use postbackd::{Config, Overrides, Server};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "postbackd", version, about = "The postback engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Args, Clone, Default)]
+struct Common {
+    /// Configuration file (TOML); settings in it are overridden by POSTBACKD_* variables.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data directory: event log, catalog, store, generated API key.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the engine (the default).
+    Serve {
+        #[command(flatten)]
+        common: Common,
+        /// Address to listen on, e.g. 127.0.0.1:8080.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// API key for /3.0/ (default: generated once and kept in the data directory).
+        #[arg(long)]
+        api_key: Option<String>,
+    },
+    /// Rebuild the analytics store from the event log, then exit.
+    Replay {
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let env: std::collections::HashMap<String, String> = std::env::vars().collect();
+    let runtime = tokio::runtime::Runtime::new()?;
+    match cli.command.unwrap_or(Command::Serve { common: Common::default(), listen: None, api_key: None }) {
+        Command::Serve { common, listen, api_key } => {
+            let flags = Overrides { listen, data_dir: common.data_dir, api_key };
+            let config = Config::load(common.config.as_deref(), &env, &flags)?;
+            let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+            runtime.block_on(serve(config, metrics))
+        }
+        Command::Replay { common } => {
+            let flags = Overrides { data_dir: common.data_dir, ..Default::default() };
+            let config = Config::load(common.config.as_deref(), &env, &flags)?;
+            let n = runtime.block_on(postbackd::engine::replay(config))?;
+            println!("replayed {n} events into a new store");
+            Ok(())
+        }
+    }
+}
+
+async fn serve(config: Config, metrics: metrics_exporter_prometheus::PrometheusHandle) -> anyhow::Result<()> {
+    let server = Server::start(config, Some(metrics)).await?;
+    println!("postbackd listening on http://{}", server.addr());
+    println!("data directory: {}", server.engine.config.data_dir.display());
+    println!("API key: {}", server.engine.api_key);
+    shutdown_signal().await;
+    println!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

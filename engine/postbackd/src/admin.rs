@@ -1,0 +1,428 @@
+//! The admin API (CONTRACT section 1): advertisers, offers, partners and their postback
+//! settings. Every change is appended to the catalog log before it is answered.
+
+use crate::engine::Engine;
+use crate::http::{json, ApiError, Body, Req};
+use crate::pipeline::now_us;
+use hyper::{Method, Response, StatusCode};
+use postback_core::catalog::*;
+use postback_core::params::Params;
+use postback_core::rules::status_name;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+pub async fn route(engine: &Arc<Engine>, req: Req) -> Result<Response<Body>, ApiError> {
+    let p = req.params()?;
+    let path = req.path.trim_end_matches('/').to_string();
+    let segments: Vec<&str> = path.split('/').skip(2).collect(); // after "/3.0"
+    let m = &req.method;
+    match (m, segments.as_slice()) {
+        (&Method::POST, ["admin", "advertiser"]) => save_advertiser(engine, None, &p).await,
+        (&Method::POST, ["admin", "advertiser", id]) => save_advertiser(engine, Some(id), &p).await,
+        (&Method::GET, ["admin", "advertiser", id]) => {
+            let c = engine.catalog_read();
+            let a = c.advertiser(id).ok_or(ApiError::NotFound)?;
+            ok("advertiser", advertiser_json(a))
+        }
+        (&Method::GET, ["admin", "advertisers"]) => {
+            let c = engine.catalog_read();
+            list(&p, "advertisers", c.advertisers().map(advertiser_json).collect())
+        }
+        (&Method::POST, ["admin", "offer"]) => save_offer(engine, None, &p).await,
+        (&Method::POST, ["admin", "offer", id]) => save_offer(engine, Some(parse_id(id)?), &p).await,
+        (&Method::GET, ["offer", id]) => {
+            let c = engine.catalog_read();
+            let o = c.offer(parse_id(id)?).ok_or(ApiError::NotFound)?;
+            ok("offer", offer_json(o))
+        }
+        (&Method::GET, ["offers"]) => {
+            let c = engine.catalog_read();
+            list(&p, "offers", c.offers().map(offer_json).collect())
+        }
+        (&Method::POST, ["admin", "partner"]) => save_partner(engine, None, &p).await,
+        (&Method::POST, ["admin", "partner", id]) => save_partner(engine, Some(parse_id(id)?), &p).await,
+        (&Method::GET, ["admin", "partner", id]) => {
+            let c = engine.catalog_read();
+            let a = c.partner(parse_id(id)?).ok_or(ApiError::NotFound)?;
+            ok("partner", partner_json(a))
+        }
+        (&Method::GET, ["admin", "partners"]) => {
+            let c = engine.catalog_read();
+            list(&p, "partners", c.partners().map(partner_json).collect())
+        }
+        (&Method::POST, ["partner", "postback"]) => save_postback(engine, None, &p).await,
+        (&Method::POST, ["partner", "postback", id]) => {
+            save_postback(engine, Some(parse_id(id)?), &p).await
+        }
+        (&Method::DELETE | &Method::POST, ["partner", "postback", id, "remove"]) => {
+            remove_postback(engine, parse_id(id)?).await
+        }
+        (&Method::GET, ["admin", "postbacks"]) => {
+            let partner = match p.get_nonempty("partner_id") {
+                Some(v) => Some(v.parse::<u64>().map_err(|_| bad("partner_id must be an integer"))?),
+                None => None,
+            };
+            let c = engine.catalog_read();
+            let rows = c
+                .postbacks()
+                .filter(|s| partner.is_none_or(|id| s.partner_id == id))
+                .map(postback_json)
+                .collect();
+            list(&p, "postbacks", rows)
+        }
+        (_, ["admin" | "partner", ..] | ["offer" | "offers", ..]) => Err(ApiError::NoRoute),
+        _ => Err(ApiError::NoRoute),
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError::BadRequest(msg.into())
+}
+
+fn parse_id(s: &str) -> Result<u64, ApiError> {
+    s.parse().map_err(|_| ApiError::NotFound)
+}
+
+fn ok(key: &str, value: Value) -> Result<Response<Body>, ApiError> {
+    Ok(json(StatusCode::OK, &json!({"status": 1, key: value})))
+}
+
+/// `page` (from 1) and `limit` (1 to 500, default 100), as every list takes them.
+pub fn paging(p: &Params) -> Result<(u64, u64), ApiError> {
+    let page = match p.get_nonempty("page") {
+        Some(v) => v.trim().parse::<u64>().ok().filter(|n| *n >= 1).ok_or_else(|| bad("page must be a positive integer"))?,
+        None => 1,
+    };
+    let limit = match p.get_nonempty("limit") {
+        Some(v) => v.trim().parse::<u64>().ok().filter(|n| *n >= 1).ok_or_else(|| bad("limit must be a positive integer"))?,
+        None => 100,
+    };
+    Ok((page, limit.min(500)))
+}
+
+fn list(p: &Params, key: &str, rows: Vec<Value>) -> Result<Response<Body>, ApiError> {
+    let (page, limit) = paging(p)?;
+    let total = rows.len() as u64;
+    let rows: Vec<Value> = rows
+        .into_iter()
+        .skip(((page - 1) * limit) as usize)
+        .take(limit as usize)
+        .collect();
+    Ok(json(
+        StatusCode::OK,
+        &json!({"status": 1, key: rows, "pagination": {"per_page": limit, "total_count": total, "page": page}}),
+    ))
+}
+
+fn new_object_id(engine: &Engine) -> String {
+    engine.ids.next((now_us() / 1_000_000) as u32).to_hex()
+}
+
+fn allowed_ip(p: &Params, current: &[String]) -> Result<Vec<String>, ApiError> {
+    match p.get("allowed_ip") {
+        Some(v) => parse_allowed_ip(v).map_err(|e| bad(format!("allowed_ip: not an IP or CIDR: {e}"))),
+        None => Ok(current.to_vec()),
+    }
+}
+
+async fn save_advertiser(engine: &Engine, id: Option<&str>, p: &Params) -> Result<Response<Body>, ApiError> {
+    let _writer = engine.catalog_writer.lock().await;
+    let current = match id {
+        Some(id) => Some(engine.catalog_read().advertiser(id).cloned().ok_or(ApiError::NotFound)?),
+        None => None,
+    };
+    let title = match (p.get("title").map(str::trim), &current) {
+        (Some(t), _) if !t.is_empty() => t.to_string(),
+        (None, Some(c)) => c.title.clone(),
+        _ => return Err(bad("title is required")),
+    };
+    let advertiser = Advertiser {
+        id: current.as_ref().map_or_else(|| new_object_id(engine), |c| c.id.clone()),
+        title,
+        secure: p
+            .get("secure")
+            .map(str::to_string)
+            .unwrap_or_else(|| current.as_ref().map(|c| c.secure.clone()).unwrap_or_default()),
+        allowed_ip: allowed_ip(p, current.as_ref().map_or(&[], |c| &c.allowed_ip))?,
+    };
+    let value = advertiser_json(&advertiser);
+    engine
+        .change_catalog(CatalogEvent::Advertiser { at_us: now_us(), advertiser })
+        .await?;
+    ok("advertiser", value)
+}
+
+fn advertiser_json(a: &Advertiser) -> Value {
+    json!({"id": a.id, "title": a.title, "secure": a.secure, "allowed_ip": a.allowed_ip.join(",")})
+}
+
+fn parse_status(field: &str, v: &str) -> Result<u8, ApiError> {
+    let v = v.trim();
+    if let Ok(n) = v.parse::<u8>() {
+        if status_name(n).is_some() {
+            return Ok(n);
+        }
+    }
+    (1..=5)
+        .find(|n| status_name(*n) == Some(v) || (v == "approved" && *n == 1))
+        .ok_or_else(|| bad(format!("{field} must be 1, 2, 3 or 5 (confirmed, pending, declined, hold)")))
+}
+
+fn parse_number(field: &str, v: Option<&str>) -> Result<f64, ApiError> {
+    match v.map(str::trim).filter(|v| !v.is_empty()) {
+        None => Ok(0.0),
+        Some(v) => v
+            .parse::<f64>()
+            .ok()
+            .filter(|n| n.is_finite() && *n >= 0.0)
+            .ok_or_else(|| bad(format!("{field} must be a non-negative number"))),
+    }
+}
+
+fn parse_payments(p: &Params) -> Result<Vec<Payment>, ApiError> {
+    let mut out: Vec<Payment> = Vec::new();
+    for (i, g) in p.groups("payments").iter().enumerate() {
+        let field = |name: &str| format!("payments[{i}][{name}]");
+        let goal = g.get_nonempty("goal").unwrap_or("1").trim().to_string();
+        if out.iter().any(|x| x.goal.to_lowercase() == goal.to_lowercase()) {
+            return Err(bad(format!("{}: goal {goal} is given twice", field("goal"))));
+        }
+        let kind = match g.get_nonempty("type").unwrap_or("fixed") {
+            "fixed" => PaymentType::Fixed,
+            "percent" => PaymentType::Percent,
+            _ => return Err(bad(format!("{} must be fixed or percent", field("type")))),
+        };
+        out.push(Payment {
+            goal,
+            total: parse_number(&field("total"), g.get("total"))?,
+            revenue: parse_number(&field("revenue"), g.get("revenue"))?,
+            currency: g.get_nonempty("currency").unwrap_or("USD").trim().to_uppercase(),
+            kind,
+            status: g.get_nonempty("status").map(|s| parse_status(&field("status"), s)).transpose()?,
+        });
+    }
+    Ok(out)
+}
+
+async fn save_offer(engine: &Engine, id: Option<u64>, p: &Params) -> Result<Response<Body>, ApiError> {
+    let _writer = engine.catalog_writer.lock().await;
+    let (current, next_id) = {
+        let c = engine.catalog_read();
+        let current = match id {
+            Some(id) => Some(c.offer(id).cloned().ok_or(ApiError::NotFound)?),
+            None => None,
+        };
+        (current, c.next_offer_id())
+    };
+    let text = |name: &str, current: Option<&String>| -> Option<String> {
+        p.get(name).map(|v| v.trim().to_string()).or_else(|| current.cloned())
+    };
+    let title = text("title", current.as_ref().map(|c| &c.title))
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| bad("title is required"))?;
+    let url = text("url", current.as_ref().map(|c| &c.url))
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| bad("url is required"))?;
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(bad("url must start with http:// or https://"));
+    }
+    let advertiser = text("advertiser", current.as_ref().map(|c| &c.advertiser)).unwrap_or_default();
+    if !advertiser.is_empty() && engine.catalog_read().advertiser(&advertiser).is_none() {
+        return Err(bad("advertiser: no such advertiser"));
+    }
+    let status = match p.get_nonempty("status") {
+        Some(s) => OfferStatus::parse(s.trim()).ok_or_else(|| bad("status must be active, paused or stopped"))?,
+        None => current.as_ref().map_or(OfferStatus::Active, |c| c.status),
+    };
+    let default_status = match p.get_nonempty("default_status") {
+        Some(s) => parse_status("default_status", s)?,
+        None => current.as_ref().map_or(1, |c| c.default_status),
+    };
+    let payments = if p.groups("payments").is_empty() {
+        current.as_ref().map(|c| c.payments.clone()).unwrap_or_default()
+    } else {
+        parse_payments(p)?
+    };
+    let hold_period = match p.get_nonempty("hold_period") {
+        Some(v) => v.trim().parse::<u32>().map_err(|_| bad("hold_period must be a whole number of days"))?,
+        None => current.as_ref().map_or(0, |c| c.hold_period),
+    };
+    let offer = Offer {
+        id: current.as_ref().map_or(next_id, |c| c.id),
+        offer_id: current.as_ref().map_or_else(|| new_object_id(engine), |c| c.offer_id.clone()),
+        title,
+        advertiser,
+        url,
+        status,
+        payments,
+        default_status,
+        secure: text("secure", current.as_ref().map(|c| &c.secure)).unwrap_or_default(),
+        allowed_ip: allowed_ip(p, current.as_ref().map_or(&[], |c| &c.allowed_ip))?,
+        hold_period,
+    };
+    let value = offer_json(&offer);
+    engine.change_catalog(CatalogEvent::Offer { at_us: now_us(), offer }).await?;
+    ok("offer", value)
+}
+
+pub fn offer_json(o: &Offer) -> Value {
+    json!({
+        "id": o.id,
+        "offer_id": o.offer_id,
+        "title": o.title,
+        "advertiser": o.advertiser,
+        "url": o.url,
+        "status": o.status.as_str(),
+        "default_status": o.default_status,
+        "secure": o.secure,
+        "allowed_ip": o.allowed_ip.join(","),
+        "hold_period": o.hold_period,
+        "payments": o.payments.iter().map(|p| json!({
+            "goal": p.goal,
+            "total": p.total,
+            "revenue": p.revenue,
+            "currency": p.currency,
+            "type": match p.kind { PaymentType::Fixed => "fixed", PaymentType::Percent => "percent" },
+            "status": p.status,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+async fn save_partner(engine: &Engine, id: Option<u64>, p: &Params) -> Result<Response<Body>, ApiError> {
+    let _writer = engine.catalog_writer.lock().await;
+    let (current, next_id) = {
+        let c = engine.catalog_read();
+        let current = match id {
+            Some(id) => Some(c.partner(id).cloned().ok_or(ApiError::NotFound)?),
+            None => None,
+        };
+        (current, c.next_partner_id())
+    };
+    let email = p
+        .get("email")
+        .map(|v| v.trim().to_string())
+        .or_else(|| current.as_ref().map(|c| c.email.clone()))
+        .filter(|e| !e.is_empty())
+        .ok_or_else(|| bad("email is required"))?;
+    if !email.contains('@') {
+        return Err(bad("email is not an email address"));
+    }
+    let partner = Partner {
+        id: current.as_ref().map_or(next_id, |c| c.id),
+        login: p
+            .get_nonempty("login")
+            .map(str::to_string)
+            .or_else(|| current.as_ref().map(|c| c.login.clone()))
+            .unwrap_or_else(|| email.clone()),
+        title: p
+            .get("title")
+            .map(str::to_string)
+            .or_else(|| current.as_ref().map(|c| c.title.clone()))
+            .unwrap_or_default(),
+        email,
+    };
+    let value = partner_json(&partner);
+    engine.change_catalog(CatalogEvent::Partner { at_us: now_us(), partner }).await?;
+    ok("partner", value)
+}
+
+pub fn partner_json(a: &Partner) -> Value {
+    json!({"id": a.id, "email": a.email, "login": a.login, "title": a.title})
+}
+
+const POSTBACK_STATUSES: [&str; 6] = ["", "by_creating", "confirmed", "pending", "declined", "hold"];
+
+async fn save_postback(engine: &Engine, id: Option<u64>, p: &Params) -> Result<Response<Body>, ApiError> {
+    let _writer = engine.catalog_writer.lock().await;
+    let c = engine.catalog_read().clone();
+    let current = match id {
+        Some(id) => Some(c.postback(id).cloned().ok_or(ApiError::NotFound)?),
+        None => None,
+    };
+    let partner_id = match p.get_nonempty("partner_id") {
+        Some(v) => v.trim().parse::<u64>().map_err(|_| bad("partner_id must be an integer"))?,
+        None => current.as_ref().map(|c| c.partner_id).ok_or_else(|| bad("partner_id is required"))?,
+    };
+    if c.partner(partner_id).is_none() {
+        return Err(bad("partner_id: no such partner"));
+    }
+    let url = p
+        .get("url")
+        .map(|v| v.trim().to_string())
+        .or_else(|| current.as_ref().map(|c| c.url.clone()))
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| bad("url is required"))?;
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(bad("url must start with http:// or https://"));
+    }
+    let offer_id = match p.get("offer_id").map(str::trim) {
+        Some("") | Some("0") => None,
+        Some(v) => Some(v.parse::<u64>().map_err(|_| bad("offer_id must be an integer"))?),
+        None => current.as_ref().and_then(|c| c.offer_id),
+    };
+    if let Some(o) = offer_id {
+        if c.offer(o).is_none() {
+            return Err(bad("offer_id: no such offer"));
+        }
+    }
+    let status = p
+        .get("status")
+        .map(|v| v.trim().to_string())
+        .or_else(|| current.as_ref().map(|c| c.status.clone()))
+        .unwrap_or_default();
+    let status = if status == "any" { String::new() } else { status };
+    if !POSTBACK_STATUSES.contains(&status.as_str()) {
+        return Err(bad("status must be empty, by_creating, confirmed, pending, declined or hold"));
+    }
+    let goal = p
+        .get("goal")
+        .map(|v| v.trim().to_string())
+        .or_else(|| current.as_ref().map(|c| c.goal.clone()))
+        .unwrap_or_default();
+    if !goal.is_empty() && offer_id.is_none() {
+        return Err(bad("goal can only be set with an offer_id"));
+    }
+    let method = p
+        .get_nonempty("method")
+        .map(|m| m.trim().to_uppercase())
+        .or_else(|| current.as_ref().map(|c| c.method.clone()))
+        .unwrap_or_else(|| "GET".into());
+    if method != "GET" && method != "POST" {
+        return Err(bad("method must be GET or POST"));
+    }
+    let postback = PostbackSetting {
+        id: current.as_ref().map_or(c.next_postback_id(), |c| c.id),
+        partner_id,
+        url,
+        offer_id,
+        status,
+        goal,
+        method,
+    };
+    let value = postback_json(&postback);
+    engine
+        .change_catalog(CatalogEvent::PostbackSetting { at_us: now_us(), postback })
+        .await?;
+    ok("postback", value)
+}
+
+async fn remove_postback(engine: &Engine, id: u64) -> Result<Response<Body>, ApiError> {
+    let _writer = engine.catalog_writer.lock().await;
+    let value = postback_json(engine.catalog_read().postback(id).ok_or(ApiError::NotFound)?);
+    engine
+        .change_catalog(CatalogEvent::PostbackSettingRemoved { at_us: now_us(), id })
+        .await?;
+    ok("postback", value)
+}
+
+fn postback_json(s: &PostbackSetting) -> Value {
+    json!({
+        "id": s.id,
+        "partner_id": s.partner_id,
+        "url": s.url,
+        "offer_id": s.offer_id,
+        "status": s.status,
+        "goal": s.goal,
+        "method": s.method,
+    })
+}

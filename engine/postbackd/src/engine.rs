@@ -1,0 +1,186 @@
+//! The engine's shared state and its life cycle: open the data directory, load the catalog,
+//! start the processor and the HTTP server; and the shutdown sequence that undoes it.
+
+use crate::config::Config;
+use crate::embedded_log::{EmbeddedEventLog, LogOptions};
+use crate::pipeline;
+use crate::sqlite_store::SqliteStore;
+use anyhow::Context as _;
+use metrics_exporter_prometheus::PrometheusHandle;
+use postback_core::catalog::{Catalog, CatalogEvent};
+use postback_core::ids::IdGenerator;
+use postback_core::seams::{EventLog, Store};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// What every part of the running engine shares.
+pub struct Engine {
+    pub config: Config,
+    pub api_key: String,
+    /// Clicks and postbacks.
+    pub events: Arc<dyn EventLog>,
+    /// Catalog changes (never expired: the catalog is small and replays need all of it).
+    pub catalog_log: Arc<dyn EventLog>,
+    pub store: Arc<dyn Store>,
+    pub catalog: RwLock<Catalog>,
+    /// Serialises catalog writes, so that new ids are assigned one at a time.
+    pub catalog_writer: tokio::sync::Mutex<()>,
+    pub ids: IdGenerator,
+    pub metrics: Option<PrometheusHandle>,
+    /// False once shutdown has begun, or while the processor is stopped.
+    pub ready: AtomicBool,
+}
+
+impl Engine {
+    /// Opens the data directory: the logs, the store, and the catalog as the log has it.
+    pub async fn open(config: Config, metrics: Option<PrometheusHandle>) -> anyhow::Result<Arc<Self>> {
+        let dir = config.data_dir.clone();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let api_key = resolve_api_key(&config.api_key, &dir)?;
+        let events = EmbeddedEventLog::open(&dir.join("events"), LogOptions::default())
+            .context("opening the event log")?;
+        let catalog_log = EmbeddedEventLog::open(&dir.join("catalog"), LogOptions::default())
+            .context("opening the catalog log")?;
+        let store = SqliteStore::open(&dir.join("store.sqlite")).context("opening the store")?;
+        let catalog = load_catalog(&catalog_log).await?;
+        let seed: [u8; 8] = rand::random();
+        Ok(Arc::new(Self {
+            api_key,
+            events: Arc::new(events),
+            catalog_log: Arc::new(catalog_log),
+            store: Arc::new(store),
+            catalog: RwLock::new(catalog),
+            catalog_writer: tokio::sync::Mutex::new(()),
+            ids: IdGenerator::new(
+                [seed[0], seed[1], seed[2], seed[3], seed[4]],
+                u32::from_le_bytes([seed[5], seed[6], seed[7], 0]),
+            ),
+            metrics,
+            ready: AtomicBool::new(false),
+            config,
+        }))
+    }
+
+    /// Appends a catalog change durably, then applies it to the catalog in memory.
+    pub async fn change_catalog(&self, event: CatalogEvent) -> Result<(), postback_core::seams::SeamError> {
+        let bytes = serde_json::to_vec(&event).unwrap_or_default();
+        self.catalog_log.append(vec![bytes]).await?;
+        self.catalog_write().apply(event);
+        Ok(())
+    }
+
+    pub fn catalog_read(&self) -> std::sync::RwLockReadGuard<'_, Catalog> {
+        self.catalog.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn catalog_write(&self) -> std::sync::RwLockWriteGuard<'_, Catalog> {
+        self.catalog.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+async fn load_catalog(log: &dyn EventLog) -> anyhow::Result<Catalog> {
+    let mut catalog = Catalog::default();
+    let mut from = log.start();
+    loop {
+        let batch = log.read(from, 4096).await?;
+        let Some((last, _)) = batch.last() else { break };
+        from = last + 1;
+        for (offset, bytes) in batch {
+            let event: CatalogEvent = serde_json::from_slice(&bytes)
+                .with_context(|| format!("catalog record {offset} does not decode"))?;
+            catalog.apply(event);
+        }
+    }
+    Ok(catalog)
+}
+
+/// The configured key, or the one kept in the data directory, or a new one kept there.
+fn resolve_api_key(configured: &str, dir: &Path) -> anyhow::Result<String> {
+    if !configured.is_empty() {
+        return Ok(configured.to_string());
+    }
+    let path = dir.join("api_key");
+    if let Ok(key) = std::fs::read_to_string(&path) {
+        let key = key.trim();
+        if !key.is_empty() {
+            return Ok(key.to_string());
+        }
+    }
+    let key: String = (0..16).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+    std::fs::write(&path, &key).with_context(|| format!("writing {}", path.display()))?;
+    Ok(key)
+}
+
+/// A running engine. Dropping it does not stop it; call [`Server::shutdown`].
+pub struct Server {
+    pub engine: Arc<Engine>,
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    http: JoinHandle<()>,
+    processor: JoinHandle<()>,
+    housekeeping: JoinHandle<()>,
+}
+
+impl Server {
+    /// Opens the data directory and starts serving on `config.listen`.
+    pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("listening on {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        let engine = Engine::open(config, metrics).await?;
+        let (stop, stop_rx) = watch::channel(false);
+        let processor = tokio::spawn(pipeline::run_processor(engine.clone(), stop_rx.clone()));
+        let housekeeping = tokio::spawn(pipeline::run_retention(engine.clone(), stop_rx.clone()));
+        engine.ready.store(true, Ordering::Release);
+        let http = tokio::spawn(crate::http::serve(engine.clone(), listener, stop_rx));
+        Ok(Self { engine, addr, stop, http, processor, housekeeping })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The shutdown sequence: readiness fails; the server stops accepting and drains requests
+    /// in flight (each one that got a 200 is already durable); the processor finishes its batch
+    /// and commits; the logs flush and fsync what is queued.
+    pub async fn shutdown(self) {
+        self.engine.ready.store(false, Ordering::Release);
+        let _ = self.stop.send(true);
+        let _ = self.http.await;
+        let _ = self.processor.await;
+        let _ = self.housekeeping.await;
+        // Close the logs now rather than when the last reference goes.
+        self.engine.events.close();
+        self.engine.catalog_log.close();
+    }
+}
+
+/// Rebuilds the analytics store from the event log: the old store is set aside (renamed, not
+/// deleted, until the new one is complete) and every event is processed again.
+pub async fn replay(config: Config) -> anyhow::Result<u64> {
+    let dir = config.data_dir.clone();
+    let store = dir.join("store.sqlite");
+    let old = dir.join("store.sqlite.before-replay");
+    for suffix in ["", "-wal", "-shm"] {
+        let from = PathBuf::from(format!("{}{suffix}", store.display()));
+        let to = PathBuf::from(format!("{}{suffix}", old.display()));
+        if from.exists() {
+            std::fs::rename(&from, &to).with_context(|| format!("moving {}", from.display()))?;
+        }
+    }
+    let engine = Engine::open(config, None).await?;
+    let end = engine.events.end();
+    let (_stop_tx, mut stop) = watch::channel(false);
+    pipeline::process_until(&engine, &mut stop, Some(end)).await?;
+    engine.events.close();
+    engine.catalog_log.close();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", old.display()));
+    }
+    Ok(end - engine.events.start())
+}

@@ -1,0 +1,130 @@
+//! The stream processor's runtime and the housekeeping tasks. The decisions are
+//! `postback_core::processor`'s; this module moves data between the log and the store.
+//!
+//! Effectively once: the store writes a batch's rows and the next log position in one
+//! transaction, and every row id comes from a log position. After a crash the processor
+//! resumes at the stored position; a batch that was written but whose position did not move
+//! cannot happen, and one that was half-done was not written at all.
+
+use crate::engine::Engine;
+use postback_core::event::Event;
+use postback_core::processor::{self, Lookups, Parsed, Processor};
+use postback_core::seams::SeamError;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// The consumer name under which the processor keeps its log position.
+pub const CONSUMER: &str = "processor";
+
+/// Runs until `stop` turns true, finishing the batch at hand first.
+pub async fn run_processor(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(100);
+    while !*stop.borrow() {
+        match process_until(&engine, &mut stop, None).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::error!(error = %e, "processor failed; retrying from the stored position");
+                metrics::counter!("postbackd_processor_errors_total").increment(1);
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// Processes the log from the stored position: until `stop`, or, with `until`, until that
+/// offset has been processed.
+pub async fn process_until(
+    engine: &Engine,
+    stop: &mut watch::Receiver<bool>,
+    until: Option<u64>,
+) -> Result<(), SeamError> {
+    let mut processor = Processor::new(
+        engine.config.platform_secure.clone(),
+        0,
+        engine.config.processor_cache,
+    );
+    let mut next = engine.store.position(CONSUMER).await?.max(engine.events.start());
+    loop {
+        if until.is_some_and(|u| next >= u) {
+            return Ok(());
+        }
+        if until.is_none() && *stop.borrow() {
+            return Ok(());
+        }
+        let records = engine.events.read(next, engine.config.processor_batch).await?;
+        let Some(&(last, _)) = records.last() else {
+            tokio::select! {
+                _ = engine.events.wait_for(next) => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        };
+        let batch: Vec<(u64, Parsed)> = records
+            .iter()
+            .filter_map(|(offset, bytes)| match Event::from_json(bytes) {
+                Ok(event) => Some((*offset, processor::parse(&event))),
+                Err(e) => {
+                    // Only this engine writes the log; a record it cannot read is a bug, kept
+                    // in the log for a fixed version to replay.
+                    tracing::error!(offset, error = %e, "skipping an undecodable log record");
+                    metrics::counter!("postbackd_processor_undecodable_total").increment(1);
+                    None
+                }
+            })
+            .collect();
+        let output = {
+            let missing = processor.missing_clicks(&batch);
+            let mut lookups = if missing.is_empty() {
+                Lookups::default()
+            } else {
+                engine.store.lookup(missing, Vec::new()).await?
+            };
+            let keys = {
+                let catalog = engine.catalog_read();
+                processor.missing_conversions(&catalog, &batch, &lookups)
+            };
+            if !keys.is_empty() {
+                lookups.conversions = engine.store.lookup(Vec::new(), keys).await?.conversions;
+            }
+            let catalog = engine.catalog_read();
+            processor.apply(&catalog, &batch, lookups)
+        };
+        let postbacks = output.postbacks.len() as u64;
+        if let Err(e) = engine.store.write(CONSUMER, output, last + 1).await {
+            // The cache may hold conversions the store does not: start afresh.
+            processor.forget();
+            return Err(e);
+        }
+        metrics::counter!("postbackd_processed_events_total").increment(records.len() as u64);
+        metrics::counter!("postbackd_processed_postbacks_total").increment(postbacks);
+        metrics::gauge!("postbackd_processor_lag").set((engine.events.end() - (last + 1)) as f64);
+        next = last + 1;
+    }
+}
+
+/// Deletes rows past the retention once an hour (and at start).
+pub async fn run_retention(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let cutoff = now_us() - i64::from(engine.config.retention_days) * 86_400 * 1_000_000;
+        match engine.store.expire(cutoff).await {
+            Ok(n) if n > 0 => tracing::info!(rows = n, "expired rows past the retention"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "retention pass failed; will retry"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}

@@ -1,0 +1,546 @@
+//! The embedded analytics store: SQLite (through `rusqlite`) in the data directory, in WAL mode,
+//! with one writer connection (the processor) and a few reader connections (the stats API).
+//! The schema is `schemas/sqlite.sql`.
+
+use postback_core::params::Params;
+use postback_core::processor::{Lookups, Output, ServerPostbackRow};
+use postback_core::rules::{Click, Conversion};
+use postback_core::seams::{
+    BoxFuture, ConversionQuery, Page, SeamError, ServerPostbackQuery, Store,
+};
+use rusqlite::types::Value;
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+const SCHEMA: &str = include_str!("../../../schemas/sqlite.sql");
+const READERS: usize = 3;
+
+pub struct SqliteStore {
+    writer: Arc<Mutex<Connection>>,
+    readers: Arc<Vec<Mutex<Connection>>>,
+}
+
+fn db_err(e: rusqlite::Error) -> SeamError {
+    SeamError::Unavailable(format!("sqlite: {e}"))
+}
+
+fn lock_err<T>(_: T) -> SeamError {
+    SeamError::Fatal("sqlite connection lock poisoned".into())
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<Self, SeamError> {
+        let writer = Connection::open(path).map_err(db_err)?;
+        writer.busy_timeout(std::time::Duration::from_secs(10)).map_err(db_err)?;
+        writer.execute_batch(SCHEMA).map_err(db_err)?;
+        let mut readers = Vec::new();
+        for _ in 0..READERS {
+            let r = Connection::open(path).map_err(db_err)?;
+            r.busy_timeout(std::time::Duration::from_secs(10)).map_err(db_err)?;
+            readers.push(Mutex::new(r));
+        }
+        Ok(Self { writer: Arc::new(Mutex::new(writer)), readers: Arc::new(readers) })
+    }
+
+    /// Runs `f` on the writer connection off the async threads.
+    fn with_writer<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, SeamError> + Send + 'static,
+    ) -> BoxFuture<'_, Result<T, SeamError>> {
+        let conn = self.writer.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || f(&mut *conn.lock().map_err(lock_err)?))
+                .await
+                .map_err(|e| SeamError::Fatal(format!("store task panicked: {e}")))?
+        })
+    }
+
+    /// Runs `f` on a free reader connection (or waits for the first).
+    fn with_reader<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, SeamError> + Send + 'static,
+    ) -> BoxFuture<'_, Result<T, SeamError>> {
+        let readers = self.readers.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let guard = readers
+                    .iter()
+                    .find_map(|r| r.try_lock().ok())
+                    .map_or_else(|| readers[0].lock().map_err(lock_err), Ok)?;
+                f(&guard)
+            })
+            .await
+            .map_err(|e| SeamError::Fatal(format!("store task panicked: {e}")))?
+        })
+    }
+}
+
+fn pairs_json(p: &Params) -> String {
+    serde_json::to_string(&p.0).unwrap_or_else(|_| "[]".into())
+}
+
+fn pairs_from_json(s: &str) -> Params {
+    Params(serde_json::from_str(s).unwrap_or_default())
+}
+
+fn search_text(row: &ServerPostbackRow) -> String {
+    let mut s = String::new();
+    for (k, v) in row.get.iter().chain(row.post.iter()) {
+        s.push_str(k);
+        s.push('=');
+        s.push_str(v);
+        s.push('\n');
+    }
+    s
+}
+
+fn write_output(conn: &mut Connection, consumer: &str, out: &Output, next: u64) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut click = tx.prepare_cached(
+            "INSERT OR IGNORE INTO clicks (click_id, at_us, offer_id, pid, ip, ua, referrer, country, subs)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )?;
+        for c in &out.clicks {
+            click.execute(params![
+                c.click_id,
+                c.at_us,
+                c.offer_id as i64,
+                c.pid as i64,
+                c.ip,
+                c.ua,
+                c.referrer,
+                c.country,
+                serde_json::to_string(&c.subs).unwrap_or_else(|_| "[]".into()),
+            ])?;
+        }
+        let mut pb = tx.prepare_cached(
+            "INSERT OR IGNORE INTO server_postbacks (id, at_us, server, method, get_pairs, post_pairs,
+               pixel, response_status, error, clickid, action_id, goal, goal_lc, status, offer_id,
+               pid, advertiser_id, conversion_id, delta, ip)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )?;
+        let mut search =
+            tx.prepare_cached("INSERT INTO server_postbacks_search (rowid, params) VALUES (?, ?)")?;
+        for r in &out.postbacks {
+            let inserted = pb.execute(params![
+                r.id,
+                r.at_us,
+                r.server,
+                r.method,
+                pairs_json(&r.get),
+                pairs_json(&r.post),
+                r.pixel,
+                r.response_status,
+                r.error,
+                r.clickid,
+                r.action_id,
+                r.goal,
+                r.goal.to_lowercase(),
+                r.status,
+                r.offer_id as i64,
+                r.pid as i64,
+                r.advertiser_id,
+                r.conversion_id,
+                r.delta,
+                r.ip,
+            ])?;
+            // Only a new row gets search terms: a replayed batch must not add them twice.
+            if inserted == 1 {
+                search.execute(params![tx.last_insert_rowid(), search_text(r)])?;
+            }
+        }
+        let mut conv = tx.prepare_cached(
+            "INSERT INTO conversions (id, conv_key, offer_id, pid, advertiser_id, goal, goal_lc,
+               action_id, clickid, status, sum, payouts, revenue, currency, ip, ua, comment,
+               sub1, sub2, sub3, sub4, sub5, sub6, sub7, sub8, custom_fields, promo_code, user_id,
+               created_us, updated_us, click_us)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
+               ?, ?, ?, ?, ?)
+             ON CONFLICT (id) DO UPDATE SET status = excluded.status,
+               updated_us = excluded.updated_us, comment = excluded.comment",
+        )?;
+        for change in &out.changes {
+            let c = &change.conversion;
+            let sub = |i: usize| c.subs.get(i).cloned().unwrap_or_default();
+            conv.execute(params![
+                c.id,
+                c.key,
+                c.offer_id as i64,
+                c.pid as i64,
+                c.advertiser_id,
+                c.goal,
+                c.goal.to_lowercase(),
+                c.action_id,
+                c.clickid,
+                c.status,
+                c.sum,
+                c.payouts,
+                c.revenue,
+                c.currency,
+                c.ip,
+                c.ua,
+                c.comment,
+                sub(0),
+                sub(1),
+                sub(2),
+                sub(3),
+                sub(4),
+                sub(5),
+                sub(6),
+                sub(7),
+                serde_json::to_string(&c.custom_fields).unwrap_or_else(|_| "[]".into()),
+                c.promo_code,
+                c.user_id,
+                c.created_us,
+                c.updated_us,
+                c.click_us,
+            ])?;
+        }
+        tx.execute(
+            "INSERT INTO positions (consumer, next_offset) VALUES (?, ?)
+             ON CONFLICT (consumer) DO UPDATE SET next_offset = excluded.next_offset",
+            params![consumer, next as i64],
+        )?;
+    }
+    tx.commit()
+}
+
+const CLICK_COLUMNS: &str = "click_id, at_us, offer_id, pid, ip, ua, referrer, country, subs";
+
+fn click_from_row(r: &Row<'_>) -> rusqlite::Result<Click> {
+    let subs: String = r.get(8)?;
+    Ok(Click {
+        click_id: r.get(0)?,
+        at_us: r.get(1)?,
+        offer_id: r.get::<_, i64>(2)? as u64,
+        pid: r.get::<_, i64>(3)? as u64,
+        ip: r.get(4)?,
+        ua: r.get(5)?,
+        referrer: r.get(6)?,
+        country: r.get(7)?,
+        subs: serde_json::from_str(&subs).unwrap_or_default(),
+    })
+}
+
+const CONVERSION_COLUMNS: &str = "id, conv_key, offer_id, pid, advertiser_id, goal, action_id,
+    clickid, status, sum, payouts, revenue, currency, ip, ua, comment, sub1, sub2, sub3, sub4,
+    sub5, sub6, sub7, sub8, custom_fields, promo_code, user_id, created_us, updated_us, click_us";
+
+fn conversion_from_row(r: &Row<'_>) -> rusqlite::Result<Conversion> {
+    let custom: String = r.get(24)?;
+    Ok(Conversion {
+        id: r.get(0)?,
+        key: r.get(1)?,
+        offer_id: r.get::<_, i64>(2)? as u64,
+        pid: r.get::<_, i64>(3)? as u64,
+        advertiser_id: r.get(4)?,
+        goal: r.get(5)?,
+        action_id: r.get(6)?,
+        clickid: r.get(7)?,
+        status: r.get(8)?,
+        sum: r.get(9)?,
+        payouts: r.get(10)?,
+        revenue: r.get(11)?,
+        currency: r.get(12)?,
+        ip: r.get(13)?,
+        ua: r.get(14)?,
+        comment: r.get(15)?,
+        subs: (16..24).map(|i| r.get(i)).collect::<rusqlite::Result<_>>()?,
+        custom_fields: serde_json::from_str(&custom).unwrap_or_default(),
+        promo_code: r.get(25)?,
+        user_id: r.get(26)?,
+        created_us: r.get(27)?,
+        updated_us: r.get(28)?,
+        click_us: r.get(29)?,
+    })
+}
+
+const POSTBACK_COLUMNS: &str = "id, at_us, server, method, get_pairs, post_pairs, pixel,
+    response_status, error, clickid, action_id, goal, status, offer_id, pid, advertiser_id,
+    conversion_id, delta, ip";
+
+fn postback_from_row(r: &Row<'_>) -> rusqlite::Result<ServerPostbackRow> {
+    Ok(ServerPostbackRow {
+        id: r.get(0)?,
+        at_us: r.get(1)?,
+        server: r.get(2)?,
+        method: r.get(3)?,
+        get: pairs_from_json(&r.get::<_, String>(4)?),
+        post: pairs_from_json(&r.get::<_, String>(5)?),
+        pixel: r.get(6)?,
+        response_status: r.get(7)?,
+        error: r.get(8)?,
+        clickid: r.get(9)?,
+        action_id: r.get(10)?,
+        goal: r.get(11)?,
+        status: r.get(12)?,
+        offer_id: r.get::<_, i64>(13)? as u64,
+        pid: r.get::<_, i64>(14)? as u64,
+        advertiser_id: r.get(15)?,
+        conversion_id: r.get(16)?,
+        delta: r.get(17)?,
+        ip: r.get(18)?,
+    })
+}
+
+/// A WHERE clause under construction; values are always bound, never spliced.
+#[derive(Default)]
+struct Filter {
+    sql: Vec<String>,
+    values: Vec<Value>,
+}
+
+impl Filter {
+    fn add(&mut self, clause: &str, values: impl IntoIterator<Item = Value>) {
+        self.sql.push(clause.to_string());
+        self.values.extend(values);
+    }
+    fn any_of(&mut self, column: &str, values: Vec<Value>) {
+        if values.is_empty() {
+            return;
+        }
+        let marks = vec!["?"; values.len()].join(", ");
+        self.add(&format!("{column} IN ({marks})"), values);
+    }
+    fn clause(&self) -> String {
+        if self.sql.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", self.sql.join(" AND "))
+        }
+    }
+}
+
+fn ints(v: &[u64]) -> Vec<Value> {
+    v.iter().map(|n| Value::Integer(*n as i64)).collect()
+}
+fn texts(v: &[String]) -> Vec<Value> {
+    v.iter().map(|s| Value::Text(s.clone())).collect()
+}
+
+/// A search string as an FTS5 phrase (substring match with the trigram tokenizer).
+fn fts_phrase(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+fn query_page<T>(
+    conn: &Connection,
+    table: &str,
+    columns: &str,
+    filter: &Filter,
+    order: &str,
+    offset: u64,
+    limit: u64,
+    map: impl Fn(&Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<Page<T>> {
+    let where_ = filter.clause();
+    let total: i64 = conn
+        .prepare_cached(&format!("SELECT COUNT(*) FROM {table} {where_}"))?
+        .query_row(params_from_iter(filter.values.iter()), |r| r.get(0))?;
+    let mut values = filter.values.clone();
+    values.push(Value::Integer(limit as i64));
+    values.push(Value::Integer(offset as i64));
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {columns} FROM {table} {where_} ORDER BY {order} LIMIT ? OFFSET ?"
+    ))?;
+    let rows = stmt
+        .query_map(params_from_iter(values.iter()), map)?
+        .collect::<rusqlite::Result<Vec<T>>>()?;
+    Ok(Page { rows, total: total as u64 })
+}
+
+fn select_in<T>(
+    conn: &Connection,
+    sql_prefix: &str,
+    keys: &[String],
+    map: impl Fn(&Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<Vec<T>> {
+    let mut out = Vec::new();
+    for chunk in keys.chunks(500) {
+        let marks = vec!["?"; chunk.len()].join(", ");
+        let mut stmt = conn.prepare_cached(&format!("{sql_prefix} ({marks})"))?;
+        let rows = stmt.query_map(params_from_iter(chunk.iter()), &map)?;
+        for r in rows {
+            out.push(r?);
+        }
+    }
+    Ok(out)
+}
+
+impl Store for SqliteStore {
+    fn position(&self, consumer: &str) -> BoxFuture<'_, Result<u64, SeamError>> {
+        let consumer = consumer.to_string();
+        self.with_writer(move |c| {
+            c.query_row(
+                "SELECT next_offset FROM positions WHERE consumer = ?",
+                [consumer],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map(|o| o.unwrap_or(0) as u64)
+            .map_err(db_err)
+        })
+    }
+
+    fn lookup(
+        &self,
+        click_ids: Vec<String>,
+        conversion_keys: Vec<String>,
+    ) -> BoxFuture<'_, Result<Lookups, SeamError>> {
+        // The writer connection: the processor must see its own last write.
+        self.with_writer(move |c| {
+            let mut out = Lookups::default();
+            let clicks = select_in(
+                c,
+                &format!("SELECT {CLICK_COLUMNS} FROM clicks WHERE click_id IN"),
+                &click_ids,
+                click_from_row,
+            )
+            .map_err(db_err)?;
+            for click in clicks {
+                out.clicks.insert(click.click_id.clone(), click);
+            }
+            let convs = select_in(
+                c,
+                &format!("SELECT {CONVERSION_COLUMNS} FROM conversions WHERE conv_key IN"),
+                &conversion_keys,
+                conversion_from_row,
+            )
+            .map_err(db_err)?;
+            for conv in convs {
+                out.conversions.insert(conv.key.clone(), conv);
+            }
+            Ok(out)
+        })
+    }
+
+    fn write(&self, consumer: &str, output: Output, next: u64) -> BoxFuture<'_, Result<(), SeamError>> {
+        let consumer = consumer.to_string();
+        self.with_writer(move |c| write_output(c, &consumer, &output, next).map_err(db_err))
+    }
+
+    fn server_postbacks(
+        &self,
+        q: ServerPostbackQuery,
+    ) -> BoxFuture<'_, Result<Page<ServerPostbackRow>, SeamError>> {
+        self.with_reader(move |c| {
+            let mut f = Filter::default();
+            f.add("at_us >= ? AND at_us < ?", [Value::Integer(q.from_us), Value::Integer(q.to_us)]);
+            f.any_of("offer_id", ints(&q.offers));
+            f.any_of("pid", ints(&q.partners));
+            f.any_of("advertiser_id", texts(&q.suppliers));
+            if let Some(v) = q.click_id {
+                f.add("clickid = ?", [Value::Text(v)]);
+            }
+            if let Some(v) = q.action_id {
+                f.add("action_id = ?", [Value::Text(v)]);
+            }
+            if let Some(v) = q.goal {
+                f.add("goal_lc = ?", [Value::Text(v.to_lowercase())]);
+            }
+            if let Some(v) = q.status {
+                f.add("status = ?", [Value::Integer(v)]);
+            }
+            if let Some(v) = q.response_status {
+                f.add("response_status = ?", [Value::Integer(v.into())]);
+            }
+            if let Some(s) = q.search.filter(|s| !s.is_empty()) {
+                if s.chars().count() >= 3 {
+                    f.add(
+                        "seq IN (SELECT rowid FROM server_postbacks_search WHERE params MATCH ?)",
+                        [Value::Text(fts_phrase(&s))],
+                    );
+                } else {
+                    // Too short for trigrams: scan the rows the other filters leave.
+                    f.add(
+                        "(instr(lower(get_pairs), lower(?)) > 0 OR instr(lower(post_pairs), lower(?)) > 0)",
+                        [Value::Text(s.clone()), Value::Text(s)],
+                    );
+                }
+            }
+            query_page(c, "server_postbacks", POSTBACK_COLUMNS, &f, "at_us DESC, seq DESC", q.offset, q.limit, postback_from_row)
+                .map_err(db_err)
+        })
+    }
+
+    fn conversions(&self, q: ConversionQuery) -> BoxFuture<'_, Result<Page<Conversion>, SeamError>> {
+        self.with_reader(move |c| {
+            let mut f = Filter::default();
+            f.add(
+                "created_us >= ? AND created_us < ?",
+                [Value::Integer(q.from_us), Value::Integer(q.to_us)],
+            );
+            f.any_of("status", q.statuses.iter().map(|s| Value::Integer((*s).into())).collect());
+            f.any_of("offer_id", ints(&q.offers));
+            f.any_of("advertiser_id", texts(&q.advertisers));
+            f.any_of("pid", ints(&q.partners));
+            if let Some(v) = q.goal {
+                f.add("goal_lc = ?", [Value::Text(v.to_lowercase())]);
+            }
+            if let Some(v) = q.action_id {
+                f.add("action_id = ?", [Value::Text(v)]);
+            }
+            if let Some(v) = q.clickid {
+                f.add("clickid = ?", [Value::Text(v)]);
+            }
+            for (i, sub) in q.subs.iter().enumerate() {
+                if let Some(v) = sub {
+                    f.add(&format!("sub{} = ?", i + 1), [Value::Text(v.clone())]);
+                }
+            }
+            query_page(c, "conversions", CONVERSION_COLUMNS, &f, "created_us DESC, id DESC", q.offset, q.limit, conversion_from_row)
+                .map_err(db_err)
+        })
+    }
+
+    fn clicks(&self, ids: Vec<String>) -> BoxFuture<'_, Result<Vec<Click>, SeamError>> {
+        self.with_reader(move |c| {
+            select_in(c, &format!("SELECT {CLICK_COLUMNS} FROM clicks WHERE click_id IN"), &ids, click_from_row)
+                .map_err(db_err)
+        })
+    }
+
+    fn expire(&self, before_us: i64) -> BoxFuture<'_, Result<u64, SeamError>> {
+        self.with_writer(move |c| {
+            let mut removed = 0u64;
+            // Small transactions, so the processor is never held up for long.
+            loop {
+                let tx = c.transaction().map_err(db_err)?;
+                tx.execute(
+                    "DELETE FROM server_postbacks_search WHERE rowid IN
+                       (SELECT seq FROM server_postbacks WHERE at_us < ? ORDER BY at_us LIMIT 5000)",
+                    [before_us],
+                )
+                .map_err(db_err)?;
+                let n = tx
+                    .execute(
+                        "DELETE FROM server_postbacks WHERE seq IN
+                           (SELECT seq FROM server_postbacks WHERE at_us < ? ORDER BY at_us LIMIT 5000)",
+                        [before_us],
+                    )
+                    .map_err(db_err)?;
+                let m = tx
+                    .execute(
+                        "DELETE FROM conversions WHERE id IN
+                           (SELECT id FROM conversions WHERE created_us < ? LIMIT 5000)",
+                        [before_us],
+                    )
+                    .map_err(db_err)?;
+                let k = tx
+                    .execute(
+                        "DELETE FROM clicks WHERE click_id IN
+                           (SELECT click_id FROM clicks WHERE at_us < ? LIMIT 5000)",
+                        [before_us],
+                    )
+                    .map_err(db_err)?;
+                tx.commit().map_err(db_err)?;
+                removed += (n + m + k) as u64;
+                if n + m + k == 0 {
+                    return Ok(removed);
+                }
+            }
+        })
+    }
+}

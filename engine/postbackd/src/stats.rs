@@ -1,0 +1,337 @@
+//! The stats API (CONTRACT section 4): the server-postback log, conversions and the
+//! affiliate-postback log, with Affise's filters, paging and JSON types.
+
+use crate::admin::paging;
+use crate::engine::Engine;
+use crate::http::{json, ApiError, Body, Req};
+use chrono::{DateTime, NaiveDate, TimeZone, Utc};
+use chrono_tz::Tz;
+use hyper::{Method, Response, StatusCode};
+use postback_core::catalog::Catalog;
+use postback_core::params::Params;
+use postback_core::processor::ServerPostbackRow;
+use postback_core::rules::{status_name, Click, Conversion};
+use postback_core::seams::{ConversionQuery, ServerPostbackQuery};
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub async fn route(engine: &Arc<Engine>, req: Req) -> Result<Response<Body>, ApiError> {
+    if req.method != Method::GET && req.method != Method::POST {
+        return Err(ApiError::Method);
+    }
+    let p = req.params()?;
+    match req.path.trim_end_matches('/') {
+        "/3.0/stats/serverpostbacks" => server_postbacks(engine, &p).await,
+        "/3.0/stats/conversions" => conversions(engine, &p).await,
+        "/3.0/stats/affiliatepostbacks" => affiliate_postbacks(&p),
+        _ => Err(ApiError::NoRoute),
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError::BadRequest(msg.into())
+}
+
+fn timezone(p: &Params) -> Result<Tz, ApiError> {
+    match p.get_nonempty("timezone") {
+        Some(name) => name.trim().parse::<Tz>().map_err(|_| bad("timezone is not a known time zone")),
+        None => Ok(Tz::UTC),
+    }
+}
+
+/// `YYYY-MM-DD` or `DD-MM-YYYY`.
+fn parse_date(name: &str, v: &str) -> Result<NaiveDate, ApiError> {
+    let v = v.trim();
+    NaiveDate::parse_from_str(v, "%Y-%m-%d")
+        .or_else(|_| NaiveDate::parse_from_str(v, "%d-%m-%Y"))
+        .map_err(|_| bad(format!("{name} must be a date, YYYY-MM-DD or DD-MM-YYYY")))
+}
+
+fn day_start_us(tz: &Tz, date: NaiveDate) -> i64 {
+    let midnight = date.and_hms_opt(0, 0, 0).unwrap_or_default();
+    tz.from_local_datetime(&midnight)
+        .earliest()
+        .map_or_else(|| midnight.and_utc().timestamp_micros(), |d| d.timestamp_micros())
+}
+
+/// The inclusive date range as Unix microseconds `[from, to)`. Without dates: `default_days`
+/// ending today, or an error when `None`.
+fn date_range(p: &Params, tz: &Tz, default_days: Option<i64>) -> Result<(i64, i64), ApiError> {
+    let today = Utc::now().with_timezone(tz).date_naive();
+    let (from, to) = match (p.get_nonempty("date_from"), p.get_nonempty("date_to"), default_days) {
+        (Some(f), Some(t), _) => (parse_date("date_from", f)?, parse_date("date_to", t)?),
+        (f, t, Some(days)) => {
+            let to = t.map(|t| parse_date("date_to", t)).transpose()?.unwrap_or(today);
+            let from = match f {
+                Some(f) => parse_date("date_from", f)?,
+                None => to - chrono::Duration::days(days - 1),
+            };
+            (from, to)
+        }
+        (None, _, None) => return Err(bad("date_from is required")),
+        (_, None, None) => return Err(bad("date_to is required")),
+    };
+    if to < from {
+        return Err(bad("date_to is before date_from"));
+    }
+    Ok((day_start_us(tz, from), day_start_us(tz, to + chrono::Duration::days(1))))
+}
+
+fn ints(p: &Params, name: &str) -> Result<Vec<u64>, ApiError> {
+    p.get_all(name)
+        .into_iter()
+        .map(|v| v.trim().parse::<u64>().map_err(|_| bad(format!("{name} must be integers"))))
+        .collect()
+}
+
+fn text(p: &Params, name: &str) -> Option<String> {
+    p.get_nonempty(name).map(str::to_string)
+}
+
+fn format_time(tz: &Tz, at_us: i64) -> String {
+    DateTime::from_timestamp_micros(at_us)
+        .map(|d| d.with_timezone(tz).format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_default()
+}
+
+fn pagination(page: u64, limit: u64, total: u64) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("per_page".into(), json!(limit));
+    m.insert("total_count".into(), json!(total));
+    m.insert("page".into(), json!(page));
+    m
+}
+
+async fn server_postbacks(engine: &Arc<Engine>, p: &Params) -> Result<Response<Body>, ApiError> {
+    let tz = timezone(p)?;
+    let (from_us, to_us) = date_range(p, &tz, None)?;
+    let (page, limit) = paging(p)?;
+    let response_status = match p.get_nonempty("response_status") {
+        Some(v) => Some(match v.trim() {
+            "1" => 1,
+            "2" => 2,
+            _ => return Err(bad("response_status must be 1 or 2")),
+        }),
+        None => None,
+    };
+    let status = match p.get_nonempty("status") {
+        Some(v) => Some(v.trim().parse::<i64>().map_err(|_| bad("status must be an integer"))?),
+        None => None,
+    };
+    let query = ServerPostbackQuery {
+        from_us,
+        to_us,
+        offers: ints(p, "offer")?,
+        partners: ints(p, "partner")?,
+        suppliers: p.get_all("supplier").into_iter().map(str::to_string).collect(),
+        click_id: text(p, "click_id").or_else(|| text(p, "clickid")),
+        action_id: text(p, "action_id"),
+        goal: text(p, "goal"),
+        status,
+        response_status,
+        search: text(p, "search"),
+        offset: (page - 1) * limit,
+        limit,
+    };
+    let result = engine.store.server_postbacks(query).await?;
+    let click_ids: Vec<String> = result
+        .rows
+        .iter()
+        .filter(|r| r.delta.is_some())
+        .map(|r| r.clickid.to_lowercase())
+        .collect();
+    let clicks: HashMap<String, Click> = if click_ids.is_empty() {
+        HashMap::new()
+    } else {
+        engine.store.clicks(click_ids).await?.into_iter().map(|c| (c.click_id.clone(), c)).collect()
+    };
+    let catalog = engine.catalog_read();
+    let rows: Vec<Value> = result
+        .rows
+        .iter()
+        .map(|r| server_postback_json(r, clicks.get(&r.clickid.to_lowercase()), &catalog, &tz))
+        .collect();
+    Ok(json(
+        StatusCode::OK,
+        &json!({"status": 1, "postbacks": rows, "pagination": pagination(page, limit, result.total)}),
+    ))
+}
+
+/// Parameters as PHP shows them: an object (the last of repeated keys wins), or `[]` if none.
+fn params_value(p: &Params) -> Value {
+    if p.is_empty() {
+        return json!([]);
+    }
+    let mut m = Map::new();
+    for (k, v) in p.iter() {
+        m.insert(k.to_string(), Value::String(v.to_string()));
+    }
+    Value::Object(m)
+}
+
+fn date_value(at_us: i64) -> Value {
+    json!({"sec": at_us.div_euclid(1_000_000), "usec": at_us.rem_euclid(1_000_000)})
+}
+
+pub fn server_postback_json(r: &ServerPostbackRow, click: Option<&Click>, catalog: &Catalog, tz: &Tz) -> Value {
+    let get = params_value(&r.get);
+    let post = params_value(&r.post);
+    json!({
+        "_id": {"$id": r.id},
+        "_get": get,
+        "_post": post,
+        "get": get.to_string(),
+        "post": post.to_string(),
+        "date": date_value(r.at_us),
+        "server": r.server,
+        "response": r.response(),
+        "track": click.map(|c| track_json(c, catalog, tz)),
+        "clickid": r.clickid,
+        "action_id": r.action_id,
+        "goal": r.goal,
+        "status": r.status,
+        "offer_id": r.offer_id,
+        "pid": r.pid,
+        "advertiser_id": r.advertiser_id,
+        "conversion_id": r.conversion_id,
+        "delta": r.delta,
+        "response_status": r.response_status,
+        "error": r.error,
+        "ip": r.ip,
+        "method": r.method,
+    })
+}
+
+fn offer_ref(catalog: &Catalog, id: u64) -> Value {
+    let o = catalog.offer(id);
+    json!({
+        "id": id,
+        "offer_id": o.map_or("", |o| o.offer_id.as_str()),
+        "title": o.map_or("", |o| o.title.as_str()),
+    })
+}
+
+fn track_json(c: &Click, catalog: &Catalog, tz: &Tz) -> Value {
+    let partner = catalog.partner(c.pid);
+    json!({
+        "id": c.click_id,
+        "click_id": c.click_id,
+        "ip": c.ip,
+        "ua": c.ua,
+        "referrer": c.referrer,
+        "country": c.country,
+        "offer_id": c.offer_id.to_string(),
+        "offer": offer_ref(catalog, c.offer_id),
+        "partner": {
+            "id": c.pid.to_string(),
+            "login": partner.map_or("", |p| p.login.as_str()),
+            "email": partner.map_or("", |p| p.email.as_str()),
+        },
+        "sub1": c.sub(1), "sub2": c.sub(2), "sub3": c.sub(3), "sub4": c.sub(4), "sub5": c.sub(5),
+        "created_at": format_time(tz, c.at_us),
+    })
+}
+
+async fn conversions(engine: &Arc<Engine>, p: &Params) -> Result<Response<Body>, ApiError> {
+    let tz = timezone(p)?;
+    let (from_us, to_us) = date_range(p, &tz, Some(7))?;
+    let (page, limit) = paging(p)?;
+    let statuses = p
+        .get_all("status")
+        .into_iter()
+        .map(|v| {
+            let v = v.trim();
+            v.parse::<u8>()
+                .ok()
+                .or_else(|| (1..=5).find(|n| status_name(*n) == Some(v)))
+                .filter(|n| status_name(*n).is_some())
+                .ok_or_else(|| bad("status must be 1, 2, 3 or 5"))
+        })
+        .collect::<Result<Vec<u8>, ApiError>>()?;
+    let query = ConversionQuery {
+        from_us,
+        to_us,
+        statuses,
+        offers: ints(p, "offer")?,
+        advertisers: p.get_all("advertiser").into_iter().map(str::to_string).collect(),
+        partners: ints(p, "partner")?,
+        goal: text(p, "goal"),
+        action_id: text(p, "action_id"),
+        clickid: text(p, "clickid").or_else(|| text(p, "click_id")),
+        subs: [1, 2, 3, 4, 5].map(|i| text(p, &format!("subid{i}"))),
+        offset: (page - 1) * limit,
+        limit,
+    };
+    let result = engine.store.conversions(query).await?;
+    let catalog = engine.catalog_read();
+    let rows: Vec<Value> = result.rows.iter().map(|c| conversion_json(c, &catalog, &tz)).collect();
+    let mut pages = pagination(page, limit, result.total);
+    let more = page * limit < result.total;
+    pages.insert("next_page".into(), if more { json!(page + 1) } else { Value::Null });
+    Ok(json(StatusCode::OK, &json!({"status": 1, "conversions": rows, "pagination": pages})))
+}
+
+pub fn conversion_json(c: &Conversion, catalog: &Catalog, tz: &Tz) -> Value {
+    let partner = catalog.partner(c.pid);
+    let advertiser = catalog.advertiser(&c.advertiser_id);
+    let mut v = json!({
+        "id": c.id,
+        "conversion_id": c.id,
+        "action_id": c.action_id,
+        "clickid": c.clickid,
+        "status": status_name(c.status).unwrap_or(""),
+        "goal": c.goal,
+        "goal_value": c.goal,
+        "currency": c.currency,
+        "ip": c.ip,
+        "ua": c.ua,
+        "comment": c.comment,
+        "sum": c.sum,
+        "payouts": c.payouts,
+        "revenue": c.revenue,
+        "earnings": c.revenue - c.payouts,
+        "offer_id": c.offer_id,
+        "partner_id": c.pid,
+        "supplier_id": c.advertiser_id,
+        "offer": offer_ref(catalog, c.offer_id),
+        "partner": {
+            "id": c.pid,
+            "login": partner.map_or("", |p| p.login.as_str()),
+            "email": partner.map_or("", |p| p.email.as_str()),
+        },
+        "advertiser": {
+            "id": c.advertiser_id,
+            "title": advertiser.map_or("", |a| a.title.as_str()),
+        },
+        "promo_code": c.promo_code,
+        "user_id": c.user_id,
+        "created_at": format_time(tz, c.created_us),
+        "click_time": format_time(tz, c.click_us),
+        "updatedAt": format_time(tz, c.updated_us),
+        "updated_at": format_time(tz, c.updated_us),
+    });
+    if let Value::Object(m) = &mut v {
+        for i in 1..=8 {
+            m.insert(format!("sub{i}"), json!(c.subs.get(i - 1).map_or("", String::as_str)));
+        }
+        for i in 1..=7 {
+            m.insert(format!("custom_field_{i}"), json!(c.custom_fields.get(i - 1).map_or("", String::as_str)));
+        }
+    }
+    v
+}
+
+/// The affiliate-postback attempt log. Delivery is not built yet (issue 3), so no attempts
+/// exist; the endpoint validates its parameters and answers an empty page.
+fn affiliate_postbacks(p: &Params) -> Result<Response<Body>, ApiError> {
+    let tz = timezone(p)?;
+    date_range(p, &tz, None)?;
+    let (page, limit) = paging(p)?;
+    ints(p, "offer")?;
+    ints(p, "partner")?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({"status": 1, "postbacks": [], "pagination": pagination(page, limit, 0)}),
+    ))
+}

@@ -1,0 +1,93 @@
+-- The embedded analytics store (SQLite). Every row is derived from the event log and can be
+-- rebuilt by `postbackd replay`; ids come from log positions, so rewriting a batch is a no-op.
+PRAGMA journal_mode = WAL;
+-- NORMAL in WAL mode survives a process crash; after a power loss the newest transactions may
+-- roll back, and with them the consumer position, so the processor simply redoes them.
+PRAGMA synchronous = NORMAL;
+
+CREATE TABLE IF NOT EXISTS positions (
+    consumer TEXT PRIMARY KEY,
+    next_offset INTEGER NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS clicks (
+    click_id TEXT PRIMARY KEY,
+    at_us INTEGER NOT NULL,
+    offer_id INTEGER NOT NULL,
+    pid INTEGER NOT NULL,
+    ip TEXT NOT NULL,
+    ua TEXT NOT NULL,
+    referrer TEXT NOT NULL,
+    country TEXT NOT NULL,
+    subs TEXT NOT NULL -- JSON array of sub1..sub8
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS clicks_at ON clicks (at_us);
+
+CREATE TABLE IF NOT EXISTS server_postbacks (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    at_us INTEGER NOT NULL,
+    server TEXT NOT NULL,
+    method TEXT NOT NULL,
+    get_pairs TEXT NOT NULL,  -- JSON array of [key, value], as received
+    post_pairs TEXT NOT NULL,
+    pixel INTEGER NOT NULL,
+    response_status INTEGER NOT NULL,
+    error TEXT NOT NULL,
+    clickid TEXT NOT NULL,
+    action_id TEXT NOT NULL,
+    goal TEXT NOT NULL,
+    goal_lc TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    offer_id INTEGER NOT NULL,
+    pid INTEGER NOT NULL,
+    advertiser_id TEXT NOT NULL,
+    conversion_id TEXT NOT NULL,
+    delta INTEGER,
+    ip TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sp_at ON server_postbacks (at_us);
+CREATE INDEX IF NOT EXISTS sp_offer ON server_postbacks (offer_id, at_us);
+CREATE INDEX IF NOT EXISTS sp_partner ON server_postbacks (pid, at_us);
+CREATE INDEX IF NOT EXISTS sp_advertiser ON server_postbacks (advertiser_id, at_us);
+CREATE INDEX IF NOT EXISTS sp_clickid ON server_postbacks (clickid);
+CREATE INDEX IF NOT EXISTS sp_action ON server_postbacks (action_id);
+
+-- Substring search over "key=value" lines of the parameters; rowid = server_postbacks.seq.
+CREATE VIRTUAL TABLE IF NOT EXISTS server_postbacks_search USING fts5 (
+    params, content = '', contentless_delete = 1, tokenize = 'trigram'
+);
+
+CREATE TABLE IF NOT EXISTS conversions (
+    id TEXT PRIMARY KEY,
+    conv_key TEXT NOT NULL UNIQUE,
+    offer_id INTEGER NOT NULL,
+    pid INTEGER NOT NULL,
+    advertiser_id TEXT NOT NULL,
+    goal TEXT NOT NULL,
+    goal_lc TEXT NOT NULL,
+    action_id TEXT NOT NULL,
+    clickid TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    sum REAL NOT NULL,
+    payouts REAL NOT NULL,
+    revenue REAL NOT NULL,
+    currency TEXT NOT NULL,
+    ip TEXT NOT NULL,
+    ua TEXT NOT NULL,
+    comment TEXT NOT NULL,
+    sub1 TEXT NOT NULL, sub2 TEXT NOT NULL, sub3 TEXT NOT NULL, sub4 TEXT NOT NULL,
+    sub5 TEXT NOT NULL, sub6 TEXT NOT NULL, sub7 TEXT NOT NULL, sub8 TEXT NOT NULL,
+    custom_fields TEXT NOT NULL, -- JSON array of custom_field1..7
+    promo_code TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    created_us INTEGER NOT NULL,
+    updated_us INTEGER NOT NULL,
+    click_us INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS conv_created ON conversions (created_us);
+CREATE INDEX IF NOT EXISTS conv_offer ON conversions (offer_id, created_us);
+CREATE INDEX IF NOT EXISTS conv_partner ON conversions (pid, created_us);
+CREATE INDEX IF NOT EXISTS conv_advertiser ON conversions (advertiser_id, created_us);
+CREATE INDEX IF NOT EXISTS conv_clickid ON conversions (clickid);
+CREATE INDEX IF NOT EXISTS conv_action ON conversions (action_id);
