@@ -238,11 +238,23 @@ async fn save_offer(engine: &Engine, id: Option<u64>, p: &Params) -> Result<Resp
         Some(s) => parse_status("default_status", s)?,
         None => current.as_ref().map_or(1, |c| c.default_status),
     };
-    let payments = if p.groups("payments").is_empty() {
+    let mut payments = if p.groups("payments").is_empty() {
         current.as_ref().map(|c| c.payments.clone()).unwrap_or_default()
     } else {
         parse_payments(p)?
     };
+    // Every conversion needs a payment for its goal: an offer without any gets goal 1 at zero,
+    // shown in the API, rather than rejecting every postback with "Goal not found".
+    if payments.is_empty() {
+        payments.push(Payment {
+            goal: "1".into(),
+            total: 0.0,
+            revenue: 0.0,
+            currency: "USD".into(),
+            kind: PaymentType::Fixed,
+            status: None,
+        });
+    }
     let hold_period = match p.get_nonempty("hold_period") {
         Some(v) => v.trim().parse::<u32>().map_err(|_| bad("hold_period must be a whole number of days"))?,
         None => current.as_ref().map_or(0, |c| c.hold_period),

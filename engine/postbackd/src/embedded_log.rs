@@ -445,3 +445,184 @@ impl EventLog for EmbeddedEventLog {
         self.stop_writer();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postback_core::seams::conformance;
+
+    fn open(dir: &Path) -> EmbeddedEventLog {
+        EmbeddedEventLog::open(dir, LogOptions::default()).expect("opens")
+    }
+
+    fn small_segments(dir: &Path) -> EmbeddedEventLog {
+        EmbeddedEventLog::open(dir, LogOptions { segment_bytes: 100, fsync: true }).expect("opens")
+    }
+
+    #[tokio::test]
+    async fn conforms() {
+        for check in 0..5 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            // Small segments, so that truncation and reads cross segment boundaries.
+            let log = small_segments(dir.path());
+            match check {
+                0 => conformance::append_then_read(&log).await,
+                1 => conformance::records_are_kept_exactly(&log).await,
+                2 => conformance::wait_for_wakes_on_append(&log).await,
+                3 => conformance::truncate_keeps_the_rest(&log).await,
+                _ => conformance::concurrent_appends_are_all_kept(&log).await,
+            }
+        }
+    }
+
+    async fn append_n(log: &EmbeddedEventLog, from: usize, n: usize) {
+        let records = (from..from + n).map(|i| format!("record-{i}").into_bytes()).collect();
+        log.append(records).await.expect("append");
+    }
+
+    async fn read_all(log: &EmbeddedEventLog) -> Vec<(u64, Vec<u8>)> {
+        log.read(0, usize::MAX).await.expect("read")
+    }
+
+    #[tokio::test]
+    async fn reopening_keeps_everything_acknowledged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let log = small_segments(dir.path());
+            append_n(&log, 0, 50).await;
+            log.close();
+        }
+        let log = small_segments(dir.path());
+        assert_eq!(log.end(), 50);
+        append_n(&log, 50, 5).await;
+        let all = read_all(&log).await;
+        assert_eq!(all.len(), 55);
+        for (i, (offset, payload)) in all.iter().enumerate() {
+            assert_eq!(*offset, i as u64);
+            assert_eq!(payload, &format!("record-{i}").into_bytes());
+        }
+    }
+
+    fn last_segment(dir: &Path) -> PathBuf {
+        let mut files: Vec<PathBuf> = fs::read_dir(dir)
+            .expect("list")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        files.sort();
+        files.pop().expect("a segment")
+    }
+
+    #[tokio::test]
+    async fn a_torn_tail_is_cut_and_appends_continue() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let log = open(dir.path());
+            append_n(&log, 0, 10).await;
+            log.close();
+        }
+        // A crash in the middle of writing record 10: its header and half its payload.
+        let seg = last_segment(dir.path());
+        let mut f = OpenOptions::new().append(true).open(&seg).expect("open");
+        let payload = b"record-10";
+        f.write_all(&(payload.len() as u32).to_le_bytes()).expect("write");
+        f.write_all(&crc32fast::hash(payload).to_le_bytes()).expect("write");
+        f.write_all(&payload[..4]).expect("write");
+        drop(f);
+        let log = open(dir.path());
+        assert_eq!(log.end(), 10);
+        append_n(&log, 10, 1).await;
+        let all = read_all(&log).await;
+        assert_eq!(all.len(), 11);
+        assert_eq!(all[10].1, b"record-10".to_vec());
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_record_ends_the_log_there() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let log = open(dir.path());
+            append_n(&log, 0, 3).await;
+            log.close();
+        }
+        let seg = last_segment(dir.path());
+        let mut bytes = fs::read(&seg).expect("read");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff; // flip the last payload byte of record 2
+        fs::write(&seg, &bytes).expect("write");
+        let log = open(dir.path());
+        assert_eq!(log.end(), 2);
+        assert_eq!(read_all(&log).await.len(), 2);
+    }
+
+    /// Cuts the log file at every kind of place a crash can leave it and checks that reopening
+    /// gives exactly the records wholly before the cut.
+    #[tokio::test]
+    async fn any_cut_leaves_a_clean_prefix() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sizes: Vec<usize> = (0..40).map(|i| (i * 37) % 300).collect();
+        {
+            let log = open(dir.path());
+            let records = sizes.iter().map(|n| vec![0xab; *n]).collect();
+            log.append(records).await.expect("append");
+            log.close();
+        }
+        let seg = last_segment(dir.path());
+        let full = fs::read(&seg).expect("read");
+        let mut boundaries = vec![0usize];
+        for n in &sizes {
+            boundaries.push(boundaries.last().copied().unwrap_or(0) + HEADER + n);
+        }
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..60 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let cut = (seed % (full.len() as u64 + 1)) as usize;
+            fs::write(&seg, &full[..cut]).expect("cut");
+            let expected = boundaries.iter().filter(|b| **b <= cut).count() as u64 - 1;
+            let log = open(dir.path());
+            assert_eq!(log.end(), expected, "cut at byte {cut}");
+            let got = read_all(&log).await;
+            assert_eq!(got.len() as u64, expected);
+            for (i, (_, payload)) in got.iter().enumerate() {
+                assert_eq!(payload.len(), sizes[i]);
+            }
+            log.close();
+            fs::write(&seg, &full).expect("restore");
+        }
+    }
+
+    #[tokio::test]
+    async fn reads_cross_segments_and_truncation_removes_whole_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = small_segments(dir.path());
+        for i in 0..20 {
+            append_n(&log, i * 10, 10).await;
+        }
+        let files = fs::read_dir(dir.path()).expect("list").count();
+        assert!(files > 10, "small segments roll often ({files})");
+        let mid = log.read(95, 10).await.expect("read");
+        assert_eq!(mid.iter().map(|(o, _)| *o).collect::<Vec<_>>(), (95..105).collect::<Vec<_>>());
+        assert_eq!(mid[0].1, b"record-95".to_vec());
+        let start = log.truncate_before(150).await.expect("truncate");
+        assert!(start <= 150 && start > 100, "start {start}");
+        assert!(fs::read_dir(dir.path()).expect("list").count() < files);
+        log.close();
+        let log = small_segments(dir.path());
+        assert_eq!(log.start(), start);
+        assert_eq!(log.end(), 200);
+        let rest = log.read(0, 1000).await.expect("read");
+        assert_eq!(rest.first().map(|(o, _)| *o), Some(start));
+        assert_eq!(rest.len() as u64, 200 - start);
+    }
+
+    #[tokio::test]
+    async fn appends_after_close_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = open(dir.path());
+        append_n(&log, 0, 1).await;
+        log.close();
+        let err = log.append(vec![b"x".to_vec()]).await;
+        assert!(matches!(err, Err(SeamError::Unavailable(_))), "{err:?}");
+    }
+}

@@ -1,0 +1,122 @@
+//! Helpers shared by the integration tests: a client for the engine's HTTP API.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+pub const KEY: &str = "test-key";
+
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(addr: std::net::SocketAddr) -> Self {
+        Self {
+            base: format!("http://{addr}"),
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("client"),
+        }
+    }
+
+    pub async fn admin_post(&self, path: &str, form: &[(&str, &str)]) -> Value {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("API-Key", KEY)
+            .form(form)
+            .send()
+            .await
+            .expect("send");
+        let status = r.status();
+        let body: Value = r.json().await.expect("json");
+        assert_eq!(status, 200, "{path}: {body}");
+        assert_eq!(body["status"], 1, "{path}: {body}");
+        body
+    }
+
+    pub async fn get_json(&self, path_and_query: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}{path_and_query}", self.base))
+            .header("API-Key", KEY)
+            .send()
+            .await
+            .expect("send");
+        let status = r.status().as_u16();
+        (status, r.json().await.expect("json"))
+    }
+
+    /// Clicks and returns the click id from the redirect (the offer URL carries `{clickid}`).
+    pub async fn click(&self, offer: u64, pid: u64, extra: &str) -> String {
+        let r = self
+            .http
+            .get(format!("{}/click?offer_id={offer}&pid={pid}{extra}", self.base))
+            .send()
+            .await
+            .expect("click");
+        assert_eq!(r.status(), 302, "click on offer {offer}");
+        let location = r.headers()["location"].to_str().expect("ascii").to_string();
+        let id = location
+            .split("clickid=")
+            .nth(1)
+            .expect("offer URLs in tests carry clickid={clickid}")
+            .chars()
+            .take(24)
+            .collect::<String>();
+        assert_eq!(id.len(), 24);
+        id
+    }
+
+    pub async fn postback(&self, query: &str) -> Value {
+        let r = self
+            .http
+            .get(format!("{}/postback?{query}", self.base))
+            .send()
+            .await
+            .expect("postback");
+        assert_eq!(r.status(), 200, "postback {query}");
+        r.json().await.expect("json")
+    }
+
+    /// Polls the server-postback log until it holds `n` rows for today (bounded wait).
+    pub async fn wait_for_postbacks(&self, n: u64) -> Value {
+        let today = today();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, body) = self
+                .get_json(&format!("/3.0/stats/serverpostbacks?date_from={today}&date_to={today}&limit=500"))
+                .await;
+            let total = body["pagination"]["total_count"].as_u64().unwrap_or(0);
+            if total >= n {
+                assert_eq!(total, n, "more rows than postbacks sent");
+                return body;
+            }
+            assert!(Instant::now() < deadline, "only {total} of {n} postbacks processed in 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+pub fn today() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    // Days since the epoch to a civil date (Howard Hinnant's algorithm), to avoid a chrono
+    // dev-dependency in the tests.
+    let z = secs.div_euclid(86_400) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
