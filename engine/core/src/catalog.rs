@@ -138,11 +138,26 @@ pub struct PostbackSetting {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum CatalogEvent {
-    Advertiser { at_us: i64, advertiser: Advertiser },
-    Offer { at_us: i64, offer: Offer },
-    Partner { at_us: i64, partner: Partner },
-    PostbackSetting { at_us: i64, postback: PostbackSetting },
-    PostbackSettingRemoved { at_us: i64, id: u64 },
+    Advertiser {
+        at_us: i64,
+        advertiser: Advertiser,
+    },
+    Offer {
+        at_us: i64,
+        offer: Offer,
+    },
+    Partner {
+        at_us: i64,
+        partner: Partner,
+    },
+    PostbackSetting {
+        at_us: i64,
+        postback: PostbackSetting,
+    },
+    PostbackSettingRemoved {
+        at_us: i64,
+        id: u64,
+    },
 }
 
 impl CatalogEvent {
@@ -198,9 +213,11 @@ impl Catalog {
                 .entry(advertiser.id.clone())
                 .or_default()
                 .push(at_us, Some(advertiser)),
-            CatalogEvent::Offer { at_us, offer } => {
-                self.offers.entry(offer.id).or_default().push(at_us, Some(offer))
-            }
+            CatalogEvent::Offer { at_us, offer } => self
+                .offers
+                .entry(offer.id)
+                .or_default()
+                .push(at_us, Some(offer)),
             CatalogEvent::Partner { at_us, partner } => self
                 .partners
                 .entry(partner.id)
@@ -327,11 +344,23 @@ mod tests {
     #[test]
     fn versions_answer_as_of_a_time() {
         let mut c = Catalog::default();
-        c.apply(CatalogEvent::Offer { at_us: 10, offer: offer(1, OfferStatus::Active) });
-        c.apply(CatalogEvent::Offer { at_us: 20, offer: offer(1, OfferStatus::Paused) });
+        c.apply(CatalogEvent::Offer {
+            at_us: 10,
+            offer: offer(1, OfferStatus::Active),
+        });
+        c.apply(CatalogEvent::Offer {
+            at_us: 20,
+            offer: offer(1, OfferStatus::Paused),
+        });
         assert!(c.offer_at(1, 5).is_none());
-        assert_eq!(c.offer_at(1, 15).map(|o| o.status), Some(OfferStatus::Active));
-        assert_eq!(c.offer_at(1, 20).map(|o| o.status), Some(OfferStatus::Paused));
+        assert_eq!(
+            c.offer_at(1, 15).map(|o| o.status),
+            Some(OfferStatus::Active)
+        );
+        assert_eq!(
+            c.offer_at(1, 20).map(|o| o.status),
+            Some(OfferStatus::Paused)
+        );
         assert_eq!(c.offer(1).map(|o| o.status), Some(OfferStatus::Paused));
         assert_eq!(c.next_offer_id(), 2);
     }
@@ -348,7 +377,10 @@ mod tests {
             goal: String::new(),
             method: "GET".into(),
         };
-        c.apply(CatalogEvent::PostbackSetting { at_us: 1, postback: pb });
+        c.apply(CatalogEvent::PostbackSetting {
+            at_us: 1,
+            postback: pb,
+        });
         c.apply(CatalogEvent::PostbackSettingRemoved { at_us: 2, id: 3 });
         assert!(c.postback(3).is_none());
         assert_eq!(c.postbacks_at(1).count(), 1);

@@ -101,7 +101,11 @@ impl PostbackEvent {
         };
         hex.as_bytes()
             .chunks_exact(2)
-            .filter_map(|p| std::str::from_utf8(p).ok().and_then(|s| u8::from_str_radix(s, 16).ok()))
+            .filter_map(|p| {
+                std::str::from_utf8(p)
+                    .ok()
+                    .and_then(|s| u8::from_str_radix(s, 16).ok())
+            })
             .collect()
     }
 
@@ -138,10 +142,14 @@ mod tests {
         p.set_body(&[0xff, 0x00, b'a']);
         let e = Event::Postback(p);
         let json = e.to_json();
-        assert!(std::str::from_utf8(&json).expect("utf8").starts_with(r#"{"type":"postback""#));
+        assert!(std::str::from_utf8(&json)
+            .expect("utf8")
+            .starts_with(r#"{"type":"postback""#));
         let back = Event::from_json(&json).expect("decodes");
         assert_eq!(back, e);
-        let Event::Postback(p) = back else { panic!("postback") };
+        let Event::Postback(p) = back else {
+            panic!("postback")
+        };
         assert_eq!(p.body_bytes(), vec![0xff, 0x00, b'a']);
     }
 

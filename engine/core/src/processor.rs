@@ -199,7 +199,9 @@ impl Processor {
                         continue;
                     };
                     let goal = pb.goal().unwrap_or("1");
-                    let Some(payment) = offer.payment(goal) else { continue };
+                    let Some(payment) = offer.payment(goal) else {
+                        continue;
+                    };
                     let action = pb.action_id().unwrap_or(&click.click_id);
                     let key = conversion_key(offer.id, &payment.goal, action);
                     if self.conversions.get(&key).is_none() {
@@ -215,8 +217,16 @@ impl Processor {
 
     /// Processes the batch in log order. `lookups` holds what the store had of
     /// `missing_clicks` and `missing_conversions`.
-    pub fn apply(&mut self, catalog: &Catalog, batch: &[(u64, Parsed)], lookups: Lookups) -> Output {
-        let ctx = Context { catalog, platform_secure: &self.platform_secure };
+    pub fn apply(
+        &mut self,
+        catalog: &Catalog,
+        batch: &[(u64, Parsed)],
+        lookups: Lookups,
+    ) -> Output {
+        let ctx = Context {
+            catalog,
+            platform_secure: &self.platform_secure,
+        };
         let mut out = Output::default();
         for (offset, p) in batch {
             match p {
@@ -231,7 +241,9 @@ impl Processor {
                         .and_then(|id| self.clicks.get(id).or_else(|| lookups.clicks.get(id)));
                     let conversions = &self.conversions;
                     let verdict = judge(pb, click, &ctx, |key| {
-                        conversions.get(key).or_else(|| lookups.conversions.get(key))
+                        conversions
+                            .get(key)
+                            .or_else(|| lookups.conversions.get(key))
                     });
                     let secs = u32::try_from(pb.at_us.div_euclid(1_000_000)).unwrap_or(0);
                     let mut row = ServerPostbackRow {
@@ -268,11 +280,18 @@ impl Processor {
                             None
                         }
                         Outcome::Created(mut c) => {
-                            c.id = ObjectId::derived(IdTag::Conversion, secs, self.partition, *offset)
-                                .to_hex();
-                            Some(ConversionChange { created: true, conversion: c })
+                            c.id =
+                                ObjectId::derived(IdTag::Conversion, secs, self.partition, *offset)
+                                    .to_hex();
+                            Some(ConversionChange {
+                                created: true,
+                                conversion: c,
+                            })
                         }
-                        Outcome::Updated(c) => Some(ConversionChange { created: false, conversion: c }),
+                        Outcome::Updated(c) => Some(ConversionChange {
+                            created: false,
+                            conversion: c,
+                        }),
                     };
                     if let Some(change) = change {
                         row.conversion_id = change.conversion.id.clone();

@@ -80,12 +80,14 @@ impl ParsedPostback {
         let body = event.body_bytes();
         let post = if body.is_empty() {
             Params::default()
-        } else if event.content_type.starts_with("application/json")
-            || body.first() == Some(&b'{')
+        } else if event.content_type.starts_with("application/json") || body.first() == Some(&b'{')
         {
             // A JSON body that is not an object is kept whole under one key, not dropped.
             parse_json(&body).unwrap_or_else(|_| {
-                Params(vec![(String::new(), String::from_utf8_lossy(&body).into_owned())])
+                Params(vec![(
+                    String::new(),
+                    String::from_utf8_lossy(&body).into_owned(),
+                )])
             })
         } else {
             parse_form(&body)
@@ -119,7 +121,8 @@ impl ParsedPostback {
     /// A parameter under its S2S name, or its pixel name (`afstatus`, ...) for pixels.
     fn field(&self, s2s: &str, pixel: &str) -> Option<&str> {
         if self.pixel {
-            self.param_nonempty(pixel).or_else(|| self.param_nonempty(s2s))
+            self.param_nonempty(pixel)
+                .or_else(|| self.param_nonempty(s2s))
         } else {
             self.param_nonempty(s2s)
         }
@@ -142,7 +145,9 @@ impl ParsedPostback {
     }
     /// The passed status as a number, 0 when absent or not a number.
     pub fn status_passed(&self) -> i64 {
-        self.status_raw().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+        self.status_raw()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
     }
     pub fn secure(&self) -> Option<&str> {
         self.field("secure", "afsecure")
@@ -269,7 +274,11 @@ pub fn judge<'c>(
             advertiser.map(|a| a.allowed_ip.as_slice()),
             offer.map(|o| o.allowed_ip.as_slice()),
         ];
-        if lists.into_iter().flatten().any(|l| !ip_allowed(l, &pb.server)) {
+        if lists
+            .into_iter()
+            .flatten()
+            .any(|l| !ip_allowed(l, &pb.server))
+        {
             return reject(verdict, Reject::IpDenied);
         }
     }
@@ -291,7 +300,12 @@ pub fn judge<'c>(
     };
     let passed_status = match pb.status_raw() {
         None => None,
-        Some(s) => match s.trim().parse::<u8>().ok().filter(|n| status_name(*n).is_some()) {
+        Some(s) => match s
+            .trim()
+            .parse::<u8>()
+            .ok()
+            .filter(|n| status_name(*n).is_some())
+        {
             Some(n) => Some(n),
             None => return reject(verdict, Reject::InvalidStatus),
         },

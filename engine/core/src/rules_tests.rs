@@ -18,7 +18,10 @@ fn catalog() -> Catalog {
             allowed_ip: vec![],
         },
     });
-    c.apply(CatalogEvent::Offer { at_us: 0, offer: offer() });
+    c.apply(CatalogEvent::Offer {
+        at_us: 0,
+        offer: offer(),
+    });
     c
 }
 
@@ -82,9 +85,22 @@ fn pb(query: &str) -> ParsedPostback {
     })
 }
 
-fn run(catalog: &Catalog, secure: &str, p: &ParsedPostback, existing: Option<&Conversion>) -> Verdict {
+fn run(
+    catalog: &Catalog,
+    secure: &str,
+    p: &ParsedPostback,
+    existing: Option<&Conversion>,
+) -> Verdict {
     let c = click();
-    judge(p, Some(&c), &Context { catalog, platform_secure: secure }, |_| existing)
+    judge(
+        p,
+        Some(&c),
+        &Context {
+            catalog,
+            platform_secure: secure,
+        },
+        |_| existing,
+    )
 }
 
 fn rejected(v: &Verdict) -> &'static str {
@@ -115,7 +131,15 @@ fn platform_secure_code_is_required() {
 #[test]
 fn platform_secure_code_applies_without_a_click() {
     let c = catalog();
-    let v = judge(&pb(""), None, &Context { catalog: &c, platform_secure: "p" }, |_| None);
+    let v = judge(
+        &pb(""),
+        None,
+        &Context {
+            catalog: &c,
+            platform_secure: "p",
+        },
+        |_| None,
+    );
     assert_eq!(rejected(&v), "Access denied");
 }
 
@@ -125,8 +149,16 @@ fn advertiser_and_offer_secure_codes_all_apply() {
     let mut o = offer();
     o.secure = "off".into();
     c.apply(CatalogEvent::Offer { at_us: 1, offer: o });
-    assert_eq!(rejected(&run(&c, "", &pb(&format!("clickid={CLICK}")), None)), "Access denied");
-    created(&run(&c, "", &pb(&format!("clickid={CLICK}&secure=off")), None));
+    assert_eq!(
+        rejected(&run(&c, "", &pb(&format!("clickid={CLICK}")), None)),
+        "Access denied"
+    );
+    created(&run(
+        &c,
+        "",
+        &pb(&format!("clickid={CLICK}&secure=off")),
+        None,
+    ));
     c.apply(CatalogEvent::Advertiser {
         at_us: 2,
         advertiser: Advertiser {
@@ -138,7 +170,12 @@ fn advertiser_and_offer_secure_codes_all_apply() {
     });
     // Both levels are set and differ: no single code satisfies both.
     assert_eq!(
-        rejected(&run(&c, "", &pb(&format!("clickid={CLICK}&secure=off")), None)),
+        rejected(&run(
+            &c,
+            "",
+            &pb(&format!("clickid={CLICK}&secure=off")),
+            None
+        )),
         "Access denied"
     );
 }
@@ -150,7 +187,10 @@ fn ip_allow_lists_of_advertiser_and_offer() {
     o.allowed_ip = vec!["10.0.0.0/8".into()];
     c.apply(CatalogEvent::Offer { at_us: 1, offer: o });
     let p = pb(&format!("clickid={CLICK}"));
-    assert_eq!(rejected(&run(&c, "", &p, None)), "Current IP-address is denied");
+    assert_eq!(
+        rejected(&run(&c, "", &p, None)),
+        "Current IP-address is denied"
+    );
     let mut p2 = p.clone();
     p2.server = "10.1.2.3".into();
     created(&run(&c, "", &p2, None));
@@ -192,7 +232,10 @@ fn pixels_are_not_held_to_server_allow_lists() {
 #[test]
 fn missing_broken_and_unknown_click_ids() {
     let c = catalog();
-    let ctx = Context { catalog: &c, platform_secure: "" };
+    let ctx = Context {
+        catalog: &c,
+        platform_secure: "",
+    };
     let v = judge(&pb("goal=1"), None, &ctx, |_| None);
     assert_eq!(rejected(&v), "Missing mandatory parameter clickid/click_id");
     let v = judge(&pb("clickid=&click_id="), None, &ctx, |_| None);
@@ -224,14 +267,22 @@ fn offer_state_is_taken_as_of_the_postback() {
     let mut o = offer();
     o.status = OfferStatus::Paused;
     // Paused after the postback arrived: the postback still counts (and a replay agrees).
-    c.apply(CatalogEvent::Offer { at_us: T0 + 100_000_000, offer: o });
+    c.apply(CatalogEvent::Offer {
+        at_us: T0 + 100_000_000,
+        offer: o,
+    });
     created(&run(&c, "", &pb(&format!("clickid={CLICK}")), None));
 }
 
 #[test]
 fn goals_match_without_case_and_unknown_goals_fail() {
     let c = catalog();
-    let v = run(&c, "", &pb(&format!("clickid={CLICK}&goal=INSTALL&sum=80")), None);
+    let v = run(
+        &c,
+        "",
+        &pb(&format!("clickid={CLICK}&goal=INSTALL&sum=80")),
+        None,
+    );
     let conv = created(&v);
     assert_eq!(conv.goal, "Install");
     assert_eq!((conv.payouts, conv.revenue), (8.0, 16.0), "percent of sum");
@@ -255,7 +306,12 @@ fn defaults_goal_status_action_id() {
     let v = run(&c, "", &pb(&format!("clickid={CLICK}&goal=install")), None);
     assert_eq!(created(&v).status, STATUS_PENDING);
     // A passed status wins over both.
-    let v = run(&c, "", &pb(&format!("clickid={CLICK}&goal=install&status=5")), None);
+    let v = run(
+        &c,
+        "",
+        &pb(&format!("clickid={CLICK}&goal=install&status=5")),
+        None,
+    );
     assert_eq!(created(&v).status, STATUS_HOLD);
 }
 
@@ -279,7 +335,12 @@ fn invalid_status_values_are_rejected() {
 
 fn existing(status: u8) -> Conversion {
     let c = catalog();
-    let v = run(&c, "", &pb(&format!("clickid={CLICK}&status={status}")), None);
+    let v = run(
+        &c,
+        "",
+        &pb(&format!("clickid={CLICK}&status={status}")),
+        None,
+    );
     let mut conv = created(&v).clone();
     conv.id = "c".repeat(24);
     conv
@@ -300,8 +361,15 @@ fn duplicates_with_the_same_status_exist() {
 fn pending_conversions_take_a_new_status() {
     let c = catalog();
     let e = existing(STATUS_PENDING);
-    let v = run(&c, "", &pb(&format!("clickid={CLICK}&status=1&comment=ok")), Some(&e));
-    let Outcome::Updated(u) = &v.outcome else { panic!("update expected: {v:?}") };
+    let v = run(
+        &c,
+        "",
+        &pb(&format!("clickid={CLICK}&status=1&comment=ok")),
+        Some(&e),
+    );
+    let Outcome::Updated(u) = &v.outcome else {
+        panic!("update expected: {v:?}")
+    };
     assert_eq!(u.id, e.id);
     assert_eq!(u.status, STATUS_CONFIRMED);
     assert_eq!(u.comment, "ok");
@@ -323,10 +391,18 @@ fn dedupe_key_uses_action_id_then_click_id() {
     let c = catalog();
     let mut seen = None;
     let p = pb(&format!("clickid={CLICK}&action_id=A1&goal=Install"));
-    judge(&p, Some(&click()), &Context { catalog: &c, platform_secure: "" }, |k| {
-        seen = Some(k.to_string());
-        None
-    });
+    judge(
+        &p,
+        Some(&click()),
+        &Context {
+            catalog: &c,
+            platform_secure: "",
+        },
+        |k| {
+            seen = Some(k.to_string());
+            None
+        },
+    );
     assert_eq!(seen.as_deref(), Some("7|install|A1"));
 }
 

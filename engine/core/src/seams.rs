@@ -13,6 +13,9 @@ use std::task::{Context, Poll, Waker};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// A record of the log with its offset.
+pub type Record = (u64, Vec<u8>);
+
 /// What went wrong in a backend, by what the caller should do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum SeamError {
@@ -36,7 +39,7 @@ pub enum SeamError {
 ///   callers that must know the outcome keep polling.
 pub trait EventLog: Send + Sync + 'static {
     fn append(&self, records: Vec<Vec<u8>>) -> BoxFuture<'_, Result<Vec<u64>, SeamError>>;
-    fn read(&self, from: u64, max: usize) -> BoxFuture<'_, Result<Vec<(u64, Vec<u8>)>, SeamError>>;
+    fn read(&self, from: u64, max: usize) -> BoxFuture<'_, Result<Vec<Record>, SeamError>>;
     /// Resolves once a durable record exists at `from` or beyond (or the log closes).
     fn wait_for(&self, from: u64) -> BoxFuture<'_, ()>;
     /// One past the last durable offset.
@@ -109,13 +112,20 @@ pub trait Store: Send + Sync + 'static {
         click_ids: Vec<String>,
         conversion_keys: Vec<String>,
     ) -> BoxFuture<'_, Result<Lookups, SeamError>>;
-    fn write(&self, consumer: &str, output: Output, next: u64)
-        -> BoxFuture<'_, Result<(), SeamError>>;
+    fn write(
+        &self,
+        consumer: &str,
+        output: Output,
+        next: u64,
+    ) -> BoxFuture<'_, Result<(), SeamError>>;
     fn server_postbacks(
         &self,
         query: ServerPostbackQuery,
     ) -> BoxFuture<'_, Result<Page<ServerPostbackRow>, SeamError>>;
-    fn conversions(&self, query: ConversionQuery) -> BoxFuture<'_, Result<Page<Conversion>, SeamError>>;
+    fn conversions(
+        &self,
+        query: ConversionQuery,
+    ) -> BoxFuture<'_, Result<Page<Conversion>, SeamError>>;
     fn clicks(&self, ids: Vec<String>) -> BoxFuture<'_, Result<Vec<Click>, SeamError>>;
     fn expire(&self, before_us: i64) -> BoxFuture<'_, Result<u64, SeamError>>;
 }
@@ -156,7 +166,7 @@ impl EventLog for MemoryEventLog {
         Box::pin(std::future::ready(Ok(offsets)))
     }
 
-    fn read(&self, from: u64, max: usize) -> BoxFuture<'_, Result<Vec<(u64, Vec<u8>)>, SeamError>> {
+    fn read(&self, from: u64, max: usize) -> BoxFuture<'_, Result<Vec<Record>, SeamError>> {
         let inner = self.lock();
         let from = from.max(inner.start);
         let skip = (from - inner.start) as usize;
@@ -172,7 +182,10 @@ impl EventLog for MemoryEventLog {
     }
 
     fn wait_for(&self, from: u64) -> BoxFuture<'_, ()> {
-        Box::pin(WaitFor { log: self.clone(), from })
+        Box::pin(WaitFor {
+            log: self.clone(),
+            from,
+        })
     }
 
     fn end(&self) -> u64 {
@@ -218,7 +231,9 @@ pub mod conformance {
     use super::EventLog;
 
     fn records(prefix: &str, n: usize) -> Vec<Vec<u8>> {
-        (0..n).map(|i| format!("{prefix}-{i}").into_bytes()).collect()
+        (0..n)
+            .map(|i| format!("{prefix}-{i}").into_bytes())
+            .collect()
     }
 
     /// Offsets are dense from the log's end, reads return durable records in order.
@@ -245,7 +260,9 @@ pub mod conformance {
     /// Empty and binary records survive as they are.
     pub async fn records_are_kept_exactly(log: &dyn EventLog) {
         let binary: Vec<u8> = (0..=255u8).collect();
-        log.append(vec![Vec::new(), binary.clone(), vec![0; 100_000]]).await.expect("append");
+        log.append(vec![Vec::new(), binary.clone(), vec![0; 100_000]])
+            .await
+            .expect("append");
         let got = log.read(0, 10).await.expect("read");
         assert_eq!(got[0].1, Vec::<u8>::new());
         assert_eq!(got[1].1, binary);
@@ -257,10 +274,9 @@ pub mod conformance {
         log.append(records("x", 1)).await.expect("append");
         log.wait_for(0).await; // already there
         let mut wait = log.wait_for(1);
-        let polled = std::future::poll_fn(|cx| {
-            std::task::Poll::Ready(wait.as_mut().poll(cx).is_ready())
-        })
-        .await;
+        let polled =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(wait.as_mut().poll(cx).is_ready()))
+                .await;
         assert!(!polled, "nothing at offset 1 yet");
         log.append(records("y", 1)).await.expect("append");
         wait.await;
@@ -269,7 +285,9 @@ pub mod conformance {
     /// Truncation only drops a prefix; later records keep their offsets.
     pub async fn truncate_keeps_the_rest(log: &dyn EventLog) {
         for i in 0..10 {
-            log.append(records(&format!("t{i}"), 10)).await.expect("append");
+            log.append(records(&format!("t{i}"), 10))
+                .await
+                .expect("append");
         }
         let start = log.truncate_before(50).await.expect("truncate");
         assert!(start <= 50, "never drops past the offset asked");
@@ -279,8 +297,14 @@ pub mod conformance {
         assert_eq!(rest[0].0, 50);
         assert_eq!(rest[0].1, b"t5-0".to_vec());
         let from_start = log.read(0, 1).await.expect("read before start");
-        assert_eq!(from_start[0].0, start, "reads before the start begin at the start");
-        assert_eq!(log.append(records("z", 1)).await.expect("append"), vec![100]);
+        assert_eq!(
+            from_start[0].0, start,
+            "reads before the start begin at the start"
+        );
+        assert_eq!(
+            log.append(records("z", 1)).await.expect("append"),
+            vec![100]
+        );
     }
 
     /// Many concurrent appends each get their own offsets, and all are readable.
@@ -297,7 +321,9 @@ pub mod conformance {
     }
 
     /// A minimal join_all so that this crate needs no futures dependency.
-    async fn futures_join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    async fn futures_join_all<F: std::future::Future>(
+        futures: impl IntoIterator<Item = F>,
+    ) -> Vec<F::Output> {
         let mut pending: Vec<_> = futures.into_iter().map(Box::pin).collect();
         let mut out: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
         std::future::poll_fn(|cx| {
@@ -310,7 +336,11 @@ pub mod conformance {
                     }
                 }
             }
-            if done { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+            if done {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
         })
         .await;
         out.into_iter().flatten().collect()
@@ -338,6 +368,8 @@ mod tests {
         block_on(conformance::records_are_kept_exactly(&MemoryEventLog::new()));
         block_on(conformance::wait_for_wakes_on_append(&MemoryEventLog::new()));
         block_on(conformance::truncate_keeps_the_rest(&MemoryEventLog::new()));
-        block_on(conformance::concurrent_appends_are_all_kept(&MemoryEventLog::new()));
+        block_on(conformance::concurrent_appends_are_all_kept(
+            &MemoryEventLog::new(),
+        ));
     }
 }

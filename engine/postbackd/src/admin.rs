@@ -26,10 +26,16 @@ pub async fn route(engine: &Arc<Engine>, req: Req) -> Result<Response<Body>, Api
         }
         (&Method::GET, ["admin", "advertisers"]) => {
             let c = engine.catalog_read();
-            list(&p, "advertisers", c.advertisers().map(advertiser_json).collect())
+            list(
+                &p,
+                "advertisers",
+                c.advertisers().map(advertiser_json).collect(),
+            )
         }
         (&Method::POST, ["admin", "offer"]) => save_offer(engine, None, &p).await,
-        (&Method::POST, ["admin", "offer", id]) => save_offer(engine, Some(parse_id(id)?), &p).await,
+        (&Method::POST, ["admin", "offer", id]) => {
+            save_offer(engine, Some(parse_id(id)?), &p).await
+        }
         (&Method::GET, ["offer", id]) => {
             let c = engine.catalog_read();
             let o = c.offer(parse_id(id)?).ok_or(ApiError::NotFound)?;
@@ -40,7 +46,9 @@ pub async fn route(engine: &Arc<Engine>, req: Req) -> Result<Response<Body>, Api
             list(&p, "offers", c.offers().map(offer_json).collect())
         }
         (&Method::POST, ["admin", "partner"]) => save_partner(engine, None, &p).await,
-        (&Method::POST, ["admin", "partner", id]) => save_partner(engine, Some(parse_id(id)?), &p).await,
+        (&Method::POST, ["admin", "partner", id]) => {
+            save_partner(engine, Some(parse_id(id)?), &p).await
+        }
         (&Method::GET, ["admin", "partner", id]) => {
             let c = engine.catalog_read();
             let a = c.partner(parse_id(id)?).ok_or(ApiError::NotFound)?;
@@ -59,7 +67,10 @@ pub async fn route(engine: &Arc<Engine>, req: Req) -> Result<Response<Body>, Api
         }
         (&Method::GET, ["admin", "postbacks"]) => {
             let partner = match p.get_nonempty("partner_id") {
-                Some(v) => Some(v.parse::<u64>().map_err(|_| bad("partner_id must be an integer"))?),
+                Some(v) => Some(
+                    v.parse::<u64>()
+                        .map_err(|_| bad("partner_id must be an integer"))?,
+                ),
                 None => None,
             };
             let c = engine.catalog_read();
@@ -90,11 +101,21 @@ fn ok(key: &str, value: Value) -> Result<Response<Body>, ApiError> {
 /// `page` (from 1) and `limit` (1 to 500, default 100), as every list takes them.
 pub fn paging(p: &Params) -> Result<(u64, u64), ApiError> {
     let page = match p.get_nonempty("page") {
-        Some(v) => v.trim().parse::<u64>().ok().filter(|n| *n >= 1).ok_or_else(|| bad("page must be a positive integer"))?,
+        Some(v) => v
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| bad("page must be a positive integer"))?,
         None => 1,
     };
     let limit = match p.get_nonempty("limit") {
-        Some(v) => v.trim().parse::<u64>().ok().filter(|n| *n >= 1).ok_or_else(|| bad("limit must be a positive integer"))?,
+        Some(v) => v
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| bad("limit must be a positive integer"))?,
         None => 100,
     };
     Ok((page, limit.min(500)))
@@ -120,15 +141,27 @@ fn new_object_id(engine: &Engine) -> String {
 
 fn allowed_ip(p: &Params, current: &[String]) -> Result<Vec<String>, ApiError> {
     match p.get("allowed_ip") {
-        Some(v) => parse_allowed_ip(v).map_err(|e| bad(format!("allowed_ip: not an IP or CIDR: {e}"))),
+        Some(v) => {
+            parse_allowed_ip(v).map_err(|e| bad(format!("allowed_ip: not an IP or CIDR: {e}")))
+        }
         None => Ok(current.to_vec()),
     }
 }
 
-async fn save_advertiser(engine: &Engine, id: Option<&str>, p: &Params) -> Result<Response<Body>, ApiError> {
+async fn save_advertiser(
+    engine: &Engine,
+    id: Option<&str>,
+    p: &Params,
+) -> Result<Response<Body>, ApiError> {
     let _writer = engine.catalog_writer.lock().await;
     let current = match id {
-        Some(id) => Some(engine.catalog_read().advertiser(id).cloned().ok_or(ApiError::NotFound)?),
+        Some(id) => Some(
+            engine
+                .catalog_read()
+                .advertiser(id)
+                .cloned()
+                .ok_or(ApiError::NotFound)?,
+        ),
         None => None,
     };
     let title = match (p.get("title").map(str::trim), &current) {
@@ -137,17 +170,24 @@ async fn save_advertiser(engine: &Engine, id: Option<&str>, p: &Params) -> Resul
         _ => return Err(bad("title is required")),
     };
     let advertiser = Advertiser {
-        id: current.as_ref().map_or_else(|| new_object_id(engine), |c| c.id.clone()),
+        id: current
+            .as_ref()
+            .map_or_else(|| new_object_id(engine), |c| c.id.clone()),
         title,
-        secure: p
-            .get("secure")
-            .map(str::to_string)
-            .unwrap_or_else(|| current.as_ref().map(|c| c.secure.clone()).unwrap_or_default()),
+        secure: p.get("secure").map(str::to_string).unwrap_or_else(|| {
+            current
+                .as_ref()
+                .map(|c| c.secure.clone())
+                .unwrap_or_default()
+        }),
         allowed_ip: allowed_ip(p, current.as_ref().map_or(&[], |c| &c.allowed_ip))?,
     };
     let value = advertiser_json(&advertiser);
     engine
-        .change_catalog(CatalogEvent::Advertiser { at_us: now_us(), advertiser })
+        .change_catalog(CatalogEvent::Advertiser {
+            at_us: now_us(),
+            advertiser,
+        })
         .await?;
     ok("advertiser", value)
 }
@@ -165,7 +205,11 @@ fn parse_status(field: &str, v: &str) -> Result<u8, ApiError> {
     }
     (1..=5)
         .find(|n| status_name(*n) == Some(v) || (v == "approved" && *n == 1))
-        .ok_or_else(|| bad(format!("{field} must be 1, 2, 3 or 5 (confirmed, pending, declined, hold)")))
+        .ok_or_else(|| {
+            bad(format!(
+                "{field} must be 1, 2, 3 or 5 (confirmed, pending, declined, hold)"
+            ))
+        })
 }
 
 fn parse_number(field: &str, v: Option<&str>) -> Result<f64, ApiError> {
@@ -184,8 +228,14 @@ fn parse_payments(p: &Params) -> Result<Vec<Payment>, ApiError> {
     for (i, g) in p.groups("payments").iter().enumerate() {
         let field = |name: &str| format!("payments[{i}][{name}]");
         let goal = g.get_nonempty("goal").unwrap_or("1").trim().to_string();
-        if out.iter().any(|x| x.goal.to_lowercase() == goal.to_lowercase()) {
-            return Err(bad(format!("{}: goal {goal} is given twice", field("goal"))));
+        if out
+            .iter()
+            .any(|x| x.goal.to_lowercase() == goal.to_lowercase())
+        {
+            return Err(bad(format!(
+                "{}: goal {goal} is given twice",
+                field("goal")
+            )));
         }
         let kind = match g.get_nonempty("type").unwrap_or("fixed") {
             "fixed" => PaymentType::Fixed,
@@ -196,15 +246,26 @@ fn parse_payments(p: &Params) -> Result<Vec<Payment>, ApiError> {
             goal,
             total: parse_number(&field("total"), g.get("total"))?,
             revenue: parse_number(&field("revenue"), g.get("revenue"))?,
-            currency: g.get_nonempty("currency").unwrap_or("USD").trim().to_uppercase(),
+            currency: g
+                .get_nonempty("currency")
+                .unwrap_or("USD")
+                .trim()
+                .to_uppercase(),
             kind,
-            status: g.get_nonempty("status").map(|s| parse_status(&field("status"), s)).transpose()?,
+            status: g
+                .get_nonempty("status")
+                .map(|s| parse_status(&field("status"), s))
+                .transpose()?,
         });
     }
     Ok(out)
 }
 
-async fn save_offer(engine: &Engine, id: Option<u64>, p: &Params) -> Result<Response<Body>, ApiError> {
+async fn save_offer(
+    engine: &Engine,
+    id: Option<u64>,
+    p: &Params,
+) -> Result<Response<Body>, ApiError> {
     let _writer = engine.catalog_writer.lock().await;
     let (current, next_id) = {
         let c = engine.catalog_read();
@@ -215,7 +276,9 @@ async fn save_offer(engine: &Engine, id: Option<u64>, p: &Params) -> Result<Resp
         (current, c.next_offer_id())
     };
     let text = |name: &str, current: Option<&String>| -> Option<String> {
-        p.get(name).map(|v| v.trim().to_string()).or_else(|| current.cloned())
+        p.get(name)
+            .map(|v| v.trim().to_string())
+            .or_else(|| current.cloned())
     };
     let title = text("title", current.as_ref().map(|c| &c.title))
         .filter(|t| !t.is_empty())
@@ -226,12 +289,14 @@ async fn save_offer(engine: &Engine, id: Option<u64>, p: &Params) -> Result<Resp
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         return Err(bad("url must start with http:// or https://"));
     }
-    let advertiser = text("advertiser", current.as_ref().map(|c| &c.advertiser)).unwrap_or_default();
+    let advertiser =
+        text("advertiser", current.as_ref().map(|c| &c.advertiser)).unwrap_or_default();
     if !advertiser.is_empty() && engine.catalog_read().advertiser(&advertiser).is_none() {
         return Err(bad("advertiser: no such advertiser"));
     }
     let status = match p.get_nonempty("status") {
-        Some(s) => OfferStatus::parse(s.trim()).ok_or_else(|| bad("status must be active, paused or stopped"))?,
+        Some(s) => OfferStatus::parse(s.trim())
+            .ok_or_else(|| bad("status must be active, paused or stopped"))?,
         None => current.as_ref().map_or(OfferStatus::Active, |c| c.status),
     };
     let default_status = match p.get_nonempty("default_status") {
@@ -239,7 +304,10 @@ async fn save_offer(engine: &Engine, id: Option<u64>, p: &Params) -> Result<Resp
         None => current.as_ref().map_or(1, |c| c.default_status),
     };
     let mut payments = if p.groups("payments").is_empty() {
-        current.as_ref().map(|c| c.payments.clone()).unwrap_or_default()
+        current
+            .as_ref()
+            .map(|c| c.payments.clone())
+            .unwrap_or_default()
     } else {
         parse_payments(p)?
     };
@@ -256,12 +324,17 @@ async fn save_offer(engine: &Engine, id: Option<u64>, p: &Params) -> Result<Resp
         });
     }
     let hold_period = match p.get_nonempty("hold_period") {
-        Some(v) => v.trim().parse::<u32>().map_err(|_| bad("hold_period must be a whole number of days"))?,
+        Some(v) => v
+            .trim()
+            .parse::<u32>()
+            .map_err(|_| bad("hold_period must be a whole number of days"))?,
         None => current.as_ref().map_or(0, |c| c.hold_period),
     };
     let offer = Offer {
         id: current.as_ref().map_or(next_id, |c| c.id),
-        offer_id: current.as_ref().map_or_else(|| new_object_id(engine), |c| c.offer_id.clone()),
+        offer_id: current
+            .as_ref()
+            .map_or_else(|| new_object_id(engine), |c| c.offer_id.clone()),
         title,
         advertiser,
         url,
@@ -273,7 +346,12 @@ async fn save_offer(engine: &Engine, id: Option<u64>, p: &Params) -> Result<Resp
         hold_period,
     };
     let value = offer_json(&offer);
-    engine.change_catalog(CatalogEvent::Offer { at_us: now_us(), offer }).await?;
+    engine
+        .change_catalog(CatalogEvent::Offer {
+            at_us: now_us(),
+            offer,
+        })
+        .await?;
     ok("offer", value)
 }
 
@@ -300,7 +378,11 @@ pub fn offer_json(o: &Offer) -> Value {
     })
 }
 
-async fn save_partner(engine: &Engine, id: Option<u64>, p: &Params) -> Result<Response<Body>, ApiError> {
+async fn save_partner(
+    engine: &Engine,
+    id: Option<u64>,
+    p: &Params,
+) -> Result<Response<Body>, ApiError> {
     let _writer = engine.catalog_writer.lock().await;
     let (current, next_id) = {
         let c = engine.catalog_read();
@@ -334,7 +416,12 @@ async fn save_partner(engine: &Engine, id: Option<u64>, p: &Params) -> Result<Re
         email,
     };
     let value = partner_json(&partner);
-    engine.change_catalog(CatalogEvent::Partner { at_us: now_us(), partner }).await?;
+    engine
+        .change_catalog(CatalogEvent::Partner {
+            at_us: now_us(),
+            partner,
+        })
+        .await?;
     ok("partner", value)
 }
 
@@ -342,9 +429,20 @@ pub fn partner_json(a: &Partner) -> Value {
     json!({"id": a.id, "email": a.email, "login": a.login, "title": a.title})
 }
 
-const POSTBACK_STATUSES: [&str; 6] = ["", "by_creating", "confirmed", "pending", "declined", "hold"];
+const POSTBACK_STATUSES: [&str; 6] = [
+    "",
+    "by_creating",
+    "confirmed",
+    "pending",
+    "declined",
+    "hold",
+];
 
-async fn save_postback(engine: &Engine, id: Option<u64>, p: &Params) -> Result<Response<Body>, ApiError> {
+async fn save_postback(
+    engine: &Engine,
+    id: Option<u64>,
+    p: &Params,
+) -> Result<Response<Body>, ApiError> {
     let _writer = engine.catalog_writer.lock().await;
     let c = engine.catalog_read().clone();
     let current = match id {
@@ -352,8 +450,14 @@ async fn save_postback(engine: &Engine, id: Option<u64>, p: &Params) -> Result<R
         None => None,
     };
     let partner_id = match p.get_nonempty("partner_id") {
-        Some(v) => v.trim().parse::<u64>().map_err(|_| bad("partner_id must be an integer"))?,
-        None => current.as_ref().map(|c| c.partner_id).ok_or_else(|| bad("partner_id is required"))?,
+        Some(v) => v
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| bad("partner_id must be an integer"))?,
+        None => current
+            .as_ref()
+            .map(|c| c.partner_id)
+            .ok_or_else(|| bad("partner_id is required"))?,
     };
     if c.partner(partner_id).is_none() {
         return Err(bad("partner_id: no such partner"));
@@ -369,7 +473,10 @@ async fn save_postback(engine: &Engine, id: Option<u64>, p: &Params) -> Result<R
     }
     let offer_id = match p.get("offer_id").map(str::trim) {
         Some("") | Some("0") => None,
-        Some(v) => Some(v.parse::<u64>().map_err(|_| bad("offer_id must be an integer"))?),
+        Some(v) => Some(
+            v.parse::<u64>()
+                .map_err(|_| bad("offer_id must be an integer"))?,
+        ),
         None => current.as_ref().and_then(|c| c.offer_id),
     };
     if let Some(o) = offer_id {
@@ -382,9 +489,15 @@ async fn save_postback(engine: &Engine, id: Option<u64>, p: &Params) -> Result<R
         .map(|v| v.trim().to_string())
         .or_else(|| current.as_ref().map(|c| c.status.clone()))
         .unwrap_or_default();
-    let status = if status == "any" { String::new() } else { status };
+    let status = if status == "any" {
+        String::new()
+    } else {
+        status
+    };
     if !POSTBACK_STATUSES.contains(&status.as_str()) {
-        return Err(bad("status must be empty, by_creating, confirmed, pending, declined or hold"));
+        return Err(bad(
+            "status must be empty, by_creating, confirmed, pending, declined or hold",
+        ));
     }
     let goal = p
         .get("goal")
@@ -413,16 +526,27 @@ async fn save_postback(engine: &Engine, id: Option<u64>, p: &Params) -> Result<R
     };
     let value = postback_json(&postback);
     engine
-        .change_catalog(CatalogEvent::PostbackSetting { at_us: now_us(), postback })
+        .change_catalog(CatalogEvent::PostbackSetting {
+            at_us: now_us(),
+            postback,
+        })
         .await?;
     ok("postback", value)
 }
 
 async fn remove_postback(engine: &Engine, id: u64) -> Result<Response<Body>, ApiError> {
     let _writer = engine.catalog_writer.lock().await;
-    let value = postback_json(engine.catalog_read().postback(id).ok_or(ApiError::NotFound)?);
+    let value = postback_json(
+        engine
+            .catalog_read()
+            .postback(id)
+            .ok_or(ApiError::NotFound)?,
+    );
     engine
-        .change_catalog(CatalogEvent::PostbackSettingRemoved { at_us: now_us(), id })
+        .change_catalog(CatalogEvent::PostbackSettingRemoved {
+            at_us: now_us(),
+            id,
+        })
         .await?;
     ok("postback", value)
 }

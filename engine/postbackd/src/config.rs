@@ -86,7 +86,9 @@ impl Config {
 
     fn apply_env(&mut self, env: &HashMap<String, String>) -> anyhow::Result<()> {
         for (key, value) in env {
-            let Some(name) = key.strip_prefix("POSTBACKD_") else { continue };
+            let Some(name) = key.strip_prefix("POSTBACKD_") else {
+                continue;
+            };
             let bad = |e: &dyn std::fmt::Display| anyhow::anyhow!("{key}: {e}");
             match name {
                 "LISTEN" => self.listen = value.parse().map_err(|e| bad(&e))?,
@@ -94,8 +96,12 @@ impl Config {
                 "API_KEY" => self.api_key = value.clone(),
                 "PLATFORM_SECURE" => self.platform_secure = value.clone(),
                 "RETENTION_DAYS" => self.retention_days = value.parse().map_err(|e| bad(&e))?,
-                "MAX_REQUEST_BYTES" => self.max_request_bytes = value.parse().map_err(|e| bad(&e))?,
-                "TRUST_FORWARDED_FOR" => self.trust_forwarded_for = value.parse().map_err(|e| bad(&e))?,
+                "MAX_REQUEST_BYTES" => {
+                    self.max_request_bytes = value.parse().map_err(|e| bad(&e))?
+                }
+                "TRUST_FORWARDED_FOR" => {
+                    self.trust_forwarded_for = value.parse().map_err(|e| bad(&e))?
+                }
                 "PROCESSOR_BATCH" => self.processor_batch = value.parse().map_err(|e| bad(&e))?,
                 "PROCESSOR_CACHE" => self.processor_cache = value.parse().map_err(|e| bad(&e))?,
                 "REQUEST_TIMEOUT_SECS" => {
@@ -118,11 +124,17 @@ mod tests {
     fn layers_apply_in_order() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("c.toml");
-        std::fs::write(&file, "listen = \"127.0.0.1:9000\"\nretention_days = 30\napi_key = \"f\"\n")
-            .expect("write");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:9000\"\nretention_days = 30\napi_key = \"f\"\n",
+        )
+        .expect("write");
         let env: HashMap<String, String> =
             [("POSTBACKD_RETENTION_DAYS".to_string(), "10".to_string())].into();
-        let flags = Overrides { api_key: Some("flag".into()), ..Default::default() };
+        let flags = Overrides {
+            api_key: Some("flag".into()),
+            ..Default::default()
+        };
         let c = Config::load(Some(&file), &env, &flags).expect("loads");
         assert_eq!(c.listen.port(), 9000, "file over default");
         assert_eq!(c.retention_days, 10, "environment over file");
@@ -137,7 +149,8 @@ mod tests {
         std::fs::write(&file, "listn = \"127.0.0.1:9000\"\n").expect("write");
         let err = Config::load(Some(&file), &HashMap::new(), &Overrides::default());
         assert!(err.is_err());
-        let env: HashMap<String, String> = [("POSTBACKD_LISTN".to_string(), "x".to_string())].into();
+        let env: HashMap<String, String> =
+            [("POSTBACKD_LISTN".to_string(), "x".to_string())].into();
         assert!(Config::load(None, &env, &Overrides::default()).is_err());
     }
 }

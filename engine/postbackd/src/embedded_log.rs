@@ -11,7 +11,7 @@
 //! later append is trusted (as fjall and redb do). The process must restart, which re-reads the
 //! disk.
 
-use postback_core::seams::{BoxFuture, EventLog, SeamError};
+use postback_core::seams::{BoxFuture, EventLog, Record, SeamError};
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -33,7 +33,10 @@ pub struct LogOptions {
 
 impl Default for LogOptions {
     fn default() -> Self {
-        Self { segment_bytes: 64 << 20, fsync: true }
+        Self {
+            segment_bytes: 64 << 20,
+            fsync: true,
+        }
     }
 }
 
@@ -100,7 +103,10 @@ impl EmbeddedEventLog {
             sync_dir(dir)?;
             segments.push(Segment { base: 0, path });
         }
-        let last = segments.last().cloned().ok_or_else(|| SeamError::Fatal("no segment".into()))?;
+        let last = segments
+            .last()
+            .cloned()
+            .ok_or_else(|| SeamError::Fatal("no segment".into()))?;
         let (count, valid_bytes) = recover_segment(&last.path)?;
         let end = last.base + count;
         let (end_tx, end_rx) = watch::channel(end);
@@ -147,14 +153,15 @@ impl EmbeddedEventLog {
             let _ = h.join();
         }
     }
-
 }
 
 impl Shared {
-    fn read(&self, from: u64, max: usize) -> Result<Vec<(u64, Vec<u8>)>, SeamError> {
+    fn read(&self, from: u64, max: usize) -> Result<Vec<Record>, SeamError> {
         let end = self.durable_end.load(Ordering::Acquire);
         let segments = self.segments.lock().map_err(|_| poisoned())?.clone();
-        let Some(first) = segments.first() else { return Ok(Vec::new()) };
+        let Some(first) = segments.first() else {
+            return Ok(Vec::new());
+        };
         let mut offset = from.max(first.base);
         let mut out = Vec::new();
         while offset < end && out.len() < max {
@@ -167,7 +174,9 @@ impl Shared {
             };
             let file = File::open(&seg.path).map_err(|e| io_err("open segment", e))?;
             let mut reader = BufReader::with_capacity(256 << 10, file);
-            reader.seek(SeekFrom::Start(start_pos)).map_err(|e| io_err("seek", e))?;
+            reader
+                .seek(SeekFrom::Start(start_pos))
+                .map_err(|e| io_err("seek", e))?;
             let mut at = if start_pos == 0 { seg.base } else { offset };
             let mut pos = start_pos;
             while at < seg_end && out.len() < max {
@@ -223,7 +232,11 @@ fn read_record_checked(r: &mut impl Read) -> std::io::Result<Option<Result<Vec<u
     while got < HEADER {
         let n = r.read(&mut header[got..])?;
         if n == 0 {
-            return Ok(if got == 0 { None } else { Some(Err("torn header".into())) });
+            return Ok(if got == 0 {
+                None
+            } else {
+                Some(Err("torn header".into()))
+            });
         }
         got += n;
     }
@@ -248,7 +261,10 @@ fn read_record_checked(r: &mut impl Read) -> std::io::Result<Option<Result<Vec<u
 /// Counts the valid records of a segment and cuts off whatever follows the last one.
 fn recover_segment(path: &Path) -> Result<(u64, u64), SeamError> {
     let file = File::open(path).map_err(|e| io_err("open segment", e))?;
-    let total = file.metadata().map_err(|e| io_err("stat segment", e))?.len();
+    let total = file
+        .metadata()
+        .map_err(|e| io_err("stat segment", e))?
+        .len();
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let (mut count, mut valid) = (0u64, 0u64);
     loop {
@@ -266,8 +282,12 @@ fn recover_segment(path: &Path) -> Result<(u64, u64), SeamError> {
         }
     }
     if valid < total {
-        let f = OpenOptions::new().write(true).open(path).map_err(|e| io_err("open segment", e))?;
-        f.set_len(valid).map_err(|e| io_err("truncate segment", e))?;
+        let f = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| io_err("open segment", e))?;
+        f.set_len(valid)
+            .map_err(|e| io_err("truncate segment", e))?;
         f.sync_all().map_err(|e| io_err("fsync segment", e))?;
     }
     Ok((count, valid))
@@ -320,7 +340,9 @@ impl Writer {
 
     fn write_group(&mut self, group: &[AppendRequest]) -> Result<Vec<u64>, SeamError> {
         if self.shared.poisoned.load(Ordering::Acquire) {
-            return Err(SeamError::Fatal("the event log is poisoned by an earlier IO error".into()));
+            return Err(SeamError::Fatal(
+                "the event log is poisoned by an earlier IO error".into(),
+            ));
         }
         let result = self.try_write_group(group);
         if result.is_err() {
@@ -340,19 +362,27 @@ impl Writer {
                 if self.segment_bytes >= self.options.segment_bytes {
                     self.roll()?;
                 }
-                let len = u32::try_from(record.len()).map_err(|_| SeamError::Fatal("record too large".into()))?;
-                self.file.write_all(&len.to_le_bytes()).map_err(|e| io_err("write", e))?;
+                let len = u32::try_from(record.len())
+                    .map_err(|_| SeamError::Fatal("record too large".into()))?;
+                self.file
+                    .write_all(&len.to_le_bytes())
+                    .map_err(|e| io_err("write", e))?;
                 self.file
                     .write_all(&crc32fast::hash(record).to_le_bytes())
                     .map_err(|e| io_err("write", e))?;
-                self.file.write_all(record).map_err(|e| io_err("write", e))?;
+                self.file
+                    .write_all(record)
+                    .map_err(|e| io_err("write", e))?;
                 self.segment_bytes += (HEADER + record.len()) as u64;
                 self.next += 1;
             }
         }
         self.file.flush().map_err(|e| io_err("write", e))?;
         if self.options.fsync {
-            self.file.get_ref().sync_data().map_err(|e| io_err("fsync", e))?;
+            self.file
+                .get_ref()
+                .sync_data()
+                .map_err(|e| io_err("fsync", e))?;
         }
         self.shared.durable_end.store(self.next, Ordering::Release);
         self.shared.end_tx.send_replace(self.next);
@@ -362,7 +392,10 @@ impl Writer {
     /// Seals the current segment and starts the next at the current end.
     fn roll(&mut self) -> Result<(), SeamError> {
         self.file.flush().map_err(|e| io_err("write", e))?;
-        self.file.get_ref().sync_data().map_err(|e| io_err("fsync", e))?;
+        self.file
+            .get_ref()
+            .sync_data()
+            .map_err(|e| io_err("fsync", e))?;
         let path = segment_path(&self.shared.dir, self.next);
         let file = OpenOptions::new()
             .create_new(true)
@@ -376,7 +409,10 @@ impl Writer {
             .segments
             .lock()
             .map_err(|_| poisoned())?
-            .push(Segment { base: self.next, path });
+            .push(Segment {
+                base: self.next,
+                path,
+            });
         Ok(())
     }
 }
@@ -385,11 +421,10 @@ impl EventLog for EmbeddedEventLog {
     fn append(&self, records: Vec<Vec<u8>>) -> BoxFuture<'_, Result<Vec<u64>, SeamError>> {
         Box::pin(async move {
             let (reply, rx) = oneshot::channel();
-            let sent = self
-                .requests
-                .lock()
-                .ok()
-                .and_then(|r| r.as_ref().map(|tx| tx.send(AppendRequest { records, reply })));
+            let sent = self.requests.lock().ok().and_then(|r| {
+                r.as_ref()
+                    .map(|tx| tx.send(AppendRequest { records, reply }))
+            });
             match sent {
                 Some(Ok(())) => rx
                     .await
@@ -399,7 +434,7 @@ impl EventLog for EmbeddedEventLog {
         })
     }
 
-    fn read(&self, from: u64, max: usize) -> BoxFuture<'_, Result<Vec<(u64, Vec<u8>)>, SeamError>> {
+    fn read(&self, from: u64, max: usize) -> BoxFuture<'_, Result<Vec<Record>, SeamError>> {
         let shared = self.shared.clone();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || shared.read(from, max))
@@ -456,7 +491,14 @@ mod tests {
     }
 
     fn small_segments(dir: &Path) -> EmbeddedEventLog {
-        EmbeddedEventLog::open(dir, LogOptions { segment_bytes: 100, fsync: true }).expect("opens")
+        EmbeddedEventLog::open(
+            dir,
+            LogOptions {
+                segment_bytes: 100,
+                fsync: true,
+            },
+        )
+        .expect("opens")
     }
 
     #[tokio::test]
@@ -476,11 +518,13 @@ mod tests {
     }
 
     async fn append_n(log: &EmbeddedEventLog, from: usize, n: usize) {
-        let records = (from..from + n).map(|i| format!("record-{i}").into_bytes()).collect();
+        let records = (from..from + n)
+            .map(|i| format!("record-{i}").into_bytes())
+            .collect();
         log.append(records).await.expect("append");
     }
 
-    async fn read_all(log: &EmbeddedEventLog) -> Vec<(u64, Vec<u8>)> {
+    async fn read_all(log: &EmbeddedEventLog) -> Vec<Record> {
         log.read(0, usize::MAX).await.expect("read")
     }
 
@@ -524,8 +568,10 @@ mod tests {
         let seg = last_segment(dir.path());
         let mut f = OpenOptions::new().append(true).open(&seg).expect("open");
         let payload = b"record-10";
-        f.write_all(&(payload.len() as u32).to_le_bytes()).expect("write");
-        f.write_all(&crc32fast::hash(payload).to_le_bytes()).expect("write");
+        f.write_all(&(payload.len() as u32).to_le_bytes())
+            .expect("write");
+        f.write_all(&crc32fast::hash(payload).to_le_bytes())
+            .expect("write");
         f.write_all(&payload[..4]).expect("write");
         drop(f);
         let log = open(dir.path());
@@ -602,7 +648,10 @@ mod tests {
         let files = fs::read_dir(dir.path()).expect("list").count();
         assert!(files > 10, "small segments roll often ({files})");
         let mid = log.read(95, 10).await.expect("read");
-        assert_eq!(mid.iter().map(|(o, _)| *o).collect::<Vec<_>>(), (95..105).collect::<Vec<_>>());
+        assert_eq!(
+            mid.iter().map(|(o, _)| *o).collect::<Vec<_>>(),
+            (95..105).collect::<Vec<_>>()
+        );
         assert_eq!(mid[0].1, b"record-95".to_vec());
         let start = log.truncate_before(150).await.expect("truncate");
         assert!(start <= 150 && start > 100, "start {start}");

@@ -37,7 +37,10 @@ pub struct Engine {
 
 impl Engine {
     /// Opens the data directory: the logs, the store, and the catalog as the log has it.
-    pub async fn open(config: Config, metrics: Option<PrometheusHandle>) -> anyhow::Result<Arc<Self>> {
+    pub async fn open(
+        config: Config,
+        metrics: Option<PrometheusHandle>,
+    ) -> anyhow::Result<Arc<Self>> {
         let dir = config.data_dir.clone();
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let api_key = resolve_api_key(&config.api_key, &dir)?;
@@ -66,7 +69,10 @@ impl Engine {
     }
 
     /// Appends a catalog change durably, then applies it to the catalog in memory.
-    pub async fn change_catalog(&self, event: CatalogEvent) -> Result<(), postback_core::seams::SeamError> {
+    pub async fn change_catalog(
+        &self,
+        event: CatalogEvent,
+    ) -> Result<(), postback_core::seams::SeamError> {
         let bytes = serde_json::to_vec(&event).unwrap_or_default();
         self.catalog_log.append(vec![bytes]).await?;
         self.catalog_write().apply(event);
@@ -110,7 +116,9 @@ fn resolve_api_key(configured: &str, dir: &Path) -> anyhow::Result<String> {
             return Ok(key.to_string());
         }
     }
-    let key: String = (0..16).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+    let key: String = (0..16)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
     std::fs::write(&path, &key).with_context(|| format!("writing {}", path.display()))?;
     Ok(key)
 }
@@ -138,7 +146,14 @@ impl Server {
         let housekeeping = tokio::spawn(pipeline::run_retention(engine.clone(), stop_rx.clone()));
         engine.ready.store(true, Ordering::Release);
         let http = tokio::spawn(crate::http::serve(engine.clone(), listener, stop_rx));
-        Ok(Self { engine, addr, stop, http, processor, housekeeping })
+        Ok(Self {
+            engine,
+            addr,
+            stop,
+            http,
+            processor,
+            housekeeping,
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -74,7 +74,10 @@ impl ApiError {
             tracing::error!(%detail, "internal error");
         }
         let text = self.to_string();
-        json(self.status(), &serde_json::json!({"status": 2, "message": text, "error": text}))
+        json(
+            self.status(),
+            &serde_json::json!({"status": 2, "message": text, "error": text}),
+        )
     }
 }
 
@@ -89,8 +92,10 @@ pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
 pub fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
@@ -106,7 +111,10 @@ pub struct Req {
 
 impl Req {
     pub fn header(&self, name: &str) -> &str {
-        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
     }
 
     /// Query and body parameters together (body after query), for the admin and stats APIs.
@@ -125,7 +133,11 @@ impl Req {
 }
 
 /// Accepts connections until `stop`, then drains the ones open (for up to 10 s).
-pub async fn serve(engine: Arc<Engine>, listener: tokio::net::TcpListener, mut stop: watch::Receiver<bool>) {
+pub async fn serve(
+    engine: Arc<Engine>,
+    listener: tokio::net::TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let timeout = Duration::from_secs(engine.config.request_timeout_secs);
     loop {
@@ -166,24 +178,38 @@ pub async fn serve(engine: Arc<Engine>, listener: tokio::net::TcpListener, mut s
     }
 }
 
-async fn handle(engine: Arc<Engine>, req: Request<Incoming>, peer: SocketAddr, timeout: Duration) -> Response<Body> {
+async fn handle(
+    engine: Arc<Engine>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    timeout: Duration,
+) -> Response<Body> {
     let started = std::time::Instant::now();
     let (parts, body) = req.into_parts();
     let tracking = matches!(
         parts.uri.path(),
         "/postback" | "/click" | "/success.jpg" | "/success.php" | "/track.js"
     );
-    let limit = if tracking { engine.config.max_request_bytes } else { 4 << 20 };
+    let limit = if tracking {
+        engine.config.max_request_bytes
+    } else {
+        4 << 20
+    };
     let query = parts.uri.query().unwrap_or("").to_string();
     if query.len() > limit {
         return ApiError::TooLarge.into_response();
     }
     let body = match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
         Ok(Ok(b)) => b.to_bytes(),
-        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+        Ok(Err(e))
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
             return ApiError::TooLarge.into_response()
         }
-        Ok(Err(_)) => return ApiError::BadRequest("unreadable request body".into()).into_response(),
+        Ok(Err(_)) => {
+            return ApiError::BadRequest("unreadable request body".into()).into_response()
+        }
         Err(_) => return ApiError::Timeout.into_response(),
     };
     let client_ip = client_ip(&engine, &parts.headers, peer);
@@ -242,10 +268,16 @@ async fn route_request(engine: &Arc<Engine>, req: Req) -> Result<Response<Body>,
             text(StatusCode::SERVICE_UNAVAILABLE, "not ready")
         }),
         "/metrics" => {
-            let body = engine.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
+            let body = engine
+                .metrics
+                .as_ref()
+                .map(|h| h.render())
+                .unwrap_or_default();
             let mut r = Response::new(Full::new(Bytes::from(body)));
-            r.headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
             Ok(r)
         }
         p if p.starts_with("/3.0/") => {

@@ -45,22 +45,37 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let cli = Cli::parse();
     let env: std::collections::HashMap<String, String> = std::env::vars().collect();
     let runtime = tokio::runtime::Runtime::new()?;
-    match cli.command.unwrap_or(Command::Serve { common: Common::default(), listen: None, api_key: None }) {
-        Command::Serve { common, listen, api_key } => {
-            let flags = Overrides { listen, data_dir: common.data_dir, api_key };
+    match cli.command.unwrap_or(Command::Serve {
+        common: Common::default(),
+        listen: None,
+        api_key: None,
+    }) {
+        Command::Serve {
+            common,
+            listen,
+            api_key,
+        } => {
+            let flags = Overrides {
+                listen,
+                data_dir: common.data_dir,
+                api_key,
+            };
             let config = Config::load(common.config.as_deref(), &env, &flags)?;
-            let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+            let metrics =
+                metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
             runtime.block_on(serve(config, metrics))
         }
         Command::Replay { common } => {
-            let flags = Overrides { data_dir: common.data_dir, ..Default::default() };
+            let flags = Overrides {
+                data_dir: common.data_dir,
+                ..Default::default()
+            };
             let config = Config::load(common.config.as_deref(), &env, &flags)?;
             let n = runtime.block_on(postbackd::engine::replay(config))?;
             println!("replayed {n} events into a new store");
@@ -69,10 +84,16 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn serve(config: Config, metrics: metrics_exporter_prometheus::PrometheusHandle) -> anyhow::Result<()> {
+async fn serve(
+    config: Config,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+) -> anyhow::Result<()> {
     let server = Server::start(config, Some(metrics)).await?;
     println!("postbackd listening on http://{}", server.addr());
-    println!("data directory: {}", server.engine.config.data_dir.display());
+    println!(
+        "data directory: {}",
+        server.engine.config.data_dir.display()
+    );
     println!("API key: {}", server.engine.api_key);
     shutdown_signal().await;
     println!("shutting down");
@@ -84,13 +105,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -48,7 +48,11 @@ pub async fn process_until(
         0,
         engine.config.processor_cache,
     );
-    let mut next = engine.store.position(CONSUMER).await?.max(engine.events.start());
+    let mut next = engine
+        .store
+        .position(CONSUMER)
+        .await?
+        .max(engine.events.start());
     loop {
         if until.is_some_and(|u| next >= u) {
             return Ok(());
@@ -56,7 +60,10 @@ pub async fn process_until(
         if until.is_none() && *stop.borrow() {
             return Ok(());
         }
-        let records = engine.events.read(next, engine.config.processor_batch).await?;
+        let records = engine
+            .events
+            .read(next, engine.config.processor_batch)
+            .await?;
         let Some(&(last, _)) = records.last() else {
             tokio::select! {
                 _ = engine.events.wait_for(next) => {}

@@ -32,15 +32,21 @@ fn lock_err<T>(_: T) -> SeamError {
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, SeamError> {
         let writer = Connection::open(path).map_err(db_err)?;
-        writer.busy_timeout(std::time::Duration::from_secs(10)).map_err(db_err)?;
+        writer
+            .busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(db_err)?;
         writer.execute_batch(SCHEMA).map_err(db_err)?;
         let mut readers = Vec::new();
         for _ in 0..READERS {
             let r = Connection::open(path).map_err(db_err)?;
-            r.busy_timeout(std::time::Duration::from_secs(10)).map_err(db_err)?;
+            r.busy_timeout(std::time::Duration::from_secs(10))
+                .map_err(db_err)?;
             readers.push(Mutex::new(r));
         }
-        Ok(Self { writer: Arc::new(Mutex::new(writer)), readers: Arc::new(readers) })
+        Ok(Self {
+            writer: Arc::new(Mutex::new(writer)),
+            readers: Arc::new(readers),
+        })
     }
 
     /// Runs `f` on the writer connection off the async threads.
@@ -95,7 +101,12 @@ fn search_text(row: &ServerPostbackRow) -> String {
     s
 }
 
-fn write_output(conn: &mut Connection, consumer: &str, out: &Output, next: u64) -> rusqlite::Result<()> {
+fn write_output(
+    conn: &mut Connection,
+    consumer: &str,
+    out: &Output,
+    next: u64,
+) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     {
         let mut click = tx.prepare_cached(
@@ -247,7 +258,9 @@ fn conversion_from_row(r: &Row<'_>) -> rusqlite::Result<Conversion> {
         ip: r.get(13)?,
         ua: r.get(14)?,
         comment: r.get(15)?,
-        subs: (16..24).map(|i| r.get(i)).collect::<rusqlite::Result<_>>()?,
+        subs: (16..24)
+            .map(|i| r.get(i))
+            .collect::<rusqlite::Result<_>>()?,
         custom_fields: serde_json::from_str(&custom).unwrap_or_default(),
         promo_code: r.get(25)?,
         user_id: r.get(26)?,
@@ -325,16 +338,37 @@ fn fts_phrase(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
+/// A paged listing: which table, which columns, in which order.
+struct Listing {
+    table: &'static str,
+    columns: &'static str,
+    order: &'static str,
+}
+
+const POSTBACK_LISTING: Listing = Listing {
+    table: "server_postbacks",
+    columns: POSTBACK_COLUMNS,
+    order: "at_us DESC, seq DESC",
+};
+
+const CONVERSION_LISTING: Listing = Listing {
+    table: "conversions",
+    columns: CONVERSION_COLUMNS,
+    order: "created_us DESC, id DESC",
+};
+
 fn query_page<T>(
     conn: &Connection,
-    table: &str,
-    columns: &str,
+    listing: &Listing,
     filter: &Filter,
-    order: &str,
-    offset: u64,
-    limit: u64,
+    (offset, limit): (u64, u64),
     map: impl Fn(&Row<'_>) -> rusqlite::Result<T>,
 ) -> rusqlite::Result<Page<T>> {
+    let Listing {
+        table,
+        columns,
+        order,
+    } = listing;
     let where_ = filter.clause();
     let total: i64 = conn
         .prepare_cached(&format!("SELECT COUNT(*) FROM {table} {where_}"))?
@@ -348,7 +382,10 @@ fn query_page<T>(
     let rows = stmt
         .query_map(params_from_iter(values.iter()), map)?
         .collect::<rusqlite::Result<Vec<T>>>()?;
-    Ok(Page { rows, total: total as u64 })
+    Ok(Page {
+        rows,
+        total: total as u64,
+    })
 }
 
 fn select_in<T>(
@@ -416,7 +453,12 @@ impl Store for SqliteStore {
         })
     }
 
-    fn write(&self, consumer: &str, output: Output, next: u64) -> BoxFuture<'_, Result<(), SeamError>> {
+    fn write(
+        &self,
+        consumer: &str,
+        output: Output,
+        next: u64,
+    ) -> BoxFuture<'_, Result<(), SeamError>> {
         let consumer = consumer.to_string();
         self.with_writer(move |c| write_output(c, &consumer, &output, next).map_err(db_err))
     }
@@ -460,19 +502,28 @@ impl Store for SqliteStore {
                     );
                 }
             }
-            query_page(c, "server_postbacks", POSTBACK_COLUMNS, &f, "at_us DESC, seq DESC", q.offset, q.limit, postback_from_row)
+            query_page(c, &POSTBACK_LISTING, &f, (q.offset, q.limit), postback_from_row)
                 .map_err(db_err)
         })
     }
 
-    fn conversions(&self, q: ConversionQuery) -> BoxFuture<'_, Result<Page<Conversion>, SeamError>> {
+    fn conversions(
+        &self,
+        q: ConversionQuery,
+    ) -> BoxFuture<'_, Result<Page<Conversion>, SeamError>> {
         self.with_reader(move |c| {
             let mut f = Filter::default();
             f.add(
                 "created_us >= ? AND created_us < ?",
                 [Value::Integer(q.from_us), Value::Integer(q.to_us)],
             );
-            f.any_of("status", q.statuses.iter().map(|s| Value::Integer((*s).into())).collect());
+            f.any_of(
+                "status",
+                q.statuses
+                    .iter()
+                    .map(|s| Value::Integer((*s).into()))
+                    .collect(),
+            );
             f.any_of("offer_id", ints(&q.offers));
             f.any_of("advertiser_id", texts(&q.advertisers));
             f.any_of("pid", ints(&q.partners));
@@ -490,15 +541,26 @@ impl Store for SqliteStore {
                     f.add(&format!("sub{} = ?", i + 1), [Value::Text(v.clone())]);
                 }
             }
-            query_page(c, "conversions", CONVERSION_COLUMNS, &f, "created_us DESC, id DESC", q.offset, q.limit, conversion_from_row)
-                .map_err(db_err)
+            query_page(
+                c,
+                &CONVERSION_LISTING,
+                &f,
+                (q.offset, q.limit),
+                conversion_from_row,
+            )
+            .map_err(db_err)
         })
     }
 
     fn clicks(&self, ids: Vec<String>) -> BoxFuture<'_, Result<Vec<Click>, SeamError>> {
         self.with_reader(move |c| {
-            select_in(c, &format!("SELECT {CLICK_COLUMNS} FROM clicks WHERE click_id IN"), &ids, click_from_row)
-                .map_err(db_err)
+            select_in(
+                c,
+                &format!("SELECT {CLICK_COLUMNS} FROM clicks WHERE click_id IN"),
+                &ids,
+                click_from_row,
+            )
+            .map_err(db_err)
         })
     }
 
@@ -580,7 +642,11 @@ mod tests {
             post: Params::default(),
             pixel: false,
             response_status: if ok { 1 } else { 2 },
-            error: if ok { String::new() } else { "Click not found".into() },
+            error: if ok {
+                String::new()
+            } else {
+                "Click not found".into()
+            },
             action_id: String::new(),
             status: 0,
             offer_id,
@@ -621,7 +687,12 @@ mod tests {
     }
 
     fn query(from_us: i64, to_us: i64) -> ServerPostbackQuery {
-        ServerPostbackQuery { from_us, to_us, limit: 100, ..Default::default() }
+        ServerPostbackQuery {
+            from_us,
+            to_us,
+            limit: 100,
+            ..Default::default()
+        }
     }
 
     #[tokio::test]
@@ -631,8 +702,17 @@ mod tests {
         assert_eq!(store.position("p").await.expect("position"), 0);
         let out = Output {
             clicks: vec![click("c1", 10)],
-            postbacks: vec![postback("p1", 20, "clickid=c1&goal=Install&promo=SUMMER", 1, true)],
-            changes: vec![ConversionChange { created: true, conversion: conversion("v1", "k1", 2, 20) }],
+            postbacks: vec![postback(
+                "p1",
+                20,
+                "clickid=c1&goal=Install&promo=SUMMER",
+                1,
+                true,
+            )],
+            changes: vec![ConversionChange {
+                created: true,
+                conversion: conversion("v1", "k1", 2, 20),
+            }],
         };
         store.write("p", out.clone(), 7).await.expect("write");
         store.write("p", out, 7).await.expect("rewrite");
@@ -640,21 +720,35 @@ mod tests {
         let page = store.server_postbacks(query(0, 100)).await.expect("query");
         assert_eq!(page.total, 1, "a rewritten batch adds nothing");
         let found = store
-            .server_postbacks(ServerPostbackQuery { search: Some("summer".into()), ..query(0, 100) })
+            .server_postbacks(ServerPostbackQuery {
+                search: Some("summer".into()),
+                ..query(0, 100)
+            })
             .await
             .expect("search");
         assert_eq!(found.total, 1, "one search row, not two");
-        let lookups = store.lookup(vec!["c1".into(), "zz".into()], vec!["k1".into()]).await.expect("lookup");
+        let lookups = store
+            .lookup(vec!["c1".into(), "zz".into()], vec!["k1".into()])
+            .await
+            .expect("lookup");
         assert_eq!(lookups.clicks["c1"], click("c1", 10));
         assert_eq!(lookups.conversions["k1"].status, 2);
         // A later state of the same conversion replaces the earlier one.
         let update = Output {
-            changes: vec![ConversionChange { created: false, conversion: conversion("v1", "k1", 1, 20) }],
+            changes: vec![ConversionChange {
+                created: false,
+                conversion: conversion("v1", "k1", 1, 20),
+            }],
             ..Default::default()
         };
         store.write("p", update, 8).await.expect("write");
         let convs = store
-            .conversions(ConversionQuery { from_us: 0, to_us: 100, limit: 10, ..Default::default() })
+            .conversions(ConversionQuery {
+                from_us: 0,
+                to_us: 100,
+                limit: 10,
+                ..Default::default()
+            })
             .await
             .expect("conversions");
         assert_eq!(convs.total, 1);
@@ -667,30 +761,121 @@ mod tests {
         let store = SqliteStore::open(&dir.path().join("s.sqlite")).expect("opens");
         let rows = (0..30)
             .map(|i| {
-                let q = format!("clickid=c{i}&goal={}&tag=x{i}y", if i % 2 == 0 { "Install" } else { "sale" });
+                let q = format!(
+                    "clickid=c{i}&goal={}&tag=x{i}y",
+                    if i % 2 == 0 { "Install" } else { "sale" }
+                );
                 postback(&format!("p{i:02}"), 100 + i, &q, (i % 3) as u64, i % 5 != 0)
             })
             .collect();
-        store.write("p", Output { postbacks: rows, ..Default::default() }, 30).await.expect("write");
+        store
+            .write(
+                "p",
+                Output {
+                    postbacks: rows,
+                    ..Default::default()
+                },
+                30,
+            )
+            .await
+            .expect("write");
         let count = |q: ServerPostbackQuery| {
             let store = &store;
             async move { store.server_postbacks(q).await.expect("query").total }
         };
         assert_eq!(count(query(0, 1000)).await, 30);
-        assert_eq!(count(query(110, 120)).await, 10, "from inclusive, to exclusive");
-        assert_eq!(count(ServerPostbackQuery { offers: vec![0], ..query(0, 1000) }).await, 10);
-        assert_eq!(count(ServerPostbackQuery { offers: vec![0, 1], ..query(0, 1000) }).await, 20);
-        assert_eq!(count(ServerPostbackQuery { goal: Some("INSTALL".into()), ..query(0, 1000) }).await, 15);
-        assert_eq!(count(ServerPostbackQuery { response_status: Some(2), ..query(0, 1000) }).await, 6);
-        assert_eq!(count(ServerPostbackQuery { click_id: Some("c7".into()), ..query(0, 1000) }).await, 1);
-        assert_eq!(count(ServerPostbackQuery { suppliers: vec!["nope".into()], ..query(0, 1000) }).await, 0);
+        assert_eq!(
+            count(query(110, 120)).await,
+            10,
+            "from inclusive, to exclusive"
+        );
+        assert_eq!(
+            count(ServerPostbackQuery {
+                offers: vec![0],
+                ..query(0, 1000)
+            })
+            .await,
+            10
+        );
+        assert_eq!(
+            count(ServerPostbackQuery {
+                offers: vec![0, 1],
+                ..query(0, 1000)
+            })
+            .await,
+            20
+        );
+        assert_eq!(
+            count(ServerPostbackQuery {
+                goal: Some("INSTALL".into()),
+                ..query(0, 1000)
+            })
+            .await,
+            15
+        );
+        assert_eq!(
+            count(ServerPostbackQuery {
+                response_status: Some(2),
+                ..query(0, 1000)
+            })
+            .await,
+            6
+        );
+        assert_eq!(
+            count(ServerPostbackQuery {
+                click_id: Some("c7".into()),
+                ..query(0, 1000)
+            })
+            .await,
+            1
+        );
+        assert_eq!(
+            count(ServerPostbackQuery {
+                suppliers: vec!["nope".into()],
+                ..query(0, 1000)
+            })
+            .await,
+            0
+        );
         // Substring search over keys and values, long and short, and quotes in the term.
-        assert_eq!(count(ServerPostbackQuery { search: Some("x12y".into()), ..query(0, 1000) }).await, 1);
-        assert_eq!(count(ServerPostbackQuery { search: Some("tag=x1".into()), ..query(0, 1000) }).await, 11);
-        assert_eq!(count(ServerPostbackQuery { search: Some("c2".into()), ..query(0, 1000) }).await, 11);
-        assert_eq!(count(ServerPostbackQuery { search: Some("\"'%".into()), ..query(0, 1000) }).await, 0);
+        assert_eq!(
+            count(ServerPostbackQuery {
+                search: Some("x12y".into()),
+                ..query(0, 1000)
+            })
+            .await,
+            1
+        );
+        assert_eq!(
+            count(ServerPostbackQuery {
+                search: Some("tag=x1".into()),
+                ..query(0, 1000)
+            })
+            .await,
+            11
+        );
+        assert_eq!(
+            count(ServerPostbackQuery {
+                search: Some("c2".into()),
+                ..query(0, 1000)
+            })
+            .await,
+            11
+        );
+        assert_eq!(
+            count(ServerPostbackQuery {
+                search: Some("\"'%".into()),
+                ..query(0, 1000)
+            })
+            .await,
+            0
+        );
         let page = store
-            .server_postbacks(ServerPostbackQuery { offset: 25, limit: 10, ..query(0, 1000) })
+            .server_postbacks(ServerPostbackQuery {
+                offset: 25,
+                limit: 10,
+                ..query(0, 1000)
+            })
             .await
             .expect("page");
         assert_eq!(page.total, 30);
@@ -709,8 +894,14 @@ mod tests {
                 postback("p-new", 100 * DAY, "clickid=new&k=findme", 1, true),
             ],
             changes: vec![
-                ConversionChange { created: true, conversion: conversion("v-old", "k-old", 1, DAY) },
-                ConversionChange { created: true, conversion: conversion("v-new", "k-new", 1, 100 * DAY) },
+                ConversionChange {
+                    created: true,
+                    conversion: conversion("v-old", "k-old", 1, DAY),
+                },
+                ConversionChange {
+                    created: true,
+                    conversion: conversion("v-new", "k-new", 1, 100 * DAY),
+                },
             ],
         };
         store.write("p", out, 4).await.expect("write");
@@ -718,14 +909,27 @@ mod tests {
         assert_eq!(removed, 3);
         let all = query(0, 1000 * DAY);
         let left = store.server_postbacks(all.clone()).await.expect("query");
-        assert_eq!(left.rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["p-new"]);
+        assert_eq!(
+            left.rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            vec!["p-new"]
+        );
         let found = store
-            .server_postbacks(ServerPostbackQuery { search: Some("findme".into()), ..all })
+            .server_postbacks(ServerPostbackQuery {
+                search: Some("findme".into()),
+                ..all
+            })
             .await
             .expect("search");
         assert_eq!(found.total, 1);
-        assert!(store.clicks(vec!["old".into()]).await.expect("clicks").is_empty());
-        let lookups = store.lookup(vec![], vec!["k-old".into(), "k-new".into()]).await.expect("lookup");
+        assert!(store
+            .clicks(vec!["old".into()])
+            .await
+            .expect("clicks")
+            .is_empty());
+        let lookups = store
+            .lookup(vec![], vec!["k-old".into(), "k-new".into()])
+            .await
+            .expect("lookup");
         assert_eq!(lookups.conversions.len(), 1);
     }
 }

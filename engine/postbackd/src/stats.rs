@@ -35,7 +35,10 @@ fn bad(msg: impl Into<String>) -> ApiError {
 
 fn timezone(p: &Params) -> Result<Tz, ApiError> {
     match p.get_nonempty("timezone") {
-        Some(name) => name.trim().parse::<Tz>().map_err(|_| bad("timezone is not a known time zone")),
+        Some(name) => name
+            .trim()
+            .parse::<Tz>()
+            .map_err(|_| bad("timezone is not a known time zone")),
         None => Ok(Tz::UTC),
     }
 }
@@ -50,19 +53,27 @@ fn parse_date(name: &str, v: &str) -> Result<NaiveDate, ApiError> {
 
 fn day_start_us(tz: &Tz, date: NaiveDate) -> i64 {
     let midnight = date.and_hms_opt(0, 0, 0).unwrap_or_default();
-    tz.from_local_datetime(&midnight)
-        .earliest()
-        .map_or_else(|| midnight.and_utc().timestamp_micros(), |d| d.timestamp_micros())
+    tz.from_local_datetime(&midnight).earliest().map_or_else(
+        || midnight.and_utc().timestamp_micros(),
+        |d| d.timestamp_micros(),
+    )
 }
 
 /// The inclusive date range as Unix microseconds `[from, to)`. Without dates: `default_days`
 /// ending today, or an error when `None`.
 fn date_range(p: &Params, tz: &Tz, default_days: Option<i64>) -> Result<(i64, i64), ApiError> {
     let today = Utc::now().with_timezone(tz).date_naive();
-    let (from, to) = match (p.get_nonempty("date_from"), p.get_nonempty("date_to"), default_days) {
+    let (from, to) = match (
+        p.get_nonempty("date_from"),
+        p.get_nonempty("date_to"),
+        default_days,
+    ) {
         (Some(f), Some(t), _) => (parse_date("date_from", f)?, parse_date("date_to", t)?),
         (f, t, Some(days)) => {
-            let to = t.map(|t| parse_date("date_to", t)).transpose()?.unwrap_or(today);
+            let to = t
+                .map(|t| parse_date("date_to", t))
+                .transpose()?
+                .unwrap_or(today);
             let from = match f {
                 Some(f) => parse_date("date_from", f)?,
                 None => to - chrono::Duration::days(days - 1),
@@ -75,13 +86,20 @@ fn date_range(p: &Params, tz: &Tz, default_days: Option<i64>) -> Result<(i64, i6
     if to < from {
         return Err(bad("date_to is before date_from"));
     }
-    Ok((day_start_us(tz, from), day_start_us(tz, to + chrono::Duration::days(1))))
+    Ok((
+        day_start_us(tz, from),
+        day_start_us(tz, to + chrono::Duration::days(1)),
+    ))
 }
 
 fn ints(p: &Params, name: &str) -> Result<Vec<u64>, ApiError> {
     p.get_all(name)
         .into_iter()
-        .map(|v| v.trim().parse::<u64>().map_err(|_| bad(format!("{name} must be integers"))))
+        .map(|v| {
+            v.trim()
+                .parse::<u64>()
+                .map_err(|_| bad(format!("{name} must be integers")))
+        })
         .collect()
 }
 
@@ -116,7 +134,11 @@ async fn server_postbacks(engine: &Arc<Engine>, p: &Params) -> Result<Response<B
         None => None,
     };
     let status = match p.get_nonempty("status") {
-        Some(v) => Some(v.trim().parse::<i64>().map_err(|_| bad("status must be an integer"))?),
+        Some(v) => Some(
+            v.trim()
+                .parse::<i64>()
+                .map_err(|_| bad("status must be an integer"))?,
+        ),
         None => None,
     };
     let query = ServerPostbackQuery {
@@ -124,7 +146,11 @@ async fn server_postbacks(engine: &Arc<Engine>, p: &Params) -> Result<Response<B
         to_us,
         offers: ints(p, "offer")?,
         partners: ints(p, "partner")?,
-        suppliers: p.get_all("supplier").into_iter().map(str::to_string).collect(),
+        suppliers: p
+            .get_all("supplier")
+            .into_iter()
+            .map(str::to_string)
+            .collect(),
         click_id: text(p, "click_id").or_else(|| text(p, "clickid")),
         action_id: text(p, "action_id"),
         goal: text(p, "goal"),
@@ -144,7 +170,13 @@ async fn server_postbacks(engine: &Arc<Engine>, p: &Params) -> Result<Response<B
     let clicks: HashMap<String, Click> = if click_ids.is_empty() {
         HashMap::new()
     } else {
-        engine.store.clicks(click_ids).await?.into_iter().map(|c| (c.click_id.clone(), c)).collect()
+        engine
+            .store
+            .clicks(click_ids)
+            .await?
+            .into_iter()
+            .map(|c| (c.click_id.clone(), c))
+            .collect()
     };
     let catalog = engine.catalog_read();
     let rows: Vec<Value> = result
@@ -174,7 +206,12 @@ fn date_value(at_us: i64) -> Value {
     json!({"sec": at_us.div_euclid(1_000_000), "usec": at_us.rem_euclid(1_000_000)})
 }
 
-pub fn server_postback_json(r: &ServerPostbackRow, click: Option<&Click>, catalog: &Catalog, tz: &Tz) -> Value {
+pub fn server_postback_json(
+    r: &ServerPostbackRow,
+    click: Option<&Click>,
+    catalog: &Catalog,
+    tz: &Tz,
+) -> Value {
     let get = params_value(&r.get);
     let post = params_value(&r.post);
     json!({
@@ -254,7 +291,11 @@ async fn conversions(engine: &Arc<Engine>, p: &Params) -> Result<Response<Body>,
         to_us,
         statuses,
         offers: ints(p, "offer")?,
-        advertisers: p.get_all("advertiser").into_iter().map(str::to_string).collect(),
+        advertisers: p
+            .get_all("advertiser")
+            .into_iter()
+            .map(str::to_string)
+            .collect(),
         partners: ints(p, "partner")?,
         goal: text(p, "goal"),
         action_id: text(p, "action_id"),
@@ -265,11 +306,21 @@ async fn conversions(engine: &Arc<Engine>, p: &Params) -> Result<Response<Body>,
     };
     let result = engine.store.conversions(query).await?;
     let catalog = engine.catalog_read();
-    let rows: Vec<Value> = result.rows.iter().map(|c| conversion_json(c, &catalog, &tz)).collect();
+    let rows: Vec<Value> = result
+        .rows
+        .iter()
+        .map(|c| conversion_json(c, &catalog, &tz))
+        .collect();
     let mut pages = pagination(page, limit, result.total);
     let more = page * limit < result.total;
-    pages.insert("next_page".into(), if more { json!(page + 1) } else { Value::Null });
-    Ok(json(StatusCode::OK, &json!({"status": 1, "conversions": rows, "pagination": pages})))
+    pages.insert(
+        "next_page".into(),
+        if more { json!(page + 1) } else { Value::Null },
+    );
+    Ok(json(
+        StatusCode::OK,
+        &json!({"status": 1, "conversions": rows, "pagination": pages}),
+    ))
 }
 
 pub fn conversion_json(c: &Conversion, catalog: &Catalog, tz: &Tz) -> Value {
@@ -313,10 +364,16 @@ pub fn conversion_json(c: &Conversion, catalog: &Catalog, tz: &Tz) -> Value {
     });
     if let Value::Object(m) = &mut v {
         for i in 1..=8 {
-            m.insert(format!("sub{i}"), json!(c.subs.get(i - 1).map_or("", String::as_str)));
+            m.insert(
+                format!("sub{i}"),
+                json!(c.subs.get(i - 1).map_or("", String::as_str)),
+            );
         }
         for i in 1..=7 {
-            m.insert(format!("custom_field_{i}"), json!(c.custom_fields.get(i - 1).map_or("", String::as_str)));
+            m.insert(
+                format!("custom_field_{i}"),
+                json!(c.custom_fields.get(i - 1).map_or("", String::as_str)),
+            );
         }
     }
     v

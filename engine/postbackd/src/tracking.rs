@@ -1,8 +1,8 @@
 //! The public tracking endpoints: clicks, server postbacks and pixels. Each appends the raw
 //! request to the event log and answers only once the append is durable.
 
-use crate::http::{json, ApiError, Body, Req};
 use crate::engine::Engine;
+use crate::http::{json, ApiError, Body, Req};
 use crate::pipeline::now_us;
 use bytes::Bytes;
 use http_body_util::Full;
@@ -24,7 +24,9 @@ async fn append(engine: &Engine, event: &Event) -> Result<(), ApiError> {
         metrics::counter!("postbackd_append_failures_total").increment(1);
         tracing::warn!(error = %e, "append failed; answering 503");
     }
-    result.map(|_| ()).map_err(|e| ApiError::Unavailable(e.to_string()))
+    result
+        .map(|_| ())
+        .map_err(|e| ApiError::Unavailable(e.to_string()))
 }
 
 /// `GET /click?offer_id=&pid=&sub1..8=`: records the click and redirects to the offer.
@@ -38,7 +40,10 @@ pub async fn click(engine: &Arc<Engine>, req: Req) -> Result<Response<Body>, Api
         _ => return Ok(crate::http::text(StatusCode::NOT_FOUND, "Offer not found")),
     };
     let Some(pid) = p.get("pid").and_then(|v| v.trim().parse::<u64>().ok()) else {
-        return Ok(crate::http::text(StatusCode::BAD_REQUEST, "Missing or invalid pid"));
+        return Ok(crate::http::text(
+            StatusCode::BAD_REQUEST,
+            "Missing or invalid pid",
+        ));
     };
     let url = {
         let catalog = engine.catalog_read();
@@ -49,7 +54,9 @@ pub async fn click(engine: &Arc<Engine>, req: Req) -> Result<Response<Body>, Api
     };
     let at_us = now_us();
     let click_id = engine.ids.next((at_us / 1_000_000) as u32).to_hex();
-    let mut subs: Vec<String> = (1..=8).map(|i| p.get(&format!("sub{i}")).unwrap_or("").to_string()).collect();
+    let mut subs: Vec<String> = (1..=8)
+        .map(|i| p.get(&format!("sub{i}")).unwrap_or("").to_string())
+        .collect();
     while subs.last().is_some_and(String::is_empty) {
         subs.pop();
     }
@@ -81,12 +88,19 @@ pub async fn click(engine: &Arc<Engine>, req: Req) -> Result<Response<Body>, Api
     let h = r.headers_mut();
     h.insert(LOCATION, header_value(&location));
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    let secure = req.header("x-forwarded-proto").eq_ignore_ascii_case("https");
+    let secure = req
+        .header("x-forwarded-proto")
+        .eq_ignore_ascii_case("https");
     // Pixels fire from the advertiser's site: a cross-site request needs SameSite=None,
     // which browsers accept only on Secure cookies, so plain HTTP gets Lax.
-    let attrs = if secure { "SameSite=None; Secure" } else { "SameSite=Lax" };
+    let attrs = if secure {
+        "SameSite=None; Secure"
+    } else {
+        "SameSite=Lax"
+    };
     for name in [format!("{COOKIE}_{offer_id}"), COOKIE.to_string()] {
-        let cookie = format!("{name}={click_id}; Max-Age={COOKIE_MAX_AGE}; Path=/; HttpOnly; {attrs}");
+        let cookie =
+            format!("{name}={click_id}; Max-Age={COOKIE_MAX_AGE}; Path=/; HttpOnly; {attrs}");
         h.append(SET_COOKIE, header_value(&cookie));
     }
     Ok(r)
@@ -153,13 +167,18 @@ pub async fn pixel(engine: &Arc<Engine>, req: Req) -> Result<Response<Body>, Api
         return Ok(reply(&kind, TRACK_JS_LOADER.as_bytes()));
     }
     let offer = p.get("offer_id").unwrap_or("").trim().to_string();
-    let cookie_click_id = cookie(&req, &format!("{COOKIE}_{offer}")).or_else(|| cookie(&req, COOKIE));
+    let cookie_click_id =
+        cookie(&req, &format!("{COOKIE}_{offer}")).or_else(|| cookie(&req, COOKIE));
     let context = PixelContext {
         kind: kind.clone(),
         source: req.header("referer").to_string(),
         cookie_click_id,
     };
-    append(engine, &Event::Postback(postback_event(&req, Some(context)))).await?;
+    append(
+        engine,
+        &Event::Postback(postback_event(&req, Some(context))),
+    )
+    .await?;
     metrics::counter!("postbackd_postbacks_total", "kind" => "pixel").increment(1);
     let body: &[u8] = match kind.as_str() {
         "success.jpg" => PIXEL,
@@ -176,8 +195,10 @@ fn reply(kind: &str, body: &[u8]) -> Response<Body> {
         _ => "application/javascript",
     };
     let mut r = Response::new(Full::new(Bytes::copy_from_slice(body)));
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    r.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
 }
 

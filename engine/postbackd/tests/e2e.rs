@@ -37,7 +37,14 @@ async fn the_whole_flow() {
 
     // Entities.
     let adv = api
-        .admin_post("/3.0/admin/advertiser", &[("title", "Acme"), ("secure", "advsec"), ("allowed_ip", "127.0.0.0/8, ::1")])
+        .admin_post(
+            "/3.0/admin/advertiser",
+            &[
+                ("title", "Acme"),
+                ("secure", "advsec"),
+                ("allowed_ip", "127.0.0.0/8, ::1"),
+            ],
+        )
         .await;
     let adv_id = adv["advertiser"]["id"].as_str().expect("id").to_string();
     assert_eq!(adv_id.len(), 24);
@@ -46,7 +53,10 @@ async fn the_whole_flow() {
         async move {
             let mut form = vec![
                 ("title", title),
-                ("url", "https://shop.example/land?clickid={clickid}&s1={sub1}&o={offer_id}&p={pid}"),
+                (
+                    "url",
+                    "https://shop.example/land?clickid={clickid}&s1={sub1}&o={offer_id}&p={pid}",
+                ),
                 ("payments[0][total]", "2"),
                 ("payments[0][revenue]", "3"),
                 ("payments[1][goal]", "Install"),
@@ -64,7 +74,11 @@ async fn the_whole_flow() {
     let secured = api
         .admin_post(
             "/3.0/admin/offer",
-            &[("title", "Secured"), ("advertiser", &adv_id), ("url", "https://x.example/?clickid={clickid}")],
+            &[
+                ("title", "Secured"),
+                ("advertiser", &adv_id),
+                ("url", "https://x.example/?clickid={clickid}"),
+            ],
         )
         .await["offer"]["id"]
         .as_u64()
@@ -73,7 +87,12 @@ async fn the_whole_flow() {
     let paused = offer("Paused", vec![]).await;
     let walled = offer("Walled", vec![("allowed_ip", "10.0.0.0/8")]).await;
     let stopped = offer("Stopped", vec![("status", "stopped")]).await;
-    let partner = api.admin_post("/3.0/admin/partner", &[("email", "aff@example.com"), ("login", "aff")]).await;
+    let partner = api
+        .admin_post(
+            "/3.0/admin/partner",
+            &[("email", "aff@example.com"), ("login", "aff")],
+        )
+        .await;
     assert!(is_int(&partner["partner"]["id"]));
     let (_, offers) = api.get_json("/3.0/offers").await;
     assert_eq!(offers["pagination"]["total_count"], 5);
@@ -82,24 +101,53 @@ async fn the_whole_flow() {
     // Clicks: redirect with macros filled, cookies set; stopped and unknown offers are 404.
     let r = api
         .http
-        .get(format!("{}/click?offer_id={open}&pid=1&sub1=a%20b", api.base))
+        .get(format!(
+            "{}/click?offer_id={open}&pid=1&sub1=a%20b",
+            api.base
+        ))
         .send()
         .await
         .expect("click");
     assert_eq!(r.status(), 302);
     let location = r.headers()["location"].to_str().expect("ascii").to_string();
-    assert!(location.contains(&format!("&s1=a%20b&o={open}&p=1")), "{location}");
-    let cookies: Vec<&str> = r.headers().get_all("set-cookie").iter().map(|v| v.to_str().expect("ascii")).collect();
-    assert!(cookies.iter().any(|c| c.starts_with(&format!("pbk_{open}="))), "{cookies:?}");
-    for bad in [format!("offer_id={stopped}&pid=1"), "offer_id=999&pid=1".to_string(), "pid=1".to_string()] {
-        let r = api.http.get(format!("{}/click?{bad}", api.base)).send().await.expect("click");
+    assert!(
+        location.contains(&format!("&s1=a%20b&o={open}&p=1")),
+        "{location}"
+    );
+    let cookies: Vec<&str> = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().expect("ascii"))
+        .collect();
+    assert!(
+        cookies
+            .iter()
+            .any(|c| c.starts_with(&format!("pbk_{open}="))),
+        "{cookies:?}"
+    );
+    for bad in [
+        format!("offer_id={stopped}&pid=1"),
+        "offer_id=999&pid=1".to_string(),
+        "pid=1".to_string(),
+    ] {
+        let r = api
+            .http
+            .get(format!("{}/click?{bad}", api.base))
+            .send()
+            .await
+            .expect("click");
         assert_eq!(r.status(), 404, "{bad}");
     }
     let c_open = api.click(open, 1, "&sub1=s-one").await;
     let c_secured = api.click(secured, 1, "").await;
     let c_paused = api.click(paused, 1, "").await;
     let c_walled = api.click(walled, 1, "").await;
-    api.admin_post(&format!("/3.0/admin/offer/{paused}"), &[("status", "paused")]).await;
+    api.admin_post(
+        &format!("/3.0/admin/offer/{paused}"),
+        &[("status", "paused")],
+    )
+    .await;
 
     // One postback per rule, in the contract's order.
     let sent = [
@@ -121,13 +169,21 @@ async fn the_whole_flow() {
         format!("clickid={c_open}&status=4&action_id=A9&n=bad-status"),
     ];
     for q in &sent {
-        assert_eq!(api.postback(q).await, serde_json::json!({"status": 1}), "{q}");
+        assert_eq!(
+            api.postback(q).await,
+            serde_json::json!({"status": 1}),
+            "{q}"
+        );
     }
     // A POST with a form body, one with a JSON body, and a pixel that finds its click by cookie.
     let r = api
         .http
         .post(format!("{}/postback", api.base))
-        .form(&[("clickid", c_open.as_str()), ("action_id", "F1"), ("n", "form")])
+        .form(&[
+            ("clickid", c_open.as_str()),
+            ("action_id", "F1"),
+            ("n", "form"),
+        ])
         .send()
         .await
         .expect("post");
@@ -142,7 +198,10 @@ async fn the_whole_flow() {
     assert_eq!(r.status(), 200);
     let r = api
         .http
-        .get(format!("{}/success.jpg?offer_id={open}&afgoal=install&afid=PX1&afprice=30&n=pixel", api.base))
+        .get(format!(
+            "{}/success.jpg?offer_id={open}&afgoal=install&afid=PX1&afprice=30&n=pixel",
+            api.base
+        ))
         .header("cookie", format!("pbk_{open}={c_open}"))
         .header("referer", "https://shop.example/thanks")
         .send()
@@ -156,14 +215,21 @@ async fn the_whole_flow() {
     let rows = body["postbacks"].as_array().expect("array");
     let outcome = |n: &str| {
         let r = row(rows, "n", n);
-        (r["response_status"].as_u64().expect("int"), r["error"].as_str().expect("str").to_string())
+        (
+            r["response_status"].as_u64().expect("int"),
+            r["error"].as_str().expect("str").to_string(),
+        )
     };
     let expect = [
         ("no-secure", 2, "Access denied"),
         ("wrong-secure", 2, "Access denied"),
         ("secure-ok", 1, ""),
         ("walled", 2, "Current IP-address is denied"),
-        ("no-clickid", 2, "Missing mandatory parameter clickid/click_id"),
+        (
+            "no-clickid",
+            2,
+            "Missing mandatory parameter clickid/click_id",
+        ),
         ("broken", 2, "Broken clickid"),
         ("unknown", 2, "Click not found"),
         ("paused", 2, "Offer disabled"),
@@ -190,7 +256,10 @@ async fn the_whole_flow() {
     assert!(r["_id"]["$id"].as_str().is_some_and(|s| s.len() == 24));
     assert_eq!(r["_get"]["goal"], "INSTALL");
     assert_eq!(r["_post"], serde_json::json!([]));
-    assert!(r["get"].as_str().expect("get is a string").contains("\"action_id\":\"A1\""));
+    assert!(r["get"]
+        .as_str()
+        .expect("get is a string")
+        .contains("\"action_id\":\"A1\""));
     assert_eq!(r["post"], "[]");
     assert!(is_int(&r["date"]["sec"]) && is_int(&r["date"]["usec"]));
     assert_eq!(r["server"], "127.0.0.1");
@@ -200,7 +269,11 @@ async fn the_whole_flow() {
     assert_eq!(r["status"], 0, "no status passed");
     assert_eq!(r["offer_id"], open);
     assert_eq!(r["pid"], 1);
-    assert!(r["delta"].as_i64().is_some_and(|d| d >= 0), "delta: {}", r["delta"]);
+    assert!(
+        r["delta"].as_i64().is_some_and(|d| d >= 0),
+        "delta: {}",
+        r["delta"]
+    );
     assert_eq!(r["response_status"], 1);
     assert!(r["conversion_id"].as_str().is_some_and(|s| s.len() == 24));
     let track = &r["track"];
@@ -235,7 +308,9 @@ async fn the_whole_flow() {
         let d = d.clone();
         async move {
             let (code, body) = api
-                .get_json(&format!("/3.0/stats/serverpostbacks?date_from={d}&date_to={d}&{filter}"))
+                .get_json(&format!(
+                    "/3.0/stats/serverpostbacks?date_from={d}&date_to={d}&{filter}"
+                ))
                 .await;
             assert_eq!(code, 200, "{filter}: {body}");
             body["pagination"]["total_count"].as_u64().expect("count")
@@ -243,7 +318,11 @@ async fn the_whole_flow() {
     };
     assert_eq!(log("response_status=2".into()).await, 12);
     assert_eq!(log("response_status=1".into()).await, total - 12);
-    assert_eq!(log("goal=install".into()).await, 5, "as passed (afgoal for the pixel), without case");
+    assert_eq!(
+        log("goal=install".into()).await,
+        5,
+        "as passed (afgoal for the pixel), without case"
+    );
     assert_eq!(log("status=1".into()).await, 2, "only passed statuses");
     assert_eq!(log("action_id=A1".into()).await, 4);
     assert_eq!(log(format!("click_id={c_secured}")).await, 3);
@@ -251,26 +330,45 @@ async fn the_whole_flow() {
     assert_eq!(log(format!("supplier={adv_id}")).await, 3);
     assert_eq!(log("partner=1".into()).await, total - 3);
     assert_eq!(log("search=wrong-sec".into()).await, 1);
-    assert_eq!(log("search=ACTION_ID%3DA".into()).await, 5, "keys and values, without case");
-    assert_eq!(log("limit=2&page=2".into()).await, total, "paging keeps the total");
+    assert_eq!(
+        log("search=ACTION_ID%3DA".into()).await,
+        5,
+        "keys and values, without case"
+    );
+    assert_eq!(
+        log("limit=2&page=2".into()).await,
+        total,
+        "paging keeps the total"
+    );
     let (_, page) = api
-        .get_json(&format!("/3.0/stats/serverpostbacks?date_from={d}&date_to={d}&limit=2&page=2"))
+        .get_json(&format!(
+            "/3.0/stats/serverpostbacks?date_from={d}&date_to={d}&limit=2&page=2"
+        ))
         .await;
     assert_eq!(page["postbacks"].as_array().expect("rows").len(), 2);
     assert_eq!(page["pagination"]["per_page"], 2);
     assert_eq!(page["pagination"]["page"], 2);
     let dmy = format!("{}-{}-{}", &d[8..10], &d[5..7], &d[0..4]);
     let (code, body) = api
-        .get_json(&format!("/3.0/stats/serverpostbacks?date_from={dmy}&date_to={dmy}&limit=1"))
+        .get_json(&format!(
+            "/3.0/stats/serverpostbacks?date_from={dmy}&date_to={dmy}&limit=1"
+        ))
         .await;
     assert_eq!(code, 200);
-    assert_eq!(body["pagination"]["total_count"], total, "DD-MM-YYYY dates too");
+    assert_eq!(
+        body["pagination"]["total_count"], total,
+        "DD-MM-YYYY dates too"
+    );
 
     // Conversions.
     let (code, body) = api.get_json("/3.0/stats/conversions?limit=500").await;
     assert_eq!(code, 200, "{body}");
     let convs = body["conversions"].as_array().expect("conversions");
-    assert_eq!(convs.len(), 6, "secure-ok, default, A1, F1, J1, PX1: {body}");
+    assert_eq!(
+        convs.len(),
+        6,
+        "secure-ok, default, A1, F1, J1, PX1: {body}"
+    );
     let by_action = |a: &str| {
         convs
             .iter()
@@ -291,11 +389,18 @@ async fn the_whole_flow() {
     assert_eq!(default["partner"]["id"], 1);
     assert_eq!(default["offer"]["title"], "Open");
     assert_eq!(default["custom_field_1"], "");
-    assert!(default["created_at"].as_str().is_some_and(|s| s.len() == 19));
-    assert!(default["click_time"].as_str().is_some_and(|s| s.len() == 19));
+    assert!(default["created_at"]
+        .as_str()
+        .is_some_and(|s| s.len() == 19));
+    assert!(default["click_time"]
+        .as_str()
+        .is_some_and(|s| s.len() == 19));
     assert!(default["updatedAt"].as_str().is_some_and(|s| s.len() == 19));
     let a1 = by_action("A1");
-    assert_eq!(a1["status"], "confirmed", "the pending conversion took status 1");
+    assert_eq!(
+        a1["status"], "confirmed",
+        "the pending conversion took status 1"
+    );
     assert_eq!(a1["goal"], "Install");
     assert_eq!(a1["sum"], 50.0);
     assert_eq!(a1["payouts"], 5.0, "10% of 50");
@@ -303,7 +408,10 @@ async fn the_whole_flow() {
     assert_eq!(a1["currency"], "EUR");
     assert_eq!(a1["comment"], "ok");
     let px = by_action("PX1");
-    assert_eq!(px["status"], "pending", "the Install payment's default status");
+    assert_eq!(
+        px["status"], "pending",
+        "the Install payment's default status"
+    );
     assert_eq!(px["payouts"], 3.0);
     let secured_conv = by_action(&c_secured);
     assert_eq!(secured_conv["advertiser"]["title"], "Acme");
@@ -312,7 +420,9 @@ async fn the_whole_flow() {
     let count = |filter: &'static str| {
         let api = api.clone();
         async move {
-            let (code, body) = api.get_json(&format!("/3.0/stats/conversions?{filter}")).await;
+            let (code, body) = api
+                .get_json(&format!("/3.0/stats/conversions?{filter}"))
+                .await;
             assert_eq!(code, 200, "{filter}: {body}");
             body["pagination"]["total_count"].as_u64().expect("count")
         }
@@ -326,20 +436,51 @@ async fn the_whole_flow() {
     assert_eq!(paged["pagination"]["next_page"], 2);
 
     // Errors of the API.
-    let r = api.http.get(format!("{}/3.0/offers", api.base)).send().await.expect("get");
+    let r = api
+        .http
+        .get(format!("{}/3.0/offers", api.base))
+        .send()
+        .await
+        .expect("get");
     assert_eq!(r.status(), 401);
     let body: Value = r.json().await.expect("json");
-    assert_eq!(body, serde_json::json!({"status": 2, "message": "Token is necessary", "error": "Token is necessary"}));
-    let r = api.http.get(format!("{}/3.0/offers", api.base)).header("API-Key", "nope").send().await.expect("get");
+    assert_eq!(
+        body,
+        serde_json::json!({"status": 2, "message": "Token is necessary", "error": "Token is necessary"})
+    );
+    let r = api
+        .http
+        .get(format!("{}/3.0/offers", api.base))
+        .header("API-Key", "nope")
+        .send()
+        .await
+        .expect("get");
     assert_eq!(r.status(), 403);
-    let r = api.http.get(format!("{}/3.0/offers?api-key={KEY}", api.base)).send().await.expect("get");
+    let r = api
+        .http
+        .get(format!("{}/3.0/offers?api-key={KEY}", api.base))
+        .send()
+        .await
+        .expect("get");
     assert_eq!(r.status(), 200, "the key as a query parameter");
     let (code, body) = api.get_json("/3.0/offer/999").await;
-    assert_eq!((code, body["message"].as_str()), (404, Some("Resource Not Found")));
-    let (code, body) = api.get_json("/3.0/stats/serverpostbacks?date_to=2026-01-01").await;
+    assert_eq!(
+        (code, body["message"].as_str()),
+        (404, Some("Resource Not Found"))
+    );
+    let (code, body) = api
+        .get_json("/3.0/stats/serverpostbacks?date_to=2026-01-01")
+        .await;
     assert_eq!(code, 400);
-    assert!(body["message"].as_str().expect("message").contains("date_from"));
-    let (code, body) = api.get_json(&format!("/3.0/stats/serverpostbacks?date_from={d}&date_to={d}&offer=x")).await;
+    assert!(body["message"]
+        .as_str()
+        .expect("message")
+        .contains("date_from"));
+    let (code, body) = api
+        .get_json(&format!(
+            "/3.0/stats/serverpostbacks?date_from={d}&date_to={d}&offer=x"
+        ))
+        .await;
     assert_eq!(code, 400);
     assert!(body["error"].as_str().expect("error").contains("offer"));
     let r = api
@@ -361,9 +502,18 @@ async fn the_whole_flow() {
         .await
         .expect("post");
     let body: Value = r.json().await.expect("json");
-    assert_eq!(body["offer"]["payments"][0]["total"], 1.5, "JSON bodies: {body}");
+    assert_eq!(
+        body["offer"]["payments"][0]["total"], 1.5,
+        "JSON bodies: {body}"
+    );
     let big = "x".repeat(70 * 1024);
-    let r = api.http.post(format!("{}/postback", api.base)).body(big).send().await.expect("post");
+    let r = api
+        .http
+        .post(format!("{}/postback", api.base))
+        .body(big)
+        .send()
+        .await
+        .expect("post");
     assert_eq!(r.status(), 413);
 
     server.shutdown().await;
@@ -376,17 +526,26 @@ async fn the_platform_secure_code_guards_every_postback() {
     let api = Api::new(server.addr());
     api.admin_post(
         "/3.0/admin/offer",
-        &[("title", "O"), ("url", "https://x.example/?clickid={clickid}"), ("payments[0][total]", "1")],
+        &[
+            ("title", "O"),
+            ("url", "https://x.example/?clickid={clickid}"),
+            ("payments[0][total]", "1"),
+        ],
     )
     .await;
     let click = api.click(1, 7, "").await;
     api.postback(&format!("clickid={click}&n=none")).await;
     api.postback("n=no-click").await;
-    api.postback(&format!("clickid={click}&secure=plat&n=ok")).await;
+    api.postback(&format!("clickid={click}&secure=plat&n=ok"))
+        .await;
     let body = api.wait_for_postbacks(3).await;
     let rows = body["postbacks"].as_array().expect("rows");
     assert_eq!(row(rows, "n", "none")["error"], "Access denied");
-    assert_eq!(row(rows, "n", "no-click")["error"], "Access denied", "checked before the click id");
+    assert_eq!(
+        row(rows, "n", "no-click")["error"],
+        "Access denied",
+        "checked before the click id"
+    );
     assert_eq!(row(rows, "n", "ok")["response_status"], 1);
     server.shutdown().await;
 }
@@ -398,7 +557,11 @@ async fn state_survives_a_restart() {
     let api = Api::new(server.addr());
     api.admin_post(
         "/3.0/admin/offer",
-        &[("title", "O"), ("url", "https://x.example/?clickid={clickid}"), ("payments[0][total]", "1")],
+        &[
+            ("title", "O"),
+            ("url", "https://x.example/?clickid={clickid}"),
+            ("payments[0][total]", "1"),
+        ],
     )
     .await;
     let click = api.click(1, 7, "").await;
@@ -409,7 +572,10 @@ async fn state_survives_a_restart() {
     let server = start(dir.path(), "").await;
     let api = Api::new(server.addr());
     let (_, offers) = api.get_json("/3.0/offers").await;
-    assert_eq!(offers["offers"][0]["title"], "O", "the catalog is rebuilt from its log");
+    assert_eq!(
+        offers["offers"][0]["title"], "O",
+        "the catalog is rebuilt from its log"
+    );
     // The click is found from the store (the processor's memory is new) and dedupe holds.
     api.postback(&format!("clickid={click}")).await;
     let body = api.wait_for_postbacks(2).await;

@@ -55,7 +55,10 @@ impl Api {
     pub async fn click(&self, offer: u64, pid: u64, extra: &str) -> String {
         let r = self
             .http
-            .get(format!("{}/click?offer_id={offer}&pid={pid}{extra}", self.base))
+            .get(format!(
+                "{}/click?offer_id={offer}&pid={pid}{extra}",
+                self.base
+            ))
             .send()
             .await
             .expect("click");
@@ -89,14 +92,19 @@ impl Api {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let (_, body) = self
-                .get_json(&format!("/3.0/stats/serverpostbacks?date_from={today}&date_to={today}&limit=500"))
+                .get_json(&format!(
+                    "/3.0/stats/serverpostbacks?date_from={today}&date_to={today}&limit=500"
+                ))
                 .await;
             let total = body["pagination"]["total_count"].as_u64().unwrap_or(0);
             if total >= n {
                 assert_eq!(total, n, "more rows than postbacks sent");
                 return body;
             }
-            assert!(Instant::now() < deadline, "only {total} of {n} postbacks processed in 30 s");
+            assert!(
+                Instant::now() < deadline,
+                "only {total} of {n} postbacks processed in 30 s"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
