@@ -9,7 +9,7 @@
 use crate::engine::Engine;
 use postback_core::event::Event;
 use postback_core::processor::{self, Lookups, Parsed, Processor};
-use postback_core::seams::SeamError;
+use postback_core::seams::{EventLog, SeamError};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -114,7 +114,7 @@ pub async fn process_until(
     }
 }
 
-/// Deletes rows past the retention once an hour (and at start).
+/// Deletes rows and log records past the retention once an hour (and at start).
 pub async fn run_retention(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
     loop {
         let cutoff = now_us() - i64::from(engine.config.retention_days) * 86_400 * 1_000_000;
@@ -122,6 +122,9 @@ pub async fn run_retention(engine: Arc<Engine>, mut stop: watch::Receiver<bool>)
             Ok(n) if n > 0 => tracing::info!(rows = n, "expired rows past the retention"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "retention pass failed; will retry"),
+        }
+        if let Err(e) = expire_log(&engine, cutoff).await {
+            tracing::warn!(error = %e, "log retention pass failed; will retry");
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
@@ -134,4 +137,85 @@ pub fn now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// Drops log records older than `cutoff_us` that the processor has consumed.
+async fn expire_log(engine: &Engine, cutoff_us: i64) -> Result<(), SeamError> {
+    let consumed = engine
+        .store
+        .position(CONSUMER)
+        .await?
+        .min(engine.events.end());
+    let first_kept = first_at_or_after(engine.events.as_ref(), consumed, cutoff_us).await?;
+    if first_kept > engine.events.start() {
+        let start = engine.events.truncate_before(first_kept).await?;
+        tracing::info!(start, "expired log records past the retention");
+    }
+    Ok(())
+}
+
+/// The first offset before `end` whose event is at or after `cutoff_us` (or `end`), by binary
+/// search: events are appended in time order. Records that do not decode count as kept.
+pub async fn first_at_or_after(
+    log: &dyn EventLog,
+    end: u64,
+    cutoff_us: i64,
+) -> Result<u64, SeamError> {
+    let (mut lo, mut hi) = (log.start(), end);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let at = match log.read(mid, 1).await?.first() {
+            Some((_, bytes)) => Event::from_json(bytes).map_or(i64::MAX, |e| e.at_us()),
+            None => i64::MAX,
+        };
+        if at < cutoff_us {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(lo)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postback_core::event::PostbackEvent;
+    use postback_core::seams::MemoryEventLog;
+
+    fn event(at_us: i64) -> Vec<u8> {
+        Event::Postback(PostbackEvent {
+            at_us,
+            ip: String::new(),
+            method: "GET".into(),
+            query: String::new(),
+            body: None,
+            body_hex: None,
+            content_type: String::new(),
+            pixel: None,
+        })
+        .to_json()
+    }
+
+    #[tokio::test]
+    async fn finds_the_first_event_inside_the_retention() {
+        let log = MemoryEventLog::new();
+        log.append((0..100).map(|i| event(i * 10)).collect())
+            .await
+            .expect("append");
+        assert_eq!(first_at_or_after(&log, 100, 0).await.expect("search"), 0);
+        assert_eq!(first_at_or_after(&log, 100, 455).await.expect("search"), 46);
+        assert_eq!(first_at_or_after(&log, 100, 460).await.expect("search"), 46);
+        assert_eq!(
+            first_at_or_after(&log, 100, 5_000).await.expect("search"),
+            100
+        );
+        // Never past what was consumed.
+        assert_eq!(
+            first_at_or_after(&log, 30, 5_000).await.expect("search"),
+            30
+        );
+        log.truncate_before(20).await.expect("truncate");
+        assert_eq!(first_at_or_after(&log, 100, 0).await.expect("search"), 20);
+    }
 }
