@@ -15,10 +15,12 @@ pub mod catalog;
 pub mod event;
 pub mod ids;
 pub mod macros;
+pub mod memory_store;
 pub mod params;
 pub mod processor;
 pub mod rules;
 pub mod seams;
+pub mod store_conformance;
 
 #[cfg(test)]
 mod rules_tests;

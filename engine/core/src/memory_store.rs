@@ -1,0 +1,242 @@
+//! The reference analytics store: everything in memory, queries by scanning. Small and obviously
+//! right, so that the other stores can be held to it by the conformance suite.
+
+use crate::processor::{Lookups, Output, ServerPostbackRow};
+use crate::rules::{Click, Conversion};
+use crate::seams::{BoxFuture, ConversionQuery, Page, SeamError, ServerPostbackQuery, Store};
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+
+#[derive(Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    positions: HashMap<String, u64>,
+    clicks: HashMap<String, Click>,
+    /// In insertion order, which breaks ties of time as the other stores do.
+    postbacks: Vec<ServerPostbackRow>,
+    postback_ids: HashMap<String, usize>,
+    conversions: HashMap<String, Conversion>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn ready<T: Send + 'static>(v: T) -> BoxFuture<'static, T> {
+    Box::pin(std::future::ready(v))
+}
+
+fn page<T: Clone>(rows: Vec<&T>, offset: u64, limit: u64) -> Page<T> {
+    Page {
+        total: rows.len() as u64,
+        rows: rows
+            .into_iter()
+            .skip(offset as usize)
+            .take(limit as usize)
+            .cloned()
+            .collect(),
+    }
+}
+
+fn matches_search(row: &ServerPostbackRow, needle: &str) -> bool {
+    let needle = needle.to_lowercase();
+    row.get
+        .iter()
+        .chain(row.post.iter())
+        .any(|(k, v)| format!("{k}={v}").to_lowercase().contains(&needle))
+}
+
+impl Store for MemoryStore {
+    fn position(&self, consumer: &str) -> BoxFuture<'_, Result<u64, SeamError>> {
+        ready(Ok(self
+            .lock()
+            .positions
+            .get(consumer)
+            .copied()
+            .unwrap_or(0)))
+    }
+
+    fn lookup(
+        &self,
+        click_ids: Vec<String>,
+        keys: Vec<String>,
+    ) -> BoxFuture<'_, Result<Lookups, SeamError>> {
+        let inner = self.lock();
+        let mut out = Lookups::default();
+        for id in click_ids {
+            if let Some(c) = inner.clicks.get(&id) {
+                out.clicks.insert(id, c.clone());
+            }
+        }
+        for c in inner.conversions.values().filter(|c| keys.contains(&c.key)) {
+            out.conversions.insert(c.key.clone(), c.clone());
+        }
+        ready(Ok(out))
+    }
+
+    fn write(
+        &self,
+        consumer: &str,
+        output: Output,
+        next: u64,
+    ) -> BoxFuture<'_, Result<(), SeamError>> {
+        let mut inner = self.lock();
+        for c in output.clicks {
+            inner.clicks.entry(c.click_id.clone()).or_insert(c);
+        }
+        for r in output.postbacks {
+            if !inner.postback_ids.contains_key(&r.id) {
+                let n = inner.postbacks.len();
+                inner.postback_ids.insert(r.id.clone(), n);
+                inner.postbacks.push(r);
+            }
+        }
+        for change in output.changes {
+            let c = change.conversion;
+            match inner.conversions.get_mut(&c.id) {
+                Some(existing) => {
+                    existing.status = c.status;
+                    existing.updated_us = c.updated_us;
+                    existing.comment = c.comment;
+                }
+                None => {
+                    inner.conversions.insert(c.id.clone(), c);
+                }
+            }
+        }
+        inner.positions.insert(consumer.to_string(), next);
+        ready(Ok(()))
+    }
+
+    fn server_postbacks(
+        &self,
+        q: ServerPostbackQuery,
+    ) -> BoxFuture<'_, Result<Page<ServerPostbackRow>, SeamError>> {
+        let inner = self.lock();
+        let mut rows: Vec<(usize, &ServerPostbackRow)> = inner
+            .postbacks
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.at_us >= q.from_us && r.at_us < q.to_us)
+            .filter(|(_, r)| q.offers.is_empty() || q.offers.contains(&r.offer_id))
+            .filter(|(_, r)| q.partners.is_empty() || q.partners.contains(&r.pid))
+            .filter(|(_, r)| q.suppliers.is_empty() || q.suppliers.contains(&r.advertiser_id))
+            .filter(|(_, r)| q.click_id.as_ref().is_none_or(|v| *v == r.clickid))
+            .filter(|(_, r)| q.action_id.as_ref().is_none_or(|v| *v == r.action_id))
+            .filter(|(_, r)| {
+                q.goal
+                    .as_ref()
+                    .is_none_or(|v| v.to_lowercase() == r.goal.to_lowercase())
+            })
+            .filter(|(_, r)| q.status.is_none_or(|v| v == r.status))
+            .filter(|(_, r)| q.response_status.is_none_or(|v| v == r.response_status))
+            .filter(|(_, r)| {
+                q.search
+                    .as_ref()
+                    .is_none_or(|s| s.is_empty() || matches_search(r, s))
+            })
+            .collect();
+        rows.sort_by(|(i, a), (j, b)| b.at_us.cmp(&a.at_us).then(j.cmp(i)));
+        ready(Ok(page(
+            rows.into_iter().map(|(_, r)| r).collect(),
+            q.offset,
+            q.limit,
+        )))
+    }
+
+    fn conversions(
+        &self,
+        q: ConversionQuery,
+    ) -> BoxFuture<'_, Result<Page<Conversion>, SeamError>> {
+        let inner = self.lock();
+        let mut rows: Vec<&Conversion> = inner
+            .conversions
+            .values()
+            .filter(|c| c.created_us >= q.from_us && c.created_us < q.to_us)
+            .filter(|c| q.statuses.is_empty() || q.statuses.contains(&c.status))
+            .filter(|c| q.offers.is_empty() || q.offers.contains(&c.offer_id))
+            .filter(|c| q.advertisers.is_empty() || q.advertisers.contains(&c.advertiser_id))
+            .filter(|c| q.partners.is_empty() || q.partners.contains(&c.pid))
+            .filter(|c| {
+                q.goal
+                    .as_ref()
+                    .is_none_or(|v| v.to_lowercase() == c.goal.to_lowercase())
+            })
+            .filter(|c| q.action_id.as_ref().is_none_or(|v| *v == c.action_id))
+            .filter(|c| q.clickid.as_ref().is_none_or(|v| *v == c.clickid))
+            .filter(|c| {
+                q.subs.iter().enumerate().all(|(i, s)| {
+                    s.as_ref()
+                        .is_none_or(|v| c.subs.get(i).is_some_and(|x| x == v))
+                })
+            })
+            .collect();
+        rows.sort_by(|a, b| b.created_us.cmp(&a.created_us).then(b.id.cmp(&a.id)));
+        ready(Ok(page(rows, q.offset, q.limit)))
+    }
+
+    fn clicks(&self, ids: Vec<String>) -> BoxFuture<'_, Result<Vec<Click>, SeamError>> {
+        let inner = self.lock();
+        ready(Ok(ids
+            .iter()
+            .filter_map(|id| inner.clicks.get(id).cloned())
+            .collect()))
+    }
+
+    fn expire(&self, before_us: i64) -> BoxFuture<'_, Result<u64, SeamError>> {
+        let mut inner = self.lock();
+        let before = inner.clicks.len() + inner.postbacks.len() + inner.conversions.len();
+        inner.clicks.retain(|_, c| c.at_us >= before_us);
+        inner.postbacks.retain(|r| r.at_us >= before_us);
+        let ids = inner
+            .postbacks
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.id.clone(), i))
+            .collect();
+        inner.postback_ids = ids;
+        inner.conversions.retain(|_, c| c.created_us >= before_us);
+        let after = inner.clicks.len() + inner.postbacks.len() + inner.conversions.len();
+        ready(Ok((before - after) as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store_conformance as suite;
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    fn block_on<F: Future>(f: F) -> F::Output {
+        let mut f = Box::pin(f);
+        let mut cx = Context::from_waker(Waker::noop());
+        loop {
+            if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+                return v;
+            }
+        }
+    }
+
+    #[test]
+    fn conforms() {
+        block_on(suite::writes_are_idempotent_and_move_the_position(
+            &MemoryStore::new(),
+        ));
+        block_on(suite::filters_search_and_paging(&MemoryStore::new()));
+        block_on(suite::conversion_filters(&MemoryStore::new()));
+        block_on(suite::expiry_removes_old_rows_everywhere(
+            &MemoryStore::new(),
+        ));
+    }
+}

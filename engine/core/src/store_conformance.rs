@@ -1,0 +1,457 @@
+//! The conformance suite every [`Store`] must pass: the in-memory reference, SQLite, and
+//! later ClickHouse. Each check starts from an empty store.
+
+use crate::params::{parse_form, Params};
+use crate::processor::{ConversionChange, Output, ServerPostbackRow};
+use crate::rules::{Click, Conversion};
+use crate::seams::{ConversionQuery, ServerPostbackQuery, Store};
+
+const DAY: i64 = 86_400_000_000;
+
+fn click(id: &str, at_us: i64) -> Click {
+    Click {
+        at_us,
+        click_id: id.into(),
+        offer_id: 1,
+        pid: 2,
+        ip: "1.2.3.4".into(),
+        ua: "UA".into(),
+        referrer: String::new(),
+        country: String::new(),
+        subs: vec!["a".into(), "b".into()],
+    }
+}
+
+fn postback(id: &str, at_us: i64, query: &str, offer_id: u64, ok: bool) -> ServerPostbackRow {
+    let get = parse_form(query.as_bytes());
+    ServerPostbackRow {
+        id: id.into(),
+        at_us,
+        server: "9.9.9.9".into(),
+        method: "GET".into(),
+        clickid: get.get("clickid").unwrap_or("").into(),
+        goal: get.get("goal").unwrap_or("").into(),
+        get,
+        post: Params::default(),
+        pixel: false,
+        response_status: if ok { 1 } else { 2 },
+        error: if ok {
+            String::new()
+        } else {
+            "Click not found".into()
+        },
+        action_id: String::new(),
+        status: 0,
+        offer_id,
+        pid: 2,
+        advertiser_id: "adv".into(),
+        conversion_id: String::new(),
+        delta: Some(5),
+        ip: String::new(),
+    }
+}
+
+fn conversion(id: &str, key: &str, status: u8, at_us: i64) -> Conversion {
+    Conversion {
+        id: id.into(),
+        key: key.into(),
+        offer_id: 1,
+        pid: 2,
+        advertiser_id: "adv".into(),
+        goal: "Install".into(),
+        action_id: "A".into(),
+        clickid: "c1".into(),
+        status,
+        sum: 1.0,
+        payouts: 2.0,
+        revenue: 3.0,
+        currency: "USD".into(),
+        ip: String::new(),
+        ua: String::new(),
+        comment: String::new(),
+        subs: vec!["s1".into(); 8],
+        custom_fields: vec![String::new(); 7],
+        promo_code: String::new(),
+        user_id: String::new(),
+        created_us: at_us,
+        updated_us: at_us,
+        click_us: at_us,
+    }
+}
+
+fn query(from_us: i64, to_us: i64) -> ServerPostbackQuery {
+    ServerPostbackQuery {
+        from_us,
+        to_us,
+        limit: 100,
+        ..Default::default()
+    }
+}
+
+/// Rewriting a batch adds nothing; the position moves with the batch; later states win.
+pub async fn writes_are_idempotent_and_move_the_position(store: &dyn Store) {
+    assert_eq!(store.position("p").await.expect("position"), 0);
+    let out = Output {
+        clicks: vec![click("c1", 10)],
+        postbacks: vec![postback(
+            "p1",
+            20,
+            "clickid=c1&goal=Install&promo=SUMMER",
+            1,
+            true,
+        )],
+        changes: vec![ConversionChange {
+            created: true,
+            conversion: conversion("v1", "k1", 2, 20),
+        }],
+    };
+    store.write("p", out.clone(), 7).await.expect("write");
+    store.write("p", out, 7).await.expect("rewrite");
+    assert_eq!(store.position("p").await.expect("position"), 7);
+    let page = store.server_postbacks(query(0, 100)).await.expect("query");
+    assert_eq!(page.total, 1, "a rewritten batch adds nothing");
+    let found = store
+        .server_postbacks(ServerPostbackQuery {
+            search: Some("summer".into()),
+            ..query(0, 100)
+        })
+        .await
+        .expect("search");
+    assert_eq!(found.total, 1, "one search row, not two");
+    let lookups = store
+        .lookup(vec!["c1".into(), "zz".into()], vec!["k1".into()])
+        .await
+        .expect("lookup");
+    assert_eq!(lookups.clicks["c1"], click("c1", 10));
+    assert_eq!(lookups.conversions["k1"].status, 2);
+    // A later state of the same conversion replaces the earlier one.
+    let update = Output {
+        changes: vec![ConversionChange {
+            created: false,
+            conversion: conversion("v1", "k1", 1, 20),
+        }],
+        ..Default::default()
+    };
+    store.write("p", update, 8).await.expect("write");
+    let convs = store
+        .conversions(ConversionQuery {
+            from_us: 0,
+            to_us: 100,
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("conversions");
+    assert_eq!(convs.total, 1);
+    assert_eq!(convs.rows[0].status, 1);
+}
+
+/// Every server-postback filter, the search, and paging.
+pub async fn filters_search_and_paging(store: &dyn Store) {
+    let rows = (0..30)
+        .map(|i| {
+            let q = format!(
+                "clickid=c{i}&goal={}&tag=x{i}y",
+                if i % 2 == 0 { "Install" } else { "sale" }
+            );
+            postback(&format!("p{i:02}"), 100 + i, &q, (i % 3) as u64, i % 5 != 0)
+        })
+        .collect();
+    store
+        .write(
+            "p",
+            Output {
+                postbacks: rows,
+                ..Default::default()
+            },
+            30,
+        )
+        .await
+        .expect("write");
+    let count = |q: ServerPostbackQuery| async move {
+        store.server_postbacks(q).await.expect("query").total
+    };
+    assert_eq!(count(query(0, 1000)).await, 30);
+    assert_eq!(
+        count(query(110, 120)).await,
+        10,
+        "from inclusive, to exclusive"
+    );
+    assert_eq!(
+        count(ServerPostbackQuery {
+            offers: vec![0],
+            ..query(0, 1000)
+        })
+        .await,
+        10
+    );
+    assert_eq!(
+        count(ServerPostbackQuery {
+            offers: vec![0, 1],
+            ..query(0, 1000)
+        })
+        .await,
+        20
+    );
+    assert_eq!(
+        count(ServerPostbackQuery {
+            goal: Some("INSTALL".into()),
+            ..query(0, 1000)
+        })
+        .await,
+        15
+    );
+    assert_eq!(
+        count(ServerPostbackQuery {
+            response_status: Some(2),
+            ..query(0, 1000)
+        })
+        .await,
+        6
+    );
+    assert_eq!(
+        count(ServerPostbackQuery {
+            click_id: Some("c7".into()),
+            ..query(0, 1000)
+        })
+        .await,
+        1
+    );
+    assert_eq!(
+        count(ServerPostbackQuery {
+            suppliers: vec!["nope".into()],
+            ..query(0, 1000)
+        })
+        .await,
+        0
+    );
+    // Substring search over keys and values, long and short, and quotes in the term.
+    assert_eq!(
+        count(ServerPostbackQuery {
+            search: Some("x12y".into()),
+            ..query(0, 1000)
+        })
+        .await,
+        1
+    );
+    assert_eq!(
+        count(ServerPostbackQuery {
+            search: Some("tag=x1".into()),
+            ..query(0, 1000)
+        })
+        .await,
+        11
+    );
+    assert_eq!(
+        count(ServerPostbackQuery {
+            search: Some("c2".into()),
+            ..query(0, 1000)
+        })
+        .await,
+        11
+    );
+    assert_eq!(
+        count(ServerPostbackQuery {
+            search: Some("\"'%".into()),
+            ..query(0, 1000)
+        })
+        .await,
+        0
+    );
+    let page = store
+        .server_postbacks(ServerPostbackQuery {
+            offset: 25,
+            limit: 10,
+            ..query(0, 1000)
+        })
+        .await
+        .expect("page");
+    assert_eq!(page.total, 30);
+    assert_eq!(page.rows.len(), 5);
+    assert_eq!(page.rows[0].id, "p04", "newest first");
+}
+
+/// Expiry removes old rows from every table and from the search.
+pub async fn expiry_removes_old_rows_everywhere(store: &dyn Store) {
+    let out = Output {
+        clicks: vec![click("old", 0), click("new", 100 * DAY)],
+        postbacks: vec![
+            postback("p-old", DAY, "clickid=old&k=findme", 1, true),
+            postback("p-new", 100 * DAY, "clickid=new&k=findme", 1, true),
+        ],
+        changes: vec![
+            ConversionChange {
+                created: true,
+                conversion: conversion("v-old", "k-old", 1, DAY),
+            },
+            ConversionChange {
+                created: true,
+                conversion: conversion("v-new", "k-new", 1, 100 * DAY),
+            },
+        ],
+    };
+    store.write("p", out, 4).await.expect("write");
+    let removed = store.expire(10 * DAY).await.expect("expire");
+    assert_eq!(removed, 3);
+    let all = query(0, 1000 * DAY);
+    let left = store.server_postbacks(all.clone()).await.expect("query");
+    assert_eq!(
+        left.rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        vec!["p-new"]
+    );
+    let found = store
+        .server_postbacks(ServerPostbackQuery {
+            search: Some("findme".into()),
+            ..all
+        })
+        .await
+        .expect("search");
+    assert_eq!(found.total, 1);
+    assert!(store
+        .clicks(vec!["old".into()])
+        .await
+        .expect("clicks")
+        .is_empty());
+    let lookups = store
+        .lookup(vec![], vec!["k-old".into(), "k-new".into()])
+        .await
+        .expect("lookup");
+    assert_eq!(lookups.conversions.len(), 1);
+}
+
+/// Every conversion filter, and newest-first paging.
+pub async fn conversion_filters(store: &dyn Store) {
+    let changes = (0..12)
+        .map(|i| {
+            let mut c = conversion(
+                &format!("v{i:02}"),
+                &format!("k{i}"),
+                [1, 2, 3, 5][i % 4],
+                100 + i as i64,
+            );
+            c.offer_id = (i % 3) as u64;
+            c.pid = (i % 2) as u64;
+            c.advertiser_id = if i < 6 { "a1".into() } else { "a2".into() };
+            c.goal = if i % 2 == 0 {
+                "Install".into()
+            } else {
+                "sale".into()
+            };
+            c.action_id = format!("act{i}");
+            c.clickid = format!("click{}", i / 2);
+            c.subs[1] = format!("s2-{}", i % 4);
+            ConversionChange {
+                created: true,
+                conversion: c,
+            }
+        })
+        .collect();
+    store
+        .write(
+            "p",
+            Output {
+                changes,
+                ..Default::default()
+            },
+            12,
+        )
+        .await
+        .expect("write");
+    let all = ConversionQuery {
+        from_us: 0,
+        to_us: 1000,
+        limit: 100,
+        ..Default::default()
+    };
+    let count =
+        |q: ConversionQuery| async move { store.conversions(q).await.expect("query").total };
+    assert_eq!(count(all.clone()).await, 12);
+    assert_eq!(
+        count(ConversionQuery {
+            from_us: 105,
+            to_us: 108,
+            ..all.clone()
+        })
+        .await,
+        3
+    );
+    assert_eq!(
+        count(ConversionQuery {
+            statuses: vec![1, 5],
+            ..all.clone()
+        })
+        .await,
+        6
+    );
+    assert_eq!(
+        count(ConversionQuery {
+            offers: vec![1],
+            ..all.clone()
+        })
+        .await,
+        4
+    );
+    assert_eq!(
+        count(ConversionQuery {
+            partners: vec![0],
+            ..all.clone()
+        })
+        .await,
+        6
+    );
+    assert_eq!(
+        count(ConversionQuery {
+            advertisers: vec!["a2".into()],
+            ..all.clone()
+        })
+        .await,
+        6
+    );
+    assert_eq!(
+        count(ConversionQuery {
+            goal: Some("install".into()),
+            ..all.clone()
+        })
+        .await,
+        6
+    );
+    assert_eq!(
+        count(ConversionQuery {
+            action_id: Some("act3".into()),
+            ..all.clone()
+        })
+        .await,
+        1
+    );
+    assert_eq!(
+        count(ConversionQuery {
+            clickid: Some("click1".into()),
+            ..all.clone()
+        })
+        .await,
+        2
+    );
+    let mut subs: [Option<String>; 5] = Default::default();
+    subs[1] = Some("s2-1".into());
+    assert_eq!(
+        count(ConversionQuery {
+            subs,
+            ..all.clone()
+        })
+        .await,
+        3
+    );
+    let page = store
+        .conversions(ConversionQuery {
+            offset: 10,
+            limit: 5,
+            ..all
+        })
+        .await
+        .expect("page");
+    assert_eq!(page.total, 12);
+    assert_eq!(
+        page.rows.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+        vec!["v01", "v00"]
+    );
+}
