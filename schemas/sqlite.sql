@@ -91,3 +91,33 @@ CREATE INDEX IF NOT EXISTS conv_partner ON conversions (pid, created_us);
 CREATE INDEX IF NOT EXISTS conv_advertiser ON conversions (advertiser_id, created_us);
 CREATE INDEX IF NOT EXISTS conv_clickid ON conversions (clickid);
 CREATE INDEX IF NOT EXISTS conv_action ON conversions (action_id);
+
+-- Affiliate postback deliveries, derived from the deliveries log.
+CREATE TABLE IF NOT EXISTS delivery_jobs (
+    job_id TEXT PRIMARY KEY,
+    at_us INTEGER NOT NULL,
+    pid INTEGER NOT NULL,
+    offer_id INTEGER NOT NULL,
+    goal_lc TEXT NOT NULL,
+    conv_status INTEGER NOT NULL,
+    job TEXT NOT NULL,           -- the DeliveryJob as JSON
+    state TEXT NOT NULL,         -- pending, delivered, failed, gave_up
+    attempts INTEGER NOT NULL,
+    round_base INTEGER NOT NULL,
+    next_at_us INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dj_due ON delivery_jobs (state, next_at_us);
+CREATE INDEX IF NOT EXISTS dj_partner ON delivery_jobs (pid, at_us);
+CREATE INDEX IF NOT EXISTS dj_at ON delivery_jobs (at_us);
+
+CREATE TABLE IF NOT EXISTS delivery_attempts (
+    job_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    at_us INTEGER NOT NULL,
+    http_code INTEGER NOT NULL,
+    error TEXT NOT NULL,
+    state TEXT NOT NULL,
+    next_at_us INTEGER,
+    PRIMARY KEY (job_id, attempt)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS da_at ON delivery_attempts (at_us);

@@ -25,6 +25,7 @@ pub enum IdTag {
     ServerPostback = 0xa1,
     Conversion = 0xc1,
     Catalog = 0xe1,
+    Delivery = 0xd1,
 }
 
 impl ObjectId {

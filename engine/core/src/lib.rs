@@ -12,6 +12,7 @@
 //! rule unit-testable, fuzzable and benchmarkable alone.
 
 pub mod catalog;
+pub mod delivery;
 pub mod event;
 pub mod ids;
 pub mod macros;

@@ -1,9 +1,12 @@
 //! The reference analytics store: everything in memory, queries by scanning. Small and obviously
 //! right, so that the other stores can be held to it by the conformance suite.
 
+use crate::delivery::{AttemptRow, DeliveryRecord, JobState, JobStatus};
 use crate::processor::{Lookups, Output, ServerPostbackRow};
 use crate::rules::{Click, Conversion};
-use crate::seams::{BoxFuture, ConversionQuery, Page, SeamError, ServerPostbackQuery, Store};
+use crate::seams::{
+    AttemptQuery, BoxFuture, ConversionQuery, Page, SeamError, ServerPostbackQuery, Store,
+};
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
@@ -20,6 +23,9 @@ struct Inner {
     postbacks: Vec<ServerPostbackRow>,
     postback_ids: HashMap<String, usize>,
     conversions: HashMap<String, Conversion>,
+    jobs: HashMap<String, JobState>,
+    /// In insertion order.
+    attempts: Vec<AttemptRow>,
 }
 
 impl MemoryStore {
@@ -174,6 +180,7 @@ impl Store for MemoryStore {
             })
             .filter(|c| q.action_id.as_ref().is_none_or(|v| *v == c.action_id))
             .filter(|c| q.clickid.as_ref().is_none_or(|v| *v == c.clickid))
+            .filter(|c| q.conversion_id.as_ref().is_none_or(|v| *v == c.id))
             .filter(|c| {
                 q.subs.iter().enumerate().all(|(i, s)| {
                     s.as_ref()
@@ -207,7 +214,132 @@ impl Store for MemoryStore {
         inner.postback_ids = ids;
         inner.conversions.retain(|_, c| c.created_us >= before_us);
         let after = inner.clicks.len() + inner.postbacks.len() + inner.conversions.len();
+        inner.jobs.retain(|_, j| j.job.at_us >= before_us);
+        inner.attempts.retain(|a| a.attempt.at_us >= before_us);
         ready(Ok((before - after) as u64))
+    }
+
+    fn apply_deliveries(
+        &self,
+        consumer: &str,
+        records: Vec<DeliveryRecord>,
+        next: u64,
+    ) -> BoxFuture<'_, Result<(), SeamError>> {
+        let mut inner = self.lock();
+        for record in records {
+            match record {
+                DeliveryRecord::Job(job) => {
+                    let id = job.job_id.clone();
+                    let next_at_us = job.at_us;
+                    inner.jobs.entry(id).or_insert(JobState {
+                        job,
+                        status: JobStatus::Pending,
+                        attempts: 0,
+                        round_base: 0,
+                        next_at_us,
+                    });
+                }
+                DeliveryRecord::Attempt(a) => {
+                    let seen = inner
+                        .attempts
+                        .iter()
+                        .any(|r| r.attempt.job_id == a.job_id && r.attempt.attempt == a.attempt);
+                    let Some(state) = inner.jobs.get_mut(&a.job_id) else {
+                        continue;
+                    };
+                    if seen {
+                        continue;
+                    }
+                    if a.attempt >= state.attempts {
+                        state.attempts = a.attempt;
+                        state.status = a.state;
+                        state.next_at_us = a.next_at_us.unwrap_or(state.next_at_us);
+                    }
+                    let job = state.job.clone();
+                    inner.attempts.push(AttemptRow { job, attempt: a });
+                }
+                DeliveryRecord::Resend { job_id, at_us } => {
+                    if let Some(state) = inner.jobs.get_mut(&job_id) {
+                        state.status = JobStatus::Pending;
+                        state.next_at_us = at_us;
+                        state.round_base = state.attempts;
+                    }
+                }
+            }
+        }
+        inner.positions.insert(consumer.to_string(), next);
+        ready(Ok(()))
+    }
+
+    fn due_jobs(
+        &self,
+        now_us: i64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<JobState>, SeamError>> {
+        let inner = self.lock();
+        let mut due: Vec<&JobState> = inner
+            .jobs
+            .values()
+            .filter(|j| j.status == JobStatus::Pending && j.next_at_us <= now_us)
+            .collect();
+        due.sort_by(|a, b| {
+            a.next_at_us
+                .cmp(&b.next_at_us)
+                .then(a.job.job_id.cmp(&b.job.job_id))
+        });
+        ready(Ok(due.into_iter().take(limit).cloned().collect()))
+    }
+
+    fn jobs(&self, ids: Vec<String>) -> BoxFuture<'_, Result<Vec<JobState>, SeamError>> {
+        let inner = self.lock();
+        ready(Ok(ids
+            .iter()
+            .filter_map(|id| inner.jobs.get(id).cloned())
+            .collect()))
+    }
+
+    fn failed_jobs(
+        &self,
+        pid: u64,
+        from_us: i64,
+        to_us: i64,
+    ) -> BoxFuture<'_, Result<Vec<String>, SeamError>> {
+        let inner = self.lock();
+        let mut ids: Vec<String> = inner
+            .jobs
+            .values()
+            .filter(|j| j.job.pid == pid && j.job.at_us >= from_us && j.job.at_us < to_us)
+            .filter(|j| matches!(j.status, JobStatus::Failed | JobStatus::GaveUp))
+            .map(|j| j.job.job_id.clone())
+            .collect();
+        ids.sort();
+        ready(Ok(ids))
+    }
+
+    fn attempts(&self, q: AttemptQuery) -> BoxFuture<'_, Result<Page<AttemptRow>, SeamError>> {
+        let inner = self.lock();
+        let mut rows: Vec<(usize, &AttemptRow)> = inner
+            .attempts
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.attempt.at_us >= q.from_us && r.attempt.at_us < q.to_us)
+            .filter(|(_, r)| q.offers.is_empty() || q.offers.contains(&r.job.offer_id))
+            .filter(|(_, r)| q.partners.is_empty() || q.partners.contains(&r.job.pid))
+            .filter(|(_, r)| {
+                q.goal
+                    .as_ref()
+                    .is_none_or(|g| g.to_lowercase() == r.job.goal.to_lowercase())
+            })
+            .filter(|(_, r)| q.status.is_none_or(|s| s == r.job.status))
+            .filter(|(_, r)| q.http_code.is_none_or(|c| c == r.attempt.http_code))
+            .filter(|(_, r)| q.job_id.as_ref().is_none_or(|j| *j == r.job.job_id))
+            .collect();
+        rows.sort_by(|(i, a), (j, b)| b.attempt.at_us.cmp(&a.attempt.at_us).then(j.cmp(i)));
+        ready(Ok(page(
+            rows.into_iter().map(|(_, r)| r).collect(),
+            q.offset,
+            q.limit,
+        )))
     }
 }
 

@@ -7,6 +7,7 @@
 //! reprocessing a batch after a crash writes the same rows again, not new ones.
 
 use crate::catalog::Catalog;
+use crate::delivery::{jobs_for, DeliveryJob};
 use crate::event::Event;
 use crate::ids::{IdTag, ObjectId};
 use crate::params::Params;
@@ -82,6 +83,8 @@ pub struct Output {
     pub postbacks: Vec<ServerPostbackRow>,
     /// Conversion states in the order they happened; the last state of an id wins.
     pub changes: Vec<ConversionChange>,
+    /// Affiliate postbacks the changes trigger.
+    pub jobs: Vec<DeliveryJob>,
 }
 
 /// Rows the store supplied for a batch.
@@ -295,6 +298,17 @@ impl Processor {
                     };
                     if let Some(change) = change {
                         row.conversion_id = change.conversion.id.clone();
+                        let offer_name = catalog
+                            .offer_at(change.conversion.offer_id, pb.at_us)
+                            .map_or("", |o| o.title.as_str());
+                        out.jobs.extend(jobs_for(
+                            &change,
+                            catalog,
+                            offer_name,
+                            pb.pixel,
+                            self.partition,
+                            *offset,
+                        ));
                         self.conversions
                             .insert(change.conversion.key.clone(), change.conversion.clone());
                         out.changes.push(change);

@@ -4,6 +4,7 @@
 //! The traits return boxed futures so that a backend is chosen at run time (`Arc<dyn ...>`)
 //! without this crate depending on an async runtime.
 
+use crate::delivery::{AttemptRow, DeliveryRecord, JobState};
 use crate::processor::{Lookups, Output, ServerPostbackRow};
 use crate::rules::{Click, Conversion};
 use std::future::Future;
@@ -92,6 +93,22 @@ pub struct ConversionQuery {
     pub clickid: Option<String>,
     /// `subid1`..`subid5` filters, by position.
     pub subs: [Option<String>; 5],
+    pub conversion_id: Option<String>,
+    pub offset: u64,
+    pub limit: u64,
+}
+
+/// Filters of `/3.0/stats/affiliatepostbacks` (one row per attempt).
+#[derive(Debug, Clone, Default)]
+pub struct AttemptQuery {
+    pub from_us: i64,
+    pub to_us: i64,
+    pub offers: Vec<u64>,
+    pub partners: Vec<u64>,
+    pub goal: Option<String>,
+    pub status: Option<u8>,
+    pub http_code: Option<u16>,
+    pub job_id: Option<String>,
     pub offset: u64,
     pub limit: u64,
 }
@@ -105,6 +122,8 @@ pub struct ConversionQuery {
 /// - `position` is the next log offset the consumer must process (0 when it never wrote).
 /// - Reads see only whole batches.
 /// - `expire` deletes rows older than the given time from every table.
+/// - `apply_deliveries` applies records of the deliveries log and the dispatcher's next
+///   position atomically; a job seen twice is kept once, an attempt seen twice is counted once.
 pub trait Store: Send + Sync + 'static {
     fn position(&self, consumer: &str) -> BoxFuture<'_, Result<u64, SeamError>>;
     fn lookup(
@@ -128,6 +147,28 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<Page<Conversion>, SeamError>>;
     fn clicks(&self, ids: Vec<String>) -> BoxFuture<'_, Result<Vec<Click>, SeamError>>;
     fn expire(&self, before_us: i64) -> BoxFuture<'_, Result<u64, SeamError>>;
+    fn apply_deliveries(
+        &self,
+        consumer: &str,
+        records: Vec<DeliveryRecord>,
+        next: u64,
+    ) -> BoxFuture<'_, Result<(), SeamError>>;
+    /// Pending jobs due at `now_us`, soonest first.
+    fn due_jobs(
+        &self,
+        now_us: i64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<JobState>, SeamError>>;
+    /// Jobs by id (unknown ids are left out).
+    fn jobs(&self, ids: Vec<String>) -> BoxFuture<'_, Result<Vec<JobState>, SeamError>>;
+    /// Ids of the failed or given-up jobs of a partner created in `[from_us, to_us)`.
+    fn failed_jobs(
+        &self,
+        pid: u64,
+        from_us: i64,
+        to_us: i64,
+    ) -> BoxFuture<'_, Result<Vec<String>, SeamError>>;
+    fn attempts(&self, query: AttemptQuery) -> BoxFuture<'_, Result<Page<AttemptRow>, SeamError>>;
 }
 
 /// The reference event log: records in memory, durable for as long as the process lives.

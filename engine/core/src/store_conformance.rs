@@ -1,10 +1,11 @@
 //! The conformance suite every [`Store`] must pass: the in-memory reference, SQLite, and
 //! later ClickHouse. Each check starts from an empty store.
 
+use crate::delivery::{Attempt, DeliveryJob, DeliveryRecord, JobStatus};
 use crate::params::{parse_form, Params};
 use crate::processor::{ConversionChange, Output, ServerPostbackRow};
 use crate::rules::{Click, Conversion};
-use crate::seams::{ConversionQuery, ServerPostbackQuery, Store};
+use crate::seams::{AttemptQuery, ConversionQuery, ServerPostbackQuery, Store};
 
 const DAY: i64 = 86_400_000_000;
 
@@ -92,6 +93,7 @@ fn query(from_us: i64, to_us: i64) -> ServerPostbackQuery {
 pub async fn writes_are_idempotent_and_move_the_position(store: &dyn Store) {
     assert_eq!(store.position("p").await.expect("position"), 0);
     let out = Output {
+        jobs: vec![],
         clicks: vec![click("c1", 10)],
         postbacks: vec![postback(
             "p1",
@@ -274,6 +276,7 @@ pub async fn filters_search_and_paging(store: &dyn Store) {
 /// Expiry removes old rows from every table and from the search.
 pub async fn expiry_removes_old_rows_everywhere(store: &dyn Store) {
     let out = Output {
+        jobs: vec![],
         clicks: vec![click("old", 0), click("new", 100 * DAY)],
         postbacks: vec![
             postback("p-old", DAY, "clickid=old&k=findme", 1, true),
@@ -453,5 +456,191 @@ pub async fn conversion_filters(store: &dyn Store) {
     assert_eq!(
         page.rows.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
         vec!["v01", "v00"]
+    );
+}
+
+fn job(id: &str, pid: u64, at_us: i64) -> DeliveryJob {
+    DeliveryJob {
+        job_id: id.into(),
+        at_us,
+        setting_id: 1,
+        pid,
+        offer_id: 7,
+        lead_id: "lead".into(),
+        goal: "Install".into(),
+        status: 1,
+        payouts: 2.5,
+        revenue: 4.0,
+        currency: "USD".into(),
+        notice: "note".into(),
+        integration_type: "s2s".into(),
+        method: "GET".into(),
+        url: format!("http://aff.example/{id}"),
+    }
+}
+
+fn attempt(
+    id: &str,
+    n: u32,
+    at_us: i64,
+    code: u16,
+    state: JobStatus,
+    next: Option<i64>,
+) -> DeliveryRecord {
+    DeliveryRecord::Attempt(Attempt {
+        job_id: id.into(),
+        attempt: n,
+        at_us,
+        http_code: code,
+        error: if code == 200 {
+            String::new()
+        } else {
+            format!("HTTP {code}")
+        },
+        state,
+        next_at_us: next,
+    })
+}
+
+/// Jobs, attempts and re-sends: state, due times, the attempt log, idempotence.
+pub async fn deliveries(store: &dyn Store) {
+    let records = vec![
+        DeliveryRecord::Job(job("j1", 1, 100)),
+        DeliveryRecord::Job(job("j2", 1, 110)),
+        DeliveryRecord::Job(job("j3", 2, 120)),
+        DeliveryRecord::Job(job("j1", 1, 100)), // a redone batch
+        attempt("j1", 1, 130, 500, JobStatus::Pending, Some(200)),
+        attempt("j2", 1, 131, 404, JobStatus::Failed, None),
+    ];
+    store
+        .apply_deliveries("d", records.clone(), 6)
+        .await
+        .expect("apply");
+    store
+        .apply_deliveries("d", records, 6)
+        .await
+        .expect("apply again");
+    assert_eq!(store.position("d").await.expect("position"), 6);
+    let due = store.due_jobs(150, 10).await.expect("due");
+    assert_eq!(
+        due.iter()
+            .map(|j| j.job.job_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["j3"]
+    );
+    let due = store.due_jobs(200, 10).await.expect("due");
+    assert_eq!(
+        due.iter()
+            .map(|j| j.job.job_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["j3", "j1"],
+        "soonest first"
+    );
+    assert_eq!(due[1].attempts, 1);
+    assert_eq!(due[1].status, JobStatus::Pending);
+    let all = AttemptQuery {
+        from_us: 0,
+        to_us: 1000,
+        limit: 100,
+        ..Default::default()
+    };
+    let page = store.attempts(all.clone()).await.expect("attempts");
+    assert_eq!(page.total, 2, "attempts seen twice count once");
+    assert_eq!(page.rows[0].job.job_id, "j2", "newest first");
+    assert_eq!(page.rows[0].attempt.http_code, 404);
+    assert_eq!(page.rows[0].job.payouts, 2.5);
+    let n = |q: AttemptQuery| async move { store.attempts(q).await.expect("attempts").total };
+    assert_eq!(
+        n(AttemptQuery {
+            http_code: Some(500),
+            ..all.clone()
+        })
+        .await,
+        1
+    );
+    assert_eq!(
+        n(AttemptQuery {
+            partners: vec![2],
+            ..all.clone()
+        })
+        .await,
+        0
+    );
+    assert_eq!(
+        n(AttemptQuery {
+            offers: vec![7],
+            ..all.clone()
+        })
+        .await,
+        2
+    );
+    assert_eq!(
+        n(AttemptQuery {
+            goal: Some("install".into()),
+            ..all.clone()
+        })
+        .await,
+        2
+    );
+    assert_eq!(
+        n(AttemptQuery {
+            status: Some(1),
+            ..all.clone()
+        })
+        .await,
+        2
+    );
+    assert_eq!(
+        n(AttemptQuery {
+            job_id: Some("j1".into()),
+            ..all.clone()
+        })
+        .await,
+        1
+    );
+    assert_eq!(
+        store.failed_jobs(1, 0, 1000).await.expect("failed"),
+        vec!["j2".to_string()]
+    );
+    // A re-send makes a failed job due again, with a new retry budget.
+    store
+        .apply_deliveries(
+            "d",
+            vec![DeliveryRecord::Resend {
+                job_id: "j2".into(),
+                at_us: 140,
+            }],
+            7,
+        )
+        .await
+        .expect("resend");
+    let j2 = store
+        .jobs(vec!["j2".into(), "nope".into()])
+        .await
+        .expect("jobs");
+    assert_eq!(j2.len(), 1);
+    assert_eq!(
+        (j2[0].status, j2[0].round_base, j2[0].next_at_us),
+        (JobStatus::Pending, 1, 140)
+    );
+    store
+        .apply_deliveries(
+            "d",
+            vec![attempt("j2", 2, 150, 200, JobStatus::Delivered, None)],
+            8,
+        )
+        .await
+        .expect("apply");
+    let j2 = store.jobs(vec!["j2".into()]).await.expect("jobs");
+    assert_eq!((j2[0].status, j2[0].attempts), (JobStatus::Delivered, 2));
+    assert!(store
+        .failed_jobs(1, 0, 1000)
+        .await
+        .expect("failed")
+        .is_empty());
+    assert_eq!(
+        store.due_jobs(1000, 10).await.expect("due").len(),
+        2,
+        "j1 and j3"
     );
 }

@@ -2,11 +2,14 @@
 //! with one writer connection (the processor) and a few reader connections (the stats API).
 //! The schema is `schemas/sqlite.sql`.
 
+use postback_core::delivery::{
+    Attempt, AttemptRow, DeliveryJob, DeliveryRecord, JobState, JobStatus,
+};
 use postback_core::params::Params;
 use postback_core::processor::{Lookups, Output, ServerPostbackRow};
 use postback_core::rules::{Click, Conversion};
 use postback_core::seams::{
-    BoxFuture, ConversionQuery, Page, SeamError, ServerPostbackQuery, Store,
+    AttemptQuery, BoxFuture, ConversionQuery, Page, SeamError, ServerPostbackQuery, Store,
 };
 use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
@@ -536,6 +539,9 @@ impl Store for SqliteStore {
             if let Some(v) = q.clickid {
                 f.add("clickid = ?", [Value::Text(v)]);
             }
+            if let Some(v) = q.conversion_id {
+                f.add("id = ?", [Value::Text(v)]);
+            }
             for (i, sub) in q.subs.iter().enumerate() {
                 if let Some(v) = sub {
                     f.add(&format!("sub{} = ?", i + 1), [Value::Text(v.clone())]);
@@ -597,6 +603,18 @@ impl Store for SqliteStore {
                         [before_us],
                     )
                     .map_err(db_err)?;
+                tx.execute(
+                    "DELETE FROM delivery_attempts WHERE (job_id, attempt) IN
+                       (SELECT job_id, attempt FROM delivery_attempts WHERE at_us < ? LIMIT 5000)",
+                    [before_us],
+                )
+                .map_err(db_err)?;
+                tx.execute(
+                    "DELETE FROM delivery_jobs WHERE job_id IN
+                       (SELECT job_id FROM delivery_jobs WHERE at_us < ? LIMIT 5000)",
+                    [before_us],
+                )
+                .map_err(db_err)?;
                 tx.commit().map_err(db_err)?;
                 removed += (n + m + k) as u64;
                 if n + m + k == 0 {
@@ -605,6 +623,215 @@ impl Store for SqliteStore {
             }
         })
     }
+    fn apply_deliveries(
+        &self,
+        consumer: &str,
+        records: Vec<DeliveryRecord>,
+        next: u64,
+    ) -> BoxFuture<'_, Result<(), SeamError>> {
+        let consumer = consumer.to_string();
+        self.with_writer(move |c| apply_deliveries(c, &consumer, &records, next).map_err(db_err))
+    }
+
+    fn due_jobs(
+        &self,
+        now_us: i64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<JobState>, SeamError>> {
+        self.with_writer(move |c| {
+            let mut stmt = c
+                .prepare_cached(&format!(
+                    "SELECT {JOB_COLUMNS} FROM delivery_jobs WHERE state = 'pending' AND next_at_us <= ?
+                     ORDER BY next_at_us, job_id LIMIT ?"
+                ))
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map(params![now_us, limit as i64], job_from_row)
+                .map_err(db_err)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(db_err)?;
+            Ok(rows)
+        })
+    }
+
+    fn jobs(&self, ids: Vec<String>) -> BoxFuture<'_, Result<Vec<JobState>, SeamError>> {
+        self.with_writer(move |c| {
+            select_in(
+                c,
+                &format!("SELECT {JOB_COLUMNS} FROM delivery_jobs WHERE job_id IN"),
+                &ids,
+                job_from_row,
+            )
+            .map_err(db_err)
+        })
+    }
+
+    fn failed_jobs(
+        &self,
+        pid: u64,
+        from_us: i64,
+        to_us: i64,
+    ) -> BoxFuture<'_, Result<Vec<String>, SeamError>> {
+        self.with_reader(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT job_id FROM delivery_jobs WHERE pid = ? AND at_us >= ? AND at_us < ?
+                     AND state IN ('failed', 'gave_up') ORDER BY job_id",
+                )
+                .map_err(db_err)?;
+            let ids = stmt
+                .query_map(params![pid as i64, from_us, to_us], |r| r.get(0))
+                .map_err(db_err)?
+                .collect::<rusqlite::Result<Vec<String>>>()
+                .map_err(db_err)?;
+            Ok(ids)
+        })
+    }
+
+    fn attempts(&self, q: AttemptQuery) -> BoxFuture<'_, Result<Page<AttemptRow>, SeamError>> {
+        self.with_reader(move |c| {
+            let mut f = Filter::default();
+            f.add(
+                "a.at_us >= ? AND a.at_us < ?",
+                [Value::Integer(q.from_us), Value::Integer(q.to_us)],
+            );
+            f.any_of("j.offer_id", ints(&q.offers));
+            f.any_of("j.pid", ints(&q.partners));
+            if let Some(v) = q.goal {
+                f.add("j.goal_lc = ?", [Value::Text(v.to_lowercase())]);
+            }
+            if let Some(v) = q.status {
+                f.add("j.conv_status = ?", [Value::Integer(v.into())]);
+            }
+            if let Some(v) = q.http_code {
+                f.add("a.http_code = ?", [Value::Integer(v.into())]);
+            }
+            if let Some(v) = q.job_id {
+                f.add("a.job_id = ?", [Value::Text(v)]);
+            }
+            query_page(
+                c,
+                &ATTEMPT_LISTING,
+                &f,
+                (q.offset, q.limit),
+                attempt_from_row,
+            )
+            .map_err(db_err)
+        })
+    }
+}
+
+const JOB_COLUMNS: &str = "job, state, attempts, round_base, next_at_us";
+
+fn job_from_row(r: &Row<'_>) -> rusqlite::Result<JobState> {
+    let job: String = r.get(0)?;
+    let state: String = r.get(1)?;
+    Ok(JobState {
+        job: serde_json::from_str(&job).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+        })?,
+        status: JobStatus::parse(&state).unwrap_or(JobStatus::Pending),
+        attempts: r.get(2)?,
+        round_base: r.get(3)?,
+        next_at_us: r.get(4)?,
+    })
+}
+
+const ATTEMPT_LISTING: Listing = Listing {
+    table: "delivery_attempts a JOIN delivery_jobs j ON j.job_id = a.job_id",
+    columns: "j.job, a.attempt, a.at_us, a.http_code, a.error, a.state, a.next_at_us",
+    order: "a.at_us DESC, a.job_id DESC, a.attempt DESC",
+};
+
+fn attempt_from_row(r: &Row<'_>) -> rusqlite::Result<AttemptRow> {
+    let job: String = r.get(0)?;
+    let job: DeliveryJob = serde_json::from_str(&job).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })?;
+    let state: String = r.get(5)?;
+    Ok(AttemptRow {
+        attempt: Attempt {
+            job_id: job.job_id.clone(),
+            attempt: r.get(1)?,
+            at_us: r.get(2)?,
+            http_code: r.get(3)?,
+            error: r.get(4)?,
+            state: JobStatus::parse(&state).unwrap_or(JobStatus::Pending),
+            next_at_us: r.get(6)?,
+        },
+        job,
+    })
+}
+
+fn apply_deliveries(
+    conn: &mut Connection,
+    consumer: &str,
+    records: &[DeliveryRecord],
+    next: u64,
+) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut insert_job = tx.prepare_cached(
+            "INSERT OR IGNORE INTO delivery_jobs (job_id, at_us, pid, offer_id, goal_lc, conv_status, job,
+               state, attempts, round_base, next_at_us)
+             VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', 0, 0, ?)",
+        )?;
+        let mut insert_attempt = tx.prepare_cached(
+            "INSERT OR IGNORE INTO delivery_attempts (job_id, attempt, at_us, http_code, error, state, next_at_us)
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7 WHERE EXISTS (SELECT 1 FROM delivery_jobs WHERE job_id = ?1)",
+        )?;
+        let mut update_job = tx.prepare_cached(
+            "UPDATE delivery_jobs SET attempts = ?2, state = ?3, next_at_us = COALESCE(?4, next_at_us)
+             WHERE job_id = ?1 AND attempts <= ?2",
+        )?;
+        let mut resend = tx.prepare_cached(
+            "UPDATE delivery_jobs SET state = 'pending', next_at_us = ?2, round_base = attempts WHERE job_id = ?1",
+        )?;
+        for record in records {
+            match record {
+                DeliveryRecord::Job(j) => {
+                    insert_job.execute(params![
+                        j.job_id,
+                        j.at_us,
+                        j.pid as i64,
+                        j.offer_id as i64,
+                        j.goal.to_lowercase(),
+                        j.status,
+                        serde_json::to_string(j).unwrap_or_default(),
+                        j.at_us,
+                    ])?;
+                }
+                DeliveryRecord::Attempt(a) => {
+                    let inserted = insert_attempt.execute(params![
+                        a.job_id,
+                        a.attempt,
+                        a.at_us,
+                        a.http_code,
+                        a.error,
+                        a.state.as_str(),
+                        a.next_at_us,
+                    ])?;
+                    if inserted == 1 {
+                        update_job.execute(params![
+                            a.job_id,
+                            a.attempt,
+                            a.state.as_str(),
+                            a.next_at_us
+                        ])?;
+                    }
+                }
+                DeliveryRecord::Resend { job_id, at_us } => {
+                    resend.execute(params![job_id, at_us])?;
+                }
+            }
+        }
+        tx.execute(
+            "INSERT INTO positions (consumer, next_offset) VALUES (?, ?)
+             ON CONFLICT (consumer) DO UPDATE SET next_offset = excluded.next_offset",
+            params![consumer, next as i64],
+        )?;
+    }
+    tx.commit()
 }
 
 #[cfg(test)]
@@ -628,6 +855,8 @@ mod tests {
         suite::conversion_filters(&s).await;
         let (_d, s) = open();
         suite::expiry_removes_old_rows_everywhere(&s).await;
+        let (_d, s) = open();
+        suite::deliveries(&s).await;
     }
 
     #[tokio::test]

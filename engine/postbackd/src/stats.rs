@@ -301,6 +301,7 @@ async fn conversions(engine: &Arc<Engine>, p: &Params) -> Result<Response<Body>,
         action_id: text(p, "action_id"),
         clickid: text(p, "clickid").or_else(|| text(p, "click_id")),
         subs: [1, 2, 3, 4, 5].map(|i| text(p, &format!("subid{i}"))),
+        conversion_id: text(p, "conversion_id"),
         offset: (page - 1) * limit,
         limit,
     };
