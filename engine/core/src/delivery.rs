@@ -195,6 +195,17 @@ pub fn jobs_for(
         .collect()
 }
 
+/// The URL `setting` would call for `change`: its macros filled, nothing sent.
+pub fn preview_url(
+    setting: &PostbackSetting,
+    change: &ConversionChange,
+    offer_name: &str,
+) -> String {
+    crate::macros::fill(&setting.url, |name| {
+        macro_value(name, change, offer_name, "preview")
+    })
+}
+
 /// `ObjectId` time + tag + partition + a mix of the offset and the setting id.
 fn job_id(at_us: i64, partition: u8, offset: u64, setting_id: u64) -> String {
     let secs = u32::try_from(at_us.div_euclid(1_000_000)).unwrap_or(0);

@@ -65,6 +65,10 @@ pub async fn route(engine: &Arc<Engine>, req: Req) -> Result<Response<Body>, Api
         (&Method::DELETE | &Method::POST, ["partner", "postback", id, "remove"]) => {
             remove_postback(engine, parse_id(id)?).await
         }
+        (&Method::POST, ["admin", "affiliatepostbacks", "resend"]) => resend(engine, &p).await,
+        (&Method::GET, ["partner", "postback", id, "test"]) => {
+            test_postback(engine, parse_id(id)?, &p).await
+        }
         (&Method::GET, ["admin", "postbacks"]) => {
             let partner = match p.get_nonempty("partner_id") {
                 Some(v) => Some(
@@ -561,4 +565,91 @@ fn postback_json(s: &PostbackSetting) -> Value {
         "goal": s.goal,
         "method": s.method,
     })
+}
+
+/// Re-sends deliveries: the jobs named by `job_id`, or every failed one of `partner_id`
+/// created between `date_from` and `date_to`. Each gets a new round of attempts.
+async fn resend(engine: &Engine, p: &Params) -> Result<Response<Body>, ApiError> {
+    let named: Vec<String> = p
+        .get_all("job_id")
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    let ids = if !named.is_empty() {
+        let known = engine.store.jobs(named.clone()).await?;
+        if let Some(missing) = named
+            .iter()
+            .find(|id| !known.iter().any(|j| &j.job.job_id == *id))
+        {
+            return Err(bad(format!("job_id: no delivery {missing}")));
+        }
+        named
+    } else {
+        let partner = p
+            .get_nonempty("partner_id")
+            .ok_or_else(|| bad("job_id, or partner_id with date_from and date_to, is required"))?
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| bad("partner_id must be an integer"))?;
+        let tz = crate::stats::timezone(p)?;
+        let (from_us, to_us) = crate::stats::date_range(p, &tz, None)?;
+        engine.store.failed_jobs(partner, from_us, to_us).await?
+    };
+    let at_us = now_us();
+    let records = ids
+        .iter()
+        .map(|id| {
+            let r = postback_core::delivery::DeliveryRecord::Resend {
+                job_id: id.clone(),
+                at_us,
+            };
+            serde_json::to_vec(&r).unwrap_or_default()
+        })
+        .collect();
+    engine.deliveries.append(records).await?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({"status": 1, "count": ids.len(), "resent": ids}),
+    ))
+}
+
+/// Shows the URL a postback setting would call for a conversion, without calling it.
+async fn test_postback(engine: &Engine, id: u64, p: &Params) -> Result<Response<Body>, ApiError> {
+    let setting = engine
+        .catalog_read()
+        .postback(id)
+        .cloned()
+        .ok_or(ApiError::NotFound)?;
+    let conversion_id = p
+        .get_nonempty("conversion_id")
+        .ok_or_else(|| bad("conversion_id is required"))?;
+    let query = postback_core::seams::ConversionQuery {
+        from_us: i64::MIN,
+        to_us: i64::MAX,
+        conversion_id: Some(conversion_id.to_string()),
+        limit: 1,
+        ..Default::default()
+    };
+    let conversion = engine
+        .store
+        .conversions(query)
+        .await?
+        .rows
+        .pop()
+        .ok_or_else(|| bad("conversion_id: no such conversion"))?;
+    let change = postback_core::processor::ConversionChange {
+        created: true,
+        conversion,
+    };
+    let offer_name = engine
+        .catalog_read()
+        .offer(change.conversion.offer_id)
+        .map(|o| o.title.clone())
+        .unwrap_or_default();
+    let url = postback_core::delivery::preview_url(&setting, &change, &offer_name);
+    let fires = postback_core::delivery::triggers(&setting, &change);
+    Ok(json(
+        StatusCode::OK,
+        &json!({"status": 1, "postback": {"id": setting.id, "method": setting.method, "url": url, "matches_conversion": fires}}),
+    ))
 }

@@ -29,6 +29,22 @@ pub struct Config {
     pub processor_cache: usize,
     /// Seconds a client has to send its request headers and body.
     pub request_timeout_secs: u64,
+    /// Let affiliate postbacks reach loopback, private and link-local addresses.
+    pub allow_private_postback_targets: bool,
+    /// Attempts per delivery (a re-send starts a new round).
+    pub delivery_max_attempts: u32,
+    /// The first retry waits about this long (milliseconds); each next one twice as long.
+    pub delivery_base_delay_ms: u64,
+    /// No retry waits longer than this (seconds), `Retry-After` included.
+    pub delivery_max_delay_secs: u64,
+    /// Time to connect to an affiliate's server (milliseconds).
+    pub delivery_connect_timeout_ms: u64,
+    /// Time for a whole attempt (milliseconds).
+    pub delivery_timeout_ms: u64,
+    /// Attempts under way at once to one host.
+    pub delivery_per_host: usize,
+    /// Attempts under way at once in all.
+    pub delivery_concurrency: usize,
 }
 
 impl Default for Config {
@@ -44,6 +60,14 @@ impl Default for Config {
             processor_batch: 2048,
             processor_cache: 200_000,
             request_timeout_secs: 10,
+            allow_private_postback_targets: false,
+            delivery_max_attempts: 8,
+            delivery_base_delay_ms: 10_000,
+            delivery_max_delay_secs: 3600,
+            delivery_connect_timeout_ms: 3000,
+            delivery_timeout_ms: 10_000,
+            delivery_per_host: 8,
+            delivery_concurrency: 256,
         }
     }
 }
@@ -54,9 +78,26 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
     pub api_key: Option<String>,
+    pub allow_private_postback_targets: bool,
 }
 
 impl Config {
+    /// The dispatcher's settings.
+    pub fn delivery(&self) -> crate::dispatcher::DeliveryConfig {
+        crate::dispatcher::DeliveryConfig {
+            policy: postback_core::delivery::RetryPolicy {
+                max_attempts: self.delivery_max_attempts.max(1),
+                base: std::time::Duration::from_millis(self.delivery_base_delay_ms),
+                max_delay: std::time::Duration::from_secs(self.delivery_max_delay_secs),
+            },
+            connect_timeout: std::time::Duration::from_millis(self.delivery_connect_timeout_ms),
+            timeout: std::time::Duration::from_millis(self.delivery_timeout_ms),
+            per_host: self.delivery_per_host,
+            concurrency: self.delivery_concurrency,
+            allow_internal: self.allow_private_postback_targets,
+        }
+    }
+
     /// Builds the configuration from its layers. `env` is the process environment, passed in.
     pub fn load(
         file: Option<&Path>,
@@ -80,6 +121,9 @@ impl Config {
         }
         if let Some(v) = &flags.api_key {
             config.api_key = v.clone();
+        }
+        if flags.allow_private_postback_targets {
+            config.allow_private_postback_targets = true;
         }
         Ok(config)
     }
@@ -106,6 +150,30 @@ impl Config {
                 "PROCESSOR_CACHE" => self.processor_cache = value.parse().map_err(|e| bad(&e))?,
                 "REQUEST_TIMEOUT_SECS" => {
                     self.request_timeout_secs = value.parse().map_err(|e| bad(&e))?
+                }
+                "ALLOW_PRIVATE_POSTBACK_TARGETS" => {
+                    self.allow_private_postback_targets = value.parse().map_err(|e| bad(&e))?
+                }
+                "DELIVERY_MAX_ATTEMPTS" => {
+                    self.delivery_max_attempts = value.parse().map_err(|e| bad(&e))?
+                }
+                "DELIVERY_BASE_DELAY_MS" => {
+                    self.delivery_base_delay_ms = value.parse().map_err(|e| bad(&e))?
+                }
+                "DELIVERY_MAX_DELAY_SECS" => {
+                    self.delivery_max_delay_secs = value.parse().map_err(|e| bad(&e))?
+                }
+                "DELIVERY_CONNECT_TIMEOUT_MS" => {
+                    self.delivery_connect_timeout_ms = value.parse().map_err(|e| bad(&e))?
+                }
+                "DELIVERY_TIMEOUT_MS" => {
+                    self.delivery_timeout_ms = value.parse().map_err(|e| bad(&e))?
+                }
+                "DELIVERY_PER_HOST" => {
+                    self.delivery_per_host = value.parse().map_err(|e| bad(&e))?
+                }
+                "DELIVERY_CONCURRENCY" => {
+                    self.delivery_concurrency = value.parse().map_err(|e| bad(&e))?
                 }
                 // Not ours: RUST_LOG and the like are read elsewhere.
                 _ if name == "LOG" => {}

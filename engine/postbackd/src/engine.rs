@@ -25,6 +25,8 @@ pub struct Engine {
     pub events: Arc<dyn EventLog>,
     /// Catalog changes (never expired: the catalog is small and replays need all of it).
     pub catalog_log: Arc<dyn EventLog>,
+    /// Affiliate-postback jobs and the outcome of each attempt.
+    pub deliveries: Arc<dyn EventLog>,
     pub store: Arc<dyn Store>,
     pub catalog: RwLock<Catalog>,
     /// Serialises catalog writes, so that new ids are assigned one at a time.
@@ -48,6 +50,8 @@ impl Engine {
             .context("opening the event log")?;
         let catalog_log = EmbeddedEventLog::open(&dir.join("catalog"), LogOptions::default())
             .context("opening the catalog log")?;
+        let deliveries = EmbeddedEventLog::open(&dir.join("deliveries"), LogOptions::default())
+            .context("opening the deliveries log")?;
         let store = SqliteStore::open(&dir.join("store.sqlite")).context("opening the store")?;
         let catalog = load_catalog(&catalog_log).await?;
         let seed: [u8; 8] = rand::random();
@@ -55,6 +59,7 @@ impl Engine {
             api_key,
             events: Arc::new(events),
             catalog_log: Arc::new(catalog_log),
+            deliveries: Arc::new(deliveries),
             store: Arc::new(store),
             catalog: RwLock::new(catalog),
             catalog_writer: tokio::sync::Mutex::new(()),
@@ -130,6 +135,7 @@ pub struct Server {
     stop: watch::Sender<bool>,
     http: JoinHandle<()>,
     processor: JoinHandle<()>,
+    dispatcher: JoinHandle<()>,
     housekeeping: JoinHandle<()>,
 }
 
@@ -144,6 +150,11 @@ impl Server {
         let (stop, stop_rx) = watch::channel(false);
         let processor = tokio::spawn(pipeline::run_processor(engine.clone(), stop_rx.clone()));
         let housekeeping = tokio::spawn(pipeline::run_retention(engine.clone(), stop_rx.clone()));
+        let dispatcher = tokio::spawn(crate::dispatcher::run(
+            engine.clone(),
+            engine.config.delivery(),
+            stop_rx.clone(),
+        ));
         engine.ready.store(true, Ordering::Release);
         let http = tokio::spawn(crate::http::serve(engine.clone(), listener, stop_rx));
         Ok(Self {
@@ -152,6 +163,7 @@ impl Server {
             stop,
             http,
             processor,
+            dispatcher,
             housekeeping,
         })
     }
@@ -168,15 +180,19 @@ impl Server {
         let _ = self.stop.send(true);
         let _ = self.http.await;
         let _ = self.processor.await;
+        let _ = self.dispatcher.await;
         let _ = self.housekeeping.await;
         // Close the logs now rather than when the last reference goes.
         self.engine.events.close();
         self.engine.catalog_log.close();
+        self.engine.deliveries.close();
     }
 }
 
-/// Rebuilds the analytics store from the event log: the old store is set aside (renamed, not
-/// deleted, until the new one is complete) and every event is processed again.
+/// Rebuilds the analytics store from the logs: the old store is set aside (renamed, not
+/// deleted, until the new one is complete), every event is processed again, and the deliveries
+/// log is applied again. No affiliate postback is created or sent again: the jobs and their
+/// attempts are read back from the deliveries log.
 pub async fn replay(config: Config) -> anyhow::Result<u64> {
     let dir = config.data_dir.clone();
     let store = dir.join("store.sqlite");
@@ -191,9 +207,12 @@ pub async fn replay(config: Config) -> anyhow::Result<u64> {
     let engine = Engine::open(config, None).await?;
     let end = engine.events.end();
     let (_stop_tx, mut stop) = watch::channel(false);
-    pipeline::process_until(&engine, &mut stop, Some(end)).await?;
+    pipeline::process_until(&engine, &mut stop, Some(end), false).await?;
+    let deliveries_end = engine.deliveries.end();
+    crate::dispatcher::apply_log(&engine, &mut stop, Some(deliveries_end), |_| {}).await?;
     engine.events.close();
     engine.catalog_log.close();
+    engine.deliveries.close();
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", old.display()));
     }

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod dispatcher;
 pub mod embedded_log;
 pub mod engine;
 pub mod http;

@@ -34,6 +34,9 @@ enum Command {
         /// API key for /3.0/ (default: generated once and kept in the data directory).
         #[arg(long)]
         api_key: Option<String>,
+        /// Let affiliate postbacks reach loopback, private and link-local addresses.
+        #[arg(long)]
+        allow_private_postback_targets: bool,
     },
     /// Rebuild the analytics store from the event log, then exit.
     Replay {
@@ -51,20 +54,24 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let env: std::collections::HashMap<String, String> = std::env::vars().collect();
     let runtime = tokio::runtime::Runtime::new()?;
-    match cli.command.unwrap_or(Command::Serve {
+    let default = Command::Serve {
         common: Common::default(),
         listen: None,
         api_key: None,
-    }) {
+        allow_private_postback_targets: false,
+    };
+    match cli.command.unwrap_or(default) {
         Command::Serve {
             common,
             listen,
             api_key,
+            allow_private_postback_targets,
         } => {
             let flags = Overrides {
                 listen,
                 data_dir: common.data_dir,
                 api_key,
+                allow_private_postback_targets,
             };
             let config = Config::load(common.config.as_deref(), &env, &flags)?;
             let metrics =

@@ -7,6 +7,7 @@
 //! cannot happen, and one that was half-done was not written at all.
 
 use crate::engine::Engine;
+use postback_core::delivery::DeliveryRecord;
 use postback_core::event::Event;
 use postback_core::processor::{self, Lookups, Parsed, Processor};
 use postback_core::seams::{EventLog, SeamError};
@@ -21,7 +22,7 @@ pub const CONSUMER: &str = "processor";
 pub async fn run_processor(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(100);
     while !*stop.borrow() {
-        match process_until(&engine, &mut stop, None).await {
+        match process_until(&engine, &mut stop, None, true).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::error!(error = %e, "processor failed; retrying from the stored position");
@@ -37,11 +38,14 @@ pub async fn run_processor(engine: Arc<Engine>, mut stop: watch::Receiver<bool>)
 }
 
 /// Processes the log from the stored position: until `stop`, or, with `until`, until that
-/// offset has been processed.
+/// offset has been processed. With `emit_jobs`, the affiliate postbacks the batch triggers are
+/// appended to the deliveries log before the batch is stored, so none is lost in a crash; a
+/// redone batch appends the same job ids again and the dispatcher keeps each once.
 pub async fn process_until(
     engine: &Engine,
     stop: &mut watch::Receiver<bool>,
     until: Option<u64>,
+    emit_jobs: bool,
 ) -> Result<(), SeamError> {
     let mut processor = Processor::new(
         engine.config.platform_secure.clone(),
@@ -102,6 +106,14 @@ pub async fn process_until(
             processor.apply(&catalog, &batch, lookups)
         };
         let postbacks = output.postbacks.len() as u64;
+        if emit_jobs && !output.jobs.is_empty() {
+            let records = output
+                .jobs
+                .iter()
+                .map(|j| serde_json::to_vec(&DeliveryRecord::Job(j.clone())).unwrap_or_default())
+                .collect();
+            engine.deliveries.append(records).await?;
+        }
         if let Err(e) = engine.store.write(CONSUMER, output, last + 1).await {
             // The cache may hold conversions the store does not: start afresh.
             processor.forget();

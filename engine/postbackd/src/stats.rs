@@ -8,10 +8,12 @@ use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use chrono_tz::Tz;
 use hyper::{Method, Response, StatusCode};
 use postback_core::catalog::Catalog;
+use postback_core::delivery::AttemptRow;
+use postback_core::ids::ObjectId;
 use postback_core::params::Params;
 use postback_core::processor::ServerPostbackRow;
 use postback_core::rules::{status_name, Click, Conversion};
-use postback_core::seams::{ConversionQuery, ServerPostbackQuery};
+use postback_core::seams::{AttemptQuery, ConversionQuery, ServerPostbackQuery};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,7 +26,7 @@ pub async fn route(engine: &Arc<Engine>, req: Req) -> Result<Response<Body>, Api
     match req.path.trim_end_matches('/') {
         "/3.0/stats/serverpostbacks" => server_postbacks(engine, &p).await,
         "/3.0/stats/conversions" => conversions(engine, &p).await,
-        "/3.0/stats/affiliatepostbacks" => affiliate_postbacks(&p),
+        "/3.0/stats/affiliatepostbacks" => affiliate_postbacks(engine, &p).await,
         _ => Err(ApiError::NoRoute),
     }
 }
@@ -33,7 +35,7 @@ fn bad(msg: impl Into<String>) -> ApiError {
     ApiError::BadRequest(msg.into())
 }
 
-fn timezone(p: &Params) -> Result<Tz, ApiError> {
+pub(crate) fn timezone(p: &Params) -> Result<Tz, ApiError> {
     match p.get_nonempty("timezone") {
         Some(name) => name
             .trim()
@@ -61,7 +63,11 @@ fn day_start_us(tz: &Tz, date: NaiveDate) -> i64 {
 
 /// The inclusive date range as Unix microseconds `[from, to)`. Without dates: `default_days`
 /// ending today, or an error when `None`.
-fn date_range(p: &Params, tz: &Tz, default_days: Option<i64>) -> Result<(i64, i64), ApiError> {
+pub(crate) fn date_range(
+    p: &Params,
+    tz: &Tz,
+    default_days: Option<i64>,
+) -> Result<(i64, i64), ApiError> {
     let today = Utc::now().with_timezone(tz).date_naive();
     let (from, to) = match (
         p.get_nonempty("date_from"),
@@ -380,16 +386,85 @@ pub fn conversion_json(c: &Conversion, catalog: &Catalog, tz: &Tz) -> Value {
     v
 }
 
-/// The affiliate-postback attempt log. Delivery is not built yet (issue 3), so no attempts
-/// exist; the endpoint validates its parameters and answers an empty page.
-fn affiliate_postbacks(p: &Params) -> Result<Response<Body>, ApiError> {
+/// The affiliate-postback attempt log: one record per delivery attempt.
+async fn affiliate_postbacks(engine: &Arc<Engine>, p: &Params) -> Result<Response<Body>, ApiError> {
     let tz = timezone(p)?;
-    date_range(p, &tz, None)?;
+    let (from_us, to_us) = date_range(p, &tz, None)?;
     let (page, limit) = paging(p)?;
-    ints(p, "offer")?;
-    ints(p, "partner")?;
+    let status = match p.get_nonempty("status") {
+        Some(v) => Some(
+            v.trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|n| status_name(*n).is_some())
+                .ok_or_else(|| bad("status must be 1, 2, 3 or 5"))?,
+        ),
+        None => None,
+    };
+    let http_code = match p.get_nonempty("http_code") {
+        Some(v) => Some(
+            v.trim()
+                .parse::<u16>()
+                .map_err(|_| bad("http_code must be an integer"))?,
+        ),
+        None => None,
+    };
+    let query = AttemptQuery {
+        from_us,
+        to_us,
+        offers: ints(p, "offer")?,
+        partners: ints(p, "partner")?,
+        goal: text(p, "goal"),
+        status,
+        http_code,
+        job_id: text(p, "job_id"),
+        offset: (page - 1) * limit,
+        limit,
+    };
+    let result = engine.store.attempts(query).await?;
+    let rows: Vec<Value> = result.rows.iter().map(attempt_json).collect();
     Ok(json(
         StatusCode::OK,
-        &json!({"status": 1, "postbacks": [], "pagination": pagination(page, limit, 0)}),
+        &json!({"status": 1, "postbacks": rows, "pagination": pagination(page, limit, result.total)}),
     ))
+}
+
+/// A 24-hex id for one attempt: the job's id with the attempt's time and number mixed in.
+fn attempt_id(job_id: &str, attempt: u32, at_us: i64) -> String {
+    let mut bytes = job_id
+        .parse::<ObjectId>()
+        .map(|id| id.bytes())
+        .unwrap_or_default();
+    let secs = u32::try_from(at_us.div_euclid(1_000_000)).unwrap_or(0);
+    bytes[..4].copy_from_slice(&secs.to_be_bytes());
+    bytes[4] ^= attempt as u8;
+    ObjectId::from_bytes(bytes).to_hex()
+}
+
+pub fn attempt_json(r: &AttemptRow) -> Value {
+    let (j, a) = (&r.job, &r.attempt);
+    json!({
+        "_id": {"$id": attempt_id(&j.job_id, a.attempt, a.at_us)},
+        "_get": null,
+        "_post": null,
+        "date": date_value(a.at_us),
+        "pid": j.pid,
+        "lead_id": j.lead_id,
+        "http_code": a.http_code,
+        "postback_url": j.url,
+        "offer_id": j.offer_id,
+        "job_id": j.job_id,
+        "goal": j.goal,
+        "status": j.status,
+        "payouts": j.payouts,
+        "revenue": j.revenue,
+        "currency": j.currency,
+        "notice": j.notice,
+        "error": a.error,
+        "integration_type": j.integration_type,
+        "attempt": a.attempt,
+        "method": j.method,
+        "state": a.state.as_str(),
+        "next_attempt_at": a.next_at_us.map(date_value),
+    })
 }

@@ -4,6 +4,8 @@
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
+pub mod affiliate;
+
 pub const KEY: &str = "test-key";
 
 #[derive(Clone)]

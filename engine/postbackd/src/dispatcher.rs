@@ -1,0 +1,481 @@
+//! The affiliate-postback dispatcher: applies the deliveries log to the store, and delivers
+//! due jobs over HTTP with bounded concurrency per host and overall, timeouts, and retries.
+//!
+//! Each attempt's outcome is appended to the deliveries log before it counts, so the attempt
+//! log survives a crash and a replay. Delivery is at least once: a process that dies after an
+//! affiliate answered but before the answer reached the log sends that state again on restart;
+//! it never skips one.
+
+use crate::engine::Engine;
+use crate::pipeline::now_us;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
+use hyper::{Method, Request, Uri};
+use hyper_util::client::legacy::connect::dns::Name;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use postback_core::delivery::{
+    is_internal, Attempt, AttemptResult, DeliveryJob, DeliveryRecord, JobState, JobStatus, Next,
+    RetryPolicy,
+};
+use postback_core::seams::SeamError;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::{watch, Semaphore};
+
+/// The consumer name under which the dispatcher keeps its position in the deliveries log.
+pub const CONSUMER: &str = "dispatcher";
+
+/// Delivery settings, from the engine's configuration.
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    pub policy: RetryPolicy,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub per_host: usize,
+    pub concurrency: usize,
+    /// Let postbacks reach loopback, private and link-local addresses.
+    pub allow_internal: bool,
+}
+
+type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>>;
+
+struct Dispatcher {
+    engine: Arc<Engine>,
+    config: DeliveryConfig,
+    client: HttpClient,
+    /// Jobs being attempted, with the attempt number, until the log's record of it is applied.
+    in_flight: Mutex<HashMap<String, u32>>,
+    hosts: Mutex<HashMap<String, Arc<Semaphore>>>,
+    all: Arc<Semaphore>,
+}
+
+/// Runs the dispatcher until `stop`.
+///
+/// One loop applies the deliveries log to the store, then reads the due jobs, then starts
+/// attempts. A job leaves the in-flight set only in the first step, before the next read of
+/// due jobs, so a due list can never be older than what it is checked against.
+pub async fn run(engine: Arc<Engine>, config: DeliveryConfig, mut stop: watch::Receiver<bool>) {
+    let client = client(&config);
+    let d = Arc::new(Dispatcher {
+        all: Arc::new(Semaphore::new(config.concurrency.max(1))),
+        engine,
+        config,
+        client,
+        in_flight: Mutex::new(HashMap::new()),
+        hosts: Mutex::new(HashMap::new()),
+    });
+    let mut attempts = tokio::task::JoinSet::new();
+    let mut next = None;
+    let mut backoff = Duration::from_millis(100);
+    while !*stop.borrow() {
+        if let Err(e) = d.step(&mut next, &mut attempts).await {
+            tracing::error!(error = %e, "dispatcher step failed; retrying");
+            next = None;
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.changed() => break,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+            continue;
+        }
+        backoff = Duration::from_millis(100);
+        while attempts.try_join_next().is_some() {}
+        let log_end = next.unwrap_or(0);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = d.engine.deliveries.wait_for(log_end) => {}
+            _ = stop.changed() => break,
+        }
+    }
+    // Attempts under way get their timeout to finish; their records land in the log.
+    let _ = tokio::time::timeout(d.config.timeout + Duration::from_secs(1), async {
+        while attempts.join_next().await.is_some() {}
+    })
+    .await;
+}
+
+impl Dispatcher {
+    /// Applies what the deliveries log has, then starts the attempts that are due.
+    async fn step(
+        self: &Arc<Self>,
+        next: &mut Option<u64>,
+        attempts: &mut tokio::task::JoinSet<()>,
+    ) -> Result<(), SeamError> {
+        let log = &self.engine.deliveries;
+        let mut pos = match *next {
+            Some(p) => p,
+            None => self.engine.store.position(CONSUMER).await?.max(log.start()),
+        };
+        loop {
+            let batch = log.read(pos, 1024).await?;
+            let Some(&(last, _)) = batch.last() else {
+                break;
+            };
+            let records = decode(&batch);
+            self.engine
+                .store
+                .apply_deliveries(CONSUMER, records.clone(), last + 1)
+                .await?;
+            let mut in_flight = self.lock_in_flight();
+            for r in &records {
+                if let DeliveryRecord::Attempt(a) = r {
+                    if in_flight.get(&a.job_id).is_some_and(|n| *n <= a.attempt) {
+                        in_flight.remove(&a.job_id);
+                    }
+                }
+            }
+            pos = last + 1;
+        }
+        *next = Some(pos);
+        for job in self.engine.store.due_jobs(now_us(), 512).await? {
+            let fresh = self
+                .lock_in_flight()
+                .insert(job.job.job_id.clone(), job.attempts + 1)
+                .is_none();
+            if fresh {
+                attempts.spawn(self.clone().attempt(job));
+            }
+        }
+        Ok(())
+    }
+
+    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn host_limit(&self, url: &str) -> Arc<Semaphore> {
+        let host = url
+            .parse::<Uri>()
+            .ok()
+            .and_then(|u| u.authority().map(|a| a.as_str().to_lowercase()))
+            .unwrap_or_default();
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        hosts
+            .entry(host)
+            .or_insert_with(|| Arc::new(Semaphore::new(self.config.per_host.max(1))))
+            .clone()
+    }
+
+    async fn attempt(self: Arc<Self>, state: JobState) {
+        let job = &state.job;
+        // The host's own limit first: a slow host queues its own jobs, not everyone's.
+        let host = self.host_limit(&job.url);
+        let (Ok(_host_permit), Ok(_permit)) = (
+            host.acquire_owned().await,
+            self.all.clone().acquire_owned().await,
+        ) else {
+            return;
+        };
+        let n = state.attempts + 1;
+        let started = now_us();
+        let outcome = self.send(job).await;
+        let next = self.config.policy.next(
+            n - state.round_base,
+            outcome.result,
+            rand::random::<f64>(),
+            outcome.retry_after,
+        );
+        let (status, next_at_us) = match next {
+            Next::Delivered => (JobStatus::Delivered, None),
+            Next::Failed => (JobStatus::Failed, None),
+            Next::GaveUp => (JobStatus::GaveUp, None),
+            Next::RetryIn(d) => (JobStatus::Pending, Some(now_us() + d.as_micros() as i64)),
+        };
+        let code = match outcome.result {
+            AttemptResult::Answered(c) => c,
+            _ => 0,
+        };
+        metrics::counter!("postbackd_deliveries_total", "state" => status.as_str()).increment(1);
+        metrics::histogram!("postbackd_delivery_seconds").record((now_us() - started) as f64 / 1e6);
+        let record = DeliveryRecord::Attempt(Attempt {
+            job_id: job.job_id.clone(),
+            attempt: n,
+            at_us: started,
+            http_code: code,
+            error: outcome.error,
+            state: status,
+            next_at_us,
+        });
+        let bytes = serde_json::to_vec(&record).unwrap_or_default();
+        if let Err(e) = self.engine.deliveries.append(vec![bytes]).await {
+            // Not recorded: the job stays due and is attempted again.
+            tracing::warn!(job = %job.job_id, error = %e, "could not record a delivery attempt");
+            self.lock_in_flight().remove(&job.job_id);
+        }
+    }
+
+    async fn send(&self, job: &DeliveryJob) -> Outcome {
+        let uri: Uri = match job.url.parse() {
+            Ok(u) => u,
+            Err(e) => return Outcome::forbidden(format!("invalid URL: {e}")),
+        };
+        if !matches!(uri.scheme_str(), Some("http" | "https")) {
+            return Outcome::forbidden("only http and https URLs are delivered".into());
+        }
+        let host = uri
+            .host()
+            .unwrap_or("")
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            if is_internal(ip) && !self.config.allow_internal {
+                return Outcome::forbidden(format!("target address {ip} is internal; not allowed"));
+            }
+        }
+        let method = if job.method.eq_ignore_ascii_case("POST") {
+            Method::POST
+        } else {
+            Method::GET
+        };
+        let body = if method == Method::POST {
+            Bytes::from(uri.query().unwrap_or("").to_string())
+        } else {
+            Bytes::new()
+        };
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = method.clone();
+        *req.uri_mut() = uri;
+        req.headers_mut().insert(
+            USER_AGENT,
+            HeaderValue::from_static(concat!("postbackd/", env!("CARGO_PKG_VERSION"))),
+        );
+        if method == Method::POST {
+            req.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/x-www-form-urlencoded"),
+            );
+        }
+        let exchange = async {
+            let resp = self.client.request(req).await?;
+            let status = resp.status().as_u16();
+            let retry_after = resp
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_retry_after);
+            // The start of the body explains a refusal; the rest is not needed.
+            let mut body = resp.into_body();
+            let mut head = Vec::new();
+            while head.len() < 256 {
+                match body.frame().await {
+                    Some(Ok(frame)) => {
+                        if let Some(data) = frame.data_ref() {
+                            head.extend_from_slice(data);
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            head.truncate(256);
+            Ok::<_, hyper_util::client::legacy::Error>((status, retry_after, head))
+        };
+        match tokio::time::timeout(self.config.timeout, exchange).await {
+            Err(_) => Outcome::unreachable(format!("timeout after {:?}", self.config.timeout)),
+            Ok(Err(e)) => {
+                if is_forbidden(&e) {
+                    Outcome::forbidden(innermost(&e))
+                } else {
+                    Outcome::unreachable(innermost(&e))
+                }
+            }
+            Ok(Ok((status, retry_after, head))) => Outcome {
+                result: AttemptResult::Answered(status),
+                error: if (200..300).contains(&status) {
+                    String::new()
+                } else {
+                    format!("HTTP {status}: {}", String::from_utf8_lossy(&head).trim())
+                },
+                retry_after,
+            },
+        }
+    }
+}
+
+struct Outcome {
+    result: AttemptResult,
+    error: String,
+    retry_after: Option<Duration>,
+}
+
+impl Outcome {
+    fn forbidden(error: String) -> Self {
+        Self {
+            result: AttemptResult::Forbidden,
+            error,
+            retry_after: None,
+        }
+    }
+    fn unreachable(error: String) -> Self {
+        Self {
+            result: AttemptResult::Unreachable,
+            error,
+            retry_after: None,
+        }
+    }
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+fn parse_retry_after(v: &str) -> Option<Duration> {
+    if let Ok(secs) = v.trim().parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v.trim()).ok()?;
+    let secs = at.timestamp() - now_us() / 1_000_000;
+    Some(Duration::from_secs(secs.max(0) as u64))
+}
+
+/// The most specific description of an error: the last of its sources.
+fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut last: &(dyn std::error::Error + 'static) = e;
+    while let Some(next) = last.source() {
+        last = next;
+    }
+    let text = last.to_string();
+    if text.is_empty() {
+        e.to_string()
+    } else {
+        text
+    }
+}
+
+fn is_forbidden(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::PermissionDenied {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn client(config: &DeliveryConfig) -> HttpClient {
+    let mut http = HttpConnector::new_with_resolver(GuardedResolver {
+        allow_internal: config.allow_internal,
+    });
+    http.set_connect_timeout(Some(config.connect_timeout));
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(config.per_host.max(1))
+        .build(https)
+}
+
+/// Resolves names and drops internal addresses (unless allowed), so that the connection goes
+/// only to an address that was checked: a name cannot be re-pointed between check and use.
+#[derive(Clone)]
+struct GuardedResolver {
+    allow_internal: bool,
+}
+
+impl tower_service::Service<Name> for GuardedResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let allow = self.allow_internal;
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let all: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await
+                .map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("DNS lookup of {host} failed: {e}"))
+                })?
+                .collect();
+            let allowed: Vec<SocketAddr> = all
+                .iter()
+                .copied()
+                .filter(|a| allow || !is_internal(a.ip()))
+                .collect();
+            if allowed.is_empty() && !all.is_empty() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!("{host} resolves to an internal address; not allowed"),
+                ));
+            }
+            Ok(allowed.into_iter())
+        })
+    }
+}
+
+/// Applies the deliveries log from the stored position, until `stop` or (with `until`) that
+/// offset. `applied` sees each batch once it is in the store.
+pub async fn apply_log(
+    engine: &Engine,
+    stop: &mut watch::Receiver<bool>,
+    until: Option<u64>,
+    mut applied: impl FnMut(&[DeliveryRecord]),
+) -> Result<(), SeamError> {
+    let log = &engine.deliveries;
+    let mut next = engine.store.position(CONSUMER).await?.max(log.start());
+    loop {
+        if until.is_some_and(|u| next >= u) || (until.is_none() && *stop.borrow()) {
+            return Ok(());
+        }
+        let batch = log.read(next, 1024).await?;
+        let Some(&(last, _)) = batch.last() else {
+            tokio::select! {
+                _ = log.wait_for(next) => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        };
+        let records = decode(&batch);
+        engine
+            .store
+            .apply_deliveries(CONSUMER, records.clone(), last + 1)
+            .await?;
+        applied(&records);
+        next = last + 1;
+    }
+}
+
+fn decode(batch: &[postback_core::seams::Record]) -> Vec<DeliveryRecord> {
+    batch
+        .iter()
+        .filter_map(|(offset, bytes)| match serde_json::from_slice(bytes) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::error!(offset, error = %e, "skipping an undecodable delivery record");
+                None
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(Duration::ZERO),
+            "in the past"
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+}
