@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::affiliate::Affiliate;
 use common::{today, Api, KEY};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -30,16 +31,17 @@ fn free_port() -> std::net::SocketAddr {
 }
 
 async fn spawn(dir: &Path) -> Engine {
+    spawn_with(dir, &[]).await
+}
+
+async fn spawn_with(dir: &Path, extra: &[&str]) -> Engine {
     let addr = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_postbackd"))
-        .args([
-            "serve",
-            "--listen",
-            &addr.to_string(),
-            "--api-key",
-            KEY,
-            "--data-dir",
-        ])
+        .args(["serve", "--listen", &addr.to_string(), "--api-key", KEY])
+        .args(extra)
+        .env("POSTBACKD_DELIVERY_BASE_DELAY_MS", "100")
+        .env("POSTBACKD_DELIVERY_TIMEOUT_MS", "2000")
+        .arg("--data-dir")
         .arg(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -199,9 +201,17 @@ async fn sigkill_under_load_loses_and_doubles_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_reproduces_the_same_stats() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let engine = spawn(dir.path()).await;
+    let aff = Affiliate::start().await;
+    let flags = ["--allow-private-postback-targets"];
+    let engine = spawn_with(dir.path(), &flags).await;
     let api = engine.api.clone();
     let click = setup(&api).await;
+    let url = aff.url("/ok?t={transactionid}&s={status}");
+    api.admin_post(
+        "/3.0/partner/postback",
+        &[("partner_id", "1"), ("url", &url)],
+    )
+    .await;
     for q in [
         format!("clickid={click}&action_id=1"),
         format!("clickid={click}&action_id=1"),
@@ -213,9 +223,21 @@ async fn replay_reproduces_the_same_stats() {
         api.postback(&q).await;
     }
     api.wait_for_postbacks(6).await;
+    // Three conversion states (1 created, 2 created, 2 confirmed), one delivery each.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while all_rows(&api, "affiliatepostbacks", "postbacks")
+        .await
+        .len()
+        < 3
+    {
+        assert!(Instant::now() < deadline, "deliveries were not made");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let before_log = all_rows(&api, "serverpostbacks", "postbacks").await;
     let before_conv = all_rows(&api, "conversions", "conversions").await;
+    let before_attempts = all_rows(&api, "affiliatepostbacks", "postbacks").await;
     drop(engine);
+    assert_eq!(aff.received().len(), 3);
 
     let copy = tempfile::tempdir().expect("tempdir");
     copy_dir(dir.path(), copy.path());
@@ -234,12 +256,20 @@ async fn replay_reproduces_the_same_stats() {
         "{out:?}"
     );
 
-    let replayed = spawn(copy.path()).await;
+    let replayed = spawn_with(copy.path(), &flags).await;
     let after_log = all_rows(&replayed.api, "serverpostbacks", "postbacks").await;
     let after_conv = all_rows(&replayed.api, "conversions", "conversions").await;
+    let after_attempts = all_rows(&replayed.api, "affiliatepostbacks", "postbacks").await;
     assert_eq!(before_log.len(), 6);
     assert_eq!(after_log, before_log);
     assert_eq!(after_conv, before_conv);
+    assert_eq!(
+        after_attempts, before_attempts,
+        "the attempt log is replayed, not redone"
+    );
+    // Give a wrongly re-sending dispatcher the chance to show itself.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(aff.received().len(), 3, "a replay sends nothing again");
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -253,4 +283,77 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(entry.path(), target).expect("copy");
         }
     }
+}
+
+/// Killed in the middle of deliveries, the engine delivers each (setting, conversion state)
+/// exactly once after a restart to a server that answers 200. The server drops its
+/// connections unread for a moment before the kill, so that no answer it gave can be lost
+/// with the process (that window is the one place where delivery is at least once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_deliveries_sends_each_state_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let aff = Affiliate::start().await;
+    let flags = ["--allow-private-postback-targets"];
+    let engine = spawn_with(dir.path(), &flags).await;
+    let api = engine.api.clone();
+    let click = setup(&api).await;
+    let url = aff.url("/ok?t={transactionid}&s={status}");
+    api.admin_post(
+        "/3.0/partner/postback",
+        &[("partner_id", "1"), ("url", &url)],
+    )
+    .await;
+    let total = 300;
+    for i in 0..total {
+        api.postback(&format!("clickid={click}&action_id=P{i}"))
+            .await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while aff.received().len() < 60 {
+        assert!(Instant::now() < deadline, "deliveries did not start");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    aff.pause(true);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(engine); // SIGKILL
+    let before = aff.received().len();
+    assert!(
+        before < total,
+        "the kill came too late to test anything ({before} delivered)"
+    );
+    aff.pause(false);
+
+    let engine = spawn_with(dir.path(), &flags).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let d = today();
+        let (_, body) = engine
+            .api
+            .get_json(&format!(
+                "/3.0/stats/affiliatepostbacks?date_from={d}&date_to={d}&http_code=200&limit=1"
+            ))
+            .await;
+        if body["pagination"]["total_count"].as_u64() == Some(total as u64) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {body} delivered after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for r in aff.received() {
+        *counts.entry(r.query).or_default() += 1;
+    }
+    for i in 0..total {
+        let q = format!("t=P{i}&s=1");
+        assert_eq!(
+            counts.get(&q),
+            Some(&1),
+            "{q} delivered {:?} times",
+            counts.get(&q)
+        );
+    }
+    assert_eq!(counts.len(), total);
 }
