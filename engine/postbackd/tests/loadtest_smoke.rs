@@ -1,0 +1,37 @@
+//! A short run of the load tester against the engine, with `--verify`: every postback that got
+//! a 200 is in the stats exactly once with the outcome the load tester expected.
+
+use postbackd::{Config, Server};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_verified_load_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = Config {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        data_dir: dir.path().to_path_buf(),
+        api_key: "smoke".into(),
+        ..Config::default()
+    };
+    let server = Server::start(config, None).await.expect("starts");
+    let report = pbload::run(pbload::Options {
+        target: format!("http://{}", server.addr()),
+        api_key: "smoke".into(),
+        scenario: pbload::Scenario::Full,
+        rate: 300.0,
+        duration: Duration::from_secs(3),
+        max_in_flight: 512,
+        verify: true,
+        affiliate_url: None,
+        quiet: true,
+    })
+    .await
+    .expect("the run completes");
+    println!("{}", pbload::table(&report));
+    assert_eq!(report.errors, 0, "{report:?}");
+    let verify = report.verify.as_ref().expect("verified");
+    assert!(verify.passed(), "{verify:?}");
+    assert!(verify.expected > 300, "a real mix was sent: {verify:?}");
+    assert!(report.by_kind.contains_key("pixel") && report.by_kind.contains_key("click"));
+    server.shutdown().await;
+}

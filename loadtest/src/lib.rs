@@ -1,0 +1,906 @@
+//! # pbload
+//!
+//! An open-loop load generator for the postback engine. It speaks only HTTP: it sets up its
+//! own advertiser, offer, partner and (optionally) a postback setting through the admin API,
+//! then sends a realistic mix of clicks, server postbacks (GET and POST), pixels, duplicates,
+//! status updates and bad postbacks at a rate set by the clock, not by the replies, so that
+//! latency under overload is measured, not hidden. Latency counts from when a request was
+//! *due*, so a backlog in the generator shows too.
+//!
+//! With `verify`, it then checks through the stats API that every postback that got a 200 is
+//! in the log exactly once with the expected outcome, and it samples the end-to-end lag
+//! (accepted → visible in the stats) during the run.
+//!
+//! It is not a general HTTP benchmark tool, and it never targets anything but the address it
+//! is given.
+
+use anyhow::{bail, Context as _};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use rand::Rng;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+pub enum Scenario {
+    /// Clicks, postbacks, pixels, duplicates, updates and bad postbacks (needs the engine).
+    Full,
+    /// Only `GET /postback?...` with random click ids: the same requests to any server, for
+    /// comparing the engine with baseline servers.
+    Postback,
+    /// Only `GET /click?...` (needs the engine).
+    Click,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub target: String,
+    pub api_key: String,
+    pub scenario: Scenario,
+    /// Requests per second.
+    pub rate: f64,
+    pub duration: Duration,
+    /// Requests under way at most; beyond it a request is counted as `overloaded`, not sent.
+    pub max_in_flight: usize,
+    pub verify: bool,
+    /// An affiliate postback URL to configure (e.g. a sink), if any.
+    pub affiliate_url: Option<String>,
+    pub quiet: bool,
+}
+
+/// Latency percentiles, in milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    fn of(h: &Histogram<u64>) -> Self {
+        let ms = |v: u64| v as f64 / 1000.0;
+        Self {
+            count: h.len(),
+            p50: ms(h.value_at_quantile(0.5)),
+            p90: ms(h.value_at_quantile(0.9)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub target: String,
+    pub scenario: String,
+    pub rate: f64,
+    pub duration_s: f64,
+    pub sent: u64,
+    pub ok: u64,
+    /// Answers other than the expected status, and transport errors.
+    pub errors: u64,
+    /// Requests not sent because `max_in_flight` were under way.
+    pub overloaded: u64,
+    pub achieved_rps: f64,
+    pub latency: Percentiles,
+    pub by_kind: HashMap<String, Percentiles>,
+    pub e2e_lag: Option<Percentiles>,
+    pub verify: Option<Verification>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Verification {
+    pub expected: u64,
+    pub found_once: u64,
+    pub missing: u64,
+    pub duplicated: u64,
+    pub wrong_outcome: u64,
+    /// Up to ten examples of what went wrong.
+    pub problems: Vec<String>,
+}
+
+impl Verification {
+    pub fn passed(&self) -> bool {
+        self.missing == 0 && self.duplicated == 0 && self.wrong_outcome == 0 && self.expected > 0
+    }
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// A thin HTTP client for the target.
+#[derive(Clone)]
+pub struct Target {
+    base: String,
+    api_key: String,
+    client: HttpClient,
+}
+
+impl Target {
+    pub fn new(base: &str, api_key: &str, connections: usize) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(connections)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(http);
+        Self {
+            base: base.trim_end_matches('/').to_string(),
+            api_key: api_key.to_string(),
+            client,
+        }
+    }
+
+    /// Sends a request; returns the status and the body.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&str, String)>,
+    ) -> anyhow::Result<(u16, Bytes)> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        if path.starts_with("/3.0/") {
+            req = req.header("API-Key", &self.api_key);
+        }
+        let body = match body {
+            Some((content_type, b)) => {
+                req = req.header("content-type", content_type);
+                Full::new(Bytes::from(b))
+            }
+            None => Full::new(Bytes::new()),
+        };
+        let resp = self.client.request(req.body(body)?).await?;
+        let status = resp.status().as_u16();
+        let (parts, body) = resp.into_parts();
+        let bytes = body.collect().await?.to_bytes();
+        if status == 302 {
+            let location = parts
+                .headers
+                .get("location")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            return Ok((status, Bytes::from(location.to_string())));
+        }
+        Ok((status, bytes))
+    }
+
+    async fn admin(&self, path: &str, form: &[(&str, &str)]) -> anyhow::Result<serde_json::Value> {
+        let body = form
+            .iter()
+            .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+            .collect::<Vec<_>>()
+            .join("&");
+        let (status, bytes) = self
+            .send(
+                Method::POST,
+                path,
+                Some(("application/x-www-form-urlencoded", body)),
+            )
+            .await?;
+        let value: serde_json::Value = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{path}: not JSON: {}", String::from_utf8_lossy(&bytes)))?;
+        if status != 200 || value["status"] != 1 {
+            bail!("{path} answered {status}: {value}");
+        }
+        Ok(value)
+    }
+
+    async fn get_json(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        let (status, bytes) = self.send(Method::GET, path, None).await?;
+        if status != 200 {
+            bail!(
+                "{path} answered {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            );
+        }
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+const SECURE: &str = "pbload-secure";
+
+/// What the run set up.
+struct Setup {
+    offer_id: u64,
+}
+
+async fn setup(target: &Target, affiliate_url: Option<&str>) -> anyhow::Result<Setup> {
+    let adv = target
+        .admin(
+            "/3.0/admin/advertiser",
+            &[("title", "pbload"), ("secure", SECURE)],
+        )
+        .await?;
+    let adv_id = adv["advertiser"]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let offer = target
+        .admin(
+            "/3.0/admin/offer",
+            &[
+                ("title", "pbload offer"),
+                ("advertiser", &adv_id),
+                ("url", "https://landing.example/?clickid={clickid}&s={sub1}"),
+                ("payments[0][goal]", "1"),
+                ("payments[0][total]", "1.5"),
+                ("payments[0][revenue]", "2"),
+                ("payments[1][goal]", "sale"),
+                ("payments[1][type]", "percent"),
+                ("payments[1][total]", "10"),
+                ("payments[1][revenue]", "15"),
+            ],
+        )
+        .await?;
+    let offer_id = offer["offer"]["id"].as_u64().context("offer id")?;
+    let partner = target
+        .admin("/3.0/admin/partner", &[("email", "pbload@example.com")])
+        .await?;
+    let pid = partner["partner"]["id"]
+        .as_u64()
+        .context("partner id")?
+        .to_string();
+    if let Some(url) = affiliate_url {
+        target
+            .admin(
+                "/3.0/partner/postback",
+                &[("partner_id", &pid), ("url", url)],
+            )
+            .await?;
+    }
+    Ok(Setup { offer_id })
+}
+
+/// One request of the mix, and what the engine should log for it.
+struct Planned {
+    kind: &'static str,
+    method: Method,
+    path: String,
+    body: Option<String>,
+    /// The outcome text expected in the log (empty for success), for postbacks.
+    expect: Option<&'static str>,
+    /// The token that finds this postback in the log.
+    token: Option<String>,
+    /// Follow-ups that become possible once this one is acknowledged.
+    on_ok: FollowUp,
+}
+
+enum FollowUp {
+    None,
+    /// A click: its id comes from the redirect.
+    Click,
+    /// A conversion that can be duplicated, or updated if it is pending.
+    Conversion {
+        query: String,
+        pending: bool,
+    },
+}
+
+/// State the mix draws from: clicks and conversions already acknowledged.
+#[derive(Default)]
+struct Pool {
+    clicks: Vec<String>,
+    conversions: Vec<String>,
+    pending: Vec<String>,
+}
+
+struct Plan {
+    run: String,
+    seq: AtomicU64,
+    pool: Mutex<Pool>,
+    offer_id: u64,
+}
+
+impl Plan {
+    fn token(&self) -> String {
+        format!(
+            "R{}x{}Z",
+            self.run,
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    fn next(&self, scenario: Scenario, rng: &mut impl Rng) -> Planned {
+        let offer = self.offer_id;
+        match scenario {
+            Scenario::Postback => {
+                let token = self.token();
+                let click: String = (0..24)
+                    .map(|_| format!("{:x}", rng.random_range(0..16u8)))
+                    .collect();
+                return plain(format!(
+                    "/postback?clickid={click}&action_id={token}&goal=1&sum=10&lt={token}"
+                ));
+            }
+            Scenario::Click => return click(offer, rng),
+            Scenario::Full => {}
+        }
+        let (click_id, dup, update) = {
+            let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+            if pool.clicks.len() < 20 {
+                drop(pool);
+                return click(offer, rng);
+            }
+            // Postbacks favour recent clicks: most arrive minutes, not days, after the click.
+            let n = pool.clicks.len();
+            let back = (rng.random::<f64>().powi(3) * n as f64) as usize;
+            let click_id = pool.clicks[n - 1 - back.min(n - 1)].clone();
+            let dup = (!pool.conversions.is_empty()).then(|| {
+                let i = rng.random_range(0..pool.conversions.len());
+                pool.conversions[i].clone()
+            });
+            let update = if rng.random_bool(0.05) {
+                pool.pending.pop()
+            } else {
+                None
+            };
+            (click_id, dup, update)
+        };
+        let token = self.token();
+        let roll: f64 = rng.random();
+        if roll < 0.25 {
+            return click(offer, rng);
+        }
+        if let Some(query) = update {
+            return postback(
+                format!("{query}&status=1&lt={token}"),
+                token,
+                "",
+                FollowUp::None,
+                false,
+            );
+        }
+        if roll < 0.30 {
+            if let Some(query) = dup {
+                return postback(
+                    format!("{query}&lt={token}"),
+                    token,
+                    "Conversion exists",
+                    FollowUp::None,
+                    false,
+                );
+            }
+        }
+        if roll < 0.34 {
+            let q = format!("clickid={click_id}&secure=wrong&action_id={token}&lt={token}");
+            return postback(q, token, "Access denied", FollowUp::None, false);
+        }
+        if roll < 0.37 {
+            return postback(
+                format!("clickid=nothex{token}&lt={token}"),
+                token,
+                "Broken clickid",
+                FollowUp::None,
+                false,
+            );
+        }
+        if roll < 0.40 {
+            let q = format!(
+                "clickid={click_id}&secure={SECURE}&goal=nope&action_id={token}&lt={token}"
+            );
+            return postback(q, token, "Goal not found", FollowUp::None, false);
+        }
+        if roll < 0.50 {
+            let path = format!(
+                "/success.jpg?offer_id={offer}&clickid={click_id}&afsecure={SECURE}&afgoal=sale&afprice=20&afid={token}&lt={token}"
+            );
+            return Planned {
+                kind: "pixel",
+                method: Method::GET,
+                path,
+                body: None,
+                expect: Some(""),
+                token: Some(token),
+                on_ok: FollowUp::None,
+            };
+        }
+        let goal = if rng.random_bool(0.5) { "1" } else { "sale" };
+        let pending = rng.random_bool(0.3);
+        let base =
+            format!("clickid={click_id}&secure={SECURE}&goal={goal}&sum=25&action_id={token}");
+        let query = if pending {
+            format!("{base}&status=2")
+        } else {
+            base.clone()
+        };
+        let post = rng.random_bool(0.3);
+        let follow = FollowUp::Conversion {
+            query: base,
+            pending,
+        };
+        postback(format!("{query}&lt={token}"), token, "", follow, post)
+    }
+}
+
+fn plain(path: String) -> Planned {
+    Planned {
+        kind: "postback",
+        method: Method::GET,
+        path,
+        body: None,
+        expect: None,
+        token: None,
+        on_ok: FollowUp::None,
+    }
+}
+
+fn click(offer: u64, rng: &mut impl Rng) -> Planned {
+    Planned {
+        kind: "click",
+        method: Method::GET,
+        path: format!(
+            "/click?offer_id={offer}&pid=1&sub1=s{}",
+            rng.random_range(0..1000)
+        ),
+        body: None,
+        expect: None,
+        token: None,
+        on_ok: FollowUp::Click,
+    }
+}
+
+fn postback(
+    query: String,
+    token: String,
+    expect: &'static str,
+    on_ok: FollowUp,
+    post: bool,
+) -> Planned {
+    let (method, path, body) = if post {
+        (Method::POST, "/postback".to_string(), Some(query))
+    } else {
+        (Method::GET, format!("/postback?{query}"), None)
+    };
+    Planned {
+        kind: "postback",
+        method,
+        path,
+        body,
+        expect: Some(expect),
+        token: Some(token),
+        on_ok,
+    }
+}
+
+/// Everything the request tasks record.
+struct Recorder {
+    all: Mutex<Histogram<u64>>,
+    by_kind: Mutex<HashMap<&'static str, Histogram<u64>>>,
+    lag: Mutex<Histogram<u64>>,
+    ok: AtomicU64,
+    errors: AtomicU64,
+    overloaded: AtomicU64,
+    sent: AtomicU64,
+    /// token → expected outcome, for every postback that got a 200.
+    expected: Mutex<HashMap<String, &'static str>>,
+    first_error: Mutex<Option<String>>,
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs to 100 s, 3 significant digits.
+    Histogram::new_with_bounds(1, 100_000_000, 3)
+        .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
+}
+
+/// Runs the load and returns the report.
+pub async fn run(opts: Options) -> anyhow::Result<Report> {
+    let target = Target::new(&opts.target, &opts.api_key, opts.max_in_flight.min(1024));
+    let offer_id = match opts.scenario {
+        Scenario::Postback if !opts.verify => 0,
+        _ => {
+            setup(&target, opts.affiliate_url.as_deref())
+                .await
+                .context("setting up through the admin API")?
+                .offer_id
+        }
+    };
+    let plan = Arc::new(Plan {
+        run: format!("{:06x}", rand::rng().random_range(0..0xff_ffffu32)),
+        seq: AtomicU64::new(0),
+        pool: Mutex::new(Pool::default()),
+        offer_id,
+    });
+    let rec = Arc::new(Recorder {
+        all: Mutex::new(histogram()),
+        by_kind: Mutex::new(HashMap::new()),
+        lag: Mutex::new(histogram()),
+        ok: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        overloaded: AtomicU64::new(0),
+        sent: AtomicU64::new(0),
+        expected: Mutex::new(HashMap::new()),
+        first_error: Mutex::new(None),
+    });
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(opts.max_in_flight.max(1)));
+    let lag_probes = Arc::new(tokio::sync::Semaphore::new(4));
+    let progress = if opts.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = indicatif::ProgressBar::new(opts.duration.as_secs());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len}s {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    };
+    let start = Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / opts.rate.max(0.001));
+    let total = (opts.rate * opts.duration.as_secs_f64()) as u64;
+    let mut rng = rand::rng();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut n = 0u64;
+    let mut last_tick = 0;
+    while n < total {
+        // Open loop: every request has a due time from the clock; send all that are due.
+        let due = start + interval.mul_f64(n as f64);
+        let now = Instant::now();
+        if due > now {
+            tokio::time::sleep_until(due.into()).await;
+        }
+        n += 1;
+        let planned = plan.next(opts.scenario, &mut rng);
+        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+            rec.overloaded.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let (t, r, pl, probes) = (
+            target.clone(),
+            rec.clone(),
+            plan.clone(),
+            lag_probes.clone(),
+        );
+        let probe_lag = opts.verify && n.is_multiple_of(50);
+        tasks.spawn(async move {
+            let _permit = permit;
+            one(&t, &r, &pl, planned, due, probe_lag, &probes).await;
+        });
+        while tasks.try_join_next().is_some() {}
+        let secs = start.elapsed().as_secs();
+        if secs != last_tick {
+            last_tick = secs;
+            progress.set_position(secs);
+            progress.set_message(format!(
+                "sent {} ok {} errors {} overloaded {}",
+                rec.sent.load(Ordering::Relaxed),
+                rec.ok.load(Ordering::Relaxed),
+                rec.errors.load(Ordering::Relaxed),
+                rec.overloaded.load(Ordering::Relaxed)
+            ));
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    let elapsed = start.elapsed().as_secs_f64();
+    progress.finish_and_clear();
+
+    let verify = if opts.verify {
+        Some(verify(&target, &rec, &plan).await?)
+    } else {
+        None
+    };
+    let by_kind = rec
+        .by_kind
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(k, h)| (k.to_string(), Percentiles::of(h)))
+        .collect();
+    let lag = rec.lag.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let latency = Percentiles::of(&rec.all.lock().unwrap_or_else(|e| e.into_inner()));
+    let ok = rec.ok.load(Ordering::Relaxed);
+    if let Some(e) = rec
+        .first_error
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+    {
+        eprintln!("first error: {e}");
+    }
+    Ok(Report {
+        target: opts.target.clone(),
+        scenario: format!("{:?}", opts.scenario).to_lowercase(),
+        rate: opts.rate,
+        duration_s: elapsed,
+        sent: rec.sent.load(Ordering::Relaxed),
+        ok,
+        errors: rec.errors.load(Ordering::Relaxed),
+        overloaded: rec.overloaded.load(Ordering::Relaxed),
+        achieved_rps: ok as f64 / elapsed,
+        latency,
+        by_kind,
+        e2e_lag: (!lag.is_empty()).then(|| Percentiles::of(&lag)),
+        verify,
+    })
+}
+
+async fn one(
+    target: &Target,
+    rec: &Recorder,
+    plan: &Plan,
+    p: Planned,
+    due: Instant,
+    probe_lag: bool,
+    probes: &tokio::sync::Semaphore,
+) {
+    rec.sent.fetch_add(1, Ordering::Relaxed);
+    let body = p.body.map(|b| ("application/x-www-form-urlencoded", b));
+    let result = target.send(p.method, &p.path, body).await;
+    let micros = due.elapsed().as_micros().max(1) as u64;
+    let wanted = if p.kind == "click" { 302 } else { 200 };
+    match result {
+        Ok((status, bytes)) if status == wanted => {
+            rec.ok.fetch_add(1, Ordering::Relaxed);
+            let _ = rec
+                .all
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .record(micros);
+            let _ = rec
+                .by_kind
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(p.kind)
+                .or_insert_with(histogram)
+                .record(micros);
+            if let (Some(token), Some(expect)) = (&p.token, p.expect) {
+                rec.expected
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(token.clone(), expect);
+            }
+            remember(plan, p.on_ok, &bytes);
+            if probe_lag {
+                if let (Some(token), Ok(_permit)) = (&p.token, probes.try_acquire()) {
+                    let accepted = Instant::now();
+                    if wait_visible(target, token, Duration::from_secs(30)).await {
+                        let lag = accepted.elapsed().as_micros().max(1) as u64;
+                        let _ = rec
+                            .lag
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .record(lag);
+                    }
+                }
+            }
+        }
+        other => {
+            rec.errors.fetch_add(1, Ordering::Relaxed);
+            let mut first = rec.first_error.lock().unwrap_or_else(|e| e.into_inner());
+            if first.is_none() {
+                *first = Some(match other {
+                    Ok((status, body)) => format!(
+                        "{} {}: {status} {}",
+                        p.kind,
+                        p.path,
+                        String::from_utf8_lossy(&body)
+                    ),
+                    Err(e) => format!("{} {}: {e:#}", p.kind, p.path),
+                });
+            }
+        }
+    }
+}
+
+/// Adds what an acknowledged request makes possible to the pool the mix draws from.
+fn remember(plan: &Plan, follow: FollowUp, body: &[u8]) {
+    let mut pool = plan.pool.lock().unwrap_or_else(|e| e.into_inner());
+    match follow {
+        FollowUp::Click => {
+            let location = String::from_utf8_lossy(body);
+            if let Some(id) = location.split("clickid=").nth(1) {
+                pool.clicks.push(id.chars().take(24).collect());
+            }
+        }
+        FollowUp::Conversion { query, pending } => {
+            if pending {
+                pool.pending.push(query.clone());
+            }
+            pool.conversions.push(query);
+        }
+        FollowUp::None => {}
+    }
+}
+
+fn date_range() -> String {
+    // Yesterday to tomorrow (UTC), so that a run across midnight is still found.
+    let day = 86_400;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    format!(
+        "date_from={}&date_to={}",
+        civil(now - day),
+        civil(now + day)
+    )
+}
+
+fn civil(secs: i64) -> String {
+    let z = secs.div_euclid(86_400) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+async fn wait_visible(target: &Target, token: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let path = format!(
+        "/3.0/stats/serverpostbacks?{}&limit=1&search=lt%3D{token}",
+        date_range()
+    );
+    while Instant::now() < deadline {
+        if let Ok(v) = target.get_json(&path).await {
+            if v["pagination"]["total_count"].as_u64().unwrap_or(0) > 0 {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    false
+}
+
+/// Every acknowledged postback of this run, found in the log exactly once, with its outcome.
+async fn verify(target: &Target, rec: &Recorder, plan: &Plan) -> anyhow::Result<Verification> {
+    let expected = rec
+        .expected
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let run_token = format!("lt%3DR{}x", plan.run);
+    let base = format!(
+        "/3.0/stats/serverpostbacks?{}&search={run_token}",
+        date_range()
+    );
+    // Wait until the processor has caught up with everything acknowledged.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let v = target.get_json(&format!("{base}&limit=1")).await?;
+        let total = v["pagination"]["total_count"].as_u64().unwrap_or(0);
+        if total >= expected.len() as u64 {
+            break;
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut seen: HashMap<String, Vec<String>> = HashMap::new();
+    for page in 1.. {
+        let v = target
+            .get_json(&format!("{base}&limit=500&page={page}"))
+            .await?;
+        let rows = v["postbacks"].as_array().cloned().unwrap_or_default();
+        for r in &rows {
+            let token = r["_get"]["lt"]
+                .as_str()
+                .or(r["_post"]["lt"].as_str())
+                .unwrap_or("")
+                .to_string();
+            let error = r["error"].as_str().unwrap_or("").to_string();
+            seen.entry(token).or_default().push(error);
+        }
+        if rows.len() < 500 {
+            break;
+        }
+    }
+    let mut v = Verification {
+        expected: expected.len() as u64,
+        ..Default::default()
+    };
+    for (token, want) in &expected {
+        match seen.get(token).map(Vec::as_slice) {
+            None | Some([]) => {
+                v.missing += 1;
+                if v.problems.len() < 10 {
+                    v.problems
+                        .push(format!("{token}: acknowledged but not in the log"));
+                }
+            }
+            Some([got]) if got == want => v.found_once += 1,
+            Some([got]) => {
+                v.wrong_outcome += 1;
+                if v.problems.len() < 10 {
+                    v.problems
+                        .push(format!("{token}: logged {got:?}, expected {want:?}"));
+                }
+            }
+            Some(many) => {
+                v.duplicated += 1;
+                if v.problems.len() < 10 {
+                    v.problems
+                        .push(format!("{token}: logged {} times", many.len()));
+                }
+            }
+        }
+    }
+    Ok(v)
+}
+
+/// The report as a table for people.
+pub fn table(r: &Report) -> String {
+    let mut s = String::new();
+    let line = |s: &mut String, k: &str, v: String| s.push_str(&format!("{k:<18}{v}\n"));
+    line(&mut s, "target", format!("{} ({})", r.target, r.scenario));
+    line(
+        &mut s,
+        "rate",
+        format!("{:.0}/s for {:.1} s", r.rate, r.duration_s),
+    );
+    line(
+        &mut s,
+        "answered",
+        format!(
+            "{} ok, {} errors, {} not sent (overloaded)",
+            r.ok, r.errors, r.overloaded
+        ),
+    );
+    line(&mut s, "throughput", format!("{:.0} ok/s", r.achieved_rps));
+    s.push_str(&format!(
+        "{:<18}{:>9}{:>9}{:>9}{:>9}{:>9}{:>9}\n",
+        "latency (ms)", "n", "p50", "p90", "p99", "p99.9", "max"
+    ));
+    let row = |s: &mut String, name: &str, p: &Percentiles| {
+        s.push_str(&format!(
+            "{:<18}{:>9}{:>9.2}{:>9.2}{:>9.2}{:>9.2}{:>9.2}\n",
+            name, p.count, p.p50, p.p90, p.p99, p.p999, p.max
+        ))
+    };
+    row(&mut s, "  all", &r.latency);
+    let mut kinds: Vec<_> = r.by_kind.iter().collect();
+    kinds.sort_by_key(|(k, _)| k.as_str());
+    for (k, p) in kinds {
+        row(&mut s, &format!("  {k}"), p);
+    }
+    if let Some(lag) = &r.e2e_lag {
+        row(&mut s, "  e2e lag", lag);
+    }
+    if let Some(v) = &r.verify {
+        line(
+            &mut s,
+            "verify",
+            format!(
+                "{}: {} of {} found once with the expected outcome; {} missing, {} duplicated, {} wrong",
+                if v.passed() { "PASSED" } else { "FAILED" },
+                v.found_once,
+                v.expected,
+                v.missing,
+                v.duplicated,
+                v.wrong_outcome
+            ),
+        );
+        for p in &v.problems {
+            line(&mut s, "", p.clone());
+        }
+    }
+    s
+}
