@@ -52,6 +52,7 @@ pub async fn process_until(
         0,
         engine.config.processor_cache,
     );
+    let mut buffers = simd_json::Buffers::new(4096);
     let mut next = engine
         .store
         .position(CONSUMER)
@@ -75,16 +76,21 @@ pub async fn process_until(
             }
             continue;
         };
+        let count = records.len() as u64;
+        // simd-json decodes our envelopes about 12% faster than serde_json (benches/core.rs);
+        // it works in place, on the records the batch owns anyway.
         let batch: Vec<(u64, Parsed)> = records
-            .iter()
-            .filter_map(|(offset, bytes)| match Event::from_json(bytes) {
-                Ok(event) => Some((*offset, processor::parse(&event))),
-                Err(e) => {
-                    // Only this engine writes the log; a record it cannot read is a bug, kept
-                    // in the log for a fixed version to replay.
-                    tracing::error!(offset, error = %e, "skipping an undecodable log record");
-                    metrics::counter!("postbackd_processor_undecodable_total").increment(1);
-                    None
+            .into_iter()
+            .filter_map(|(offset, mut bytes)| {
+                match simd_json::serde::from_slice_with_buffers::<Event>(&mut bytes, &mut buffers) {
+                    Ok(event) => Some((offset, processor::parse(&event))),
+                    Err(e) => {
+                        // Only this engine writes the log; a record it cannot read is a bug, kept
+                        // in the log for a fixed version to replay.
+                        tracing::error!(offset, error = %e, "skipping an undecodable log record");
+                        metrics::counter!("postbackd_processor_undecodable_total").increment(1);
+                        None
+                    }
                 }
             })
             .collect();
@@ -119,7 +125,7 @@ pub async fn process_until(
             processor.forget();
             return Err(e);
         }
-        metrics::counter!("postbackd_processed_events_total").increment(records.len() as u64);
+        metrics::counter!("postbackd_processed_events_total").increment(count);
         metrics::counter!("postbackd_processed_postbacks_total").increment(postbacks);
         metrics::gauge!("postbackd_processor_lag").set((engine.events.end() - (last + 1)) as f64);
         next = last + 1;

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# The benchmark: one command, on this machine. Builds in release; runs a bare hyper server,
+# nginx (answering 204 with its access log on) and postbackd (embedded, durable) under the
+# same open-loop load from pbload, ramping each to its peak; then the click redirect rate, the
+# end-to-end lag at half the engine's peak (with --verify), and the stats query latencies over
+# a large log. Prints a table with the ratios. Loopback only.
+#
+#   bash benches/run.sh                 # the full run (about 15 minutes)
+#   QUICK=1 bash benches/run.sh         # shorter steps and a smaller log, for a first look
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+STEP_SECS=${STEP_SECS:-5}
+RAMP=${RAMP:-2000:40000:2000}
+ROWS=${ROWS:-10000000}
+if [ "${QUICK:-}" = 1 ]; then STEP_SECS=3; RAMP=2000:30000:4000; ROWS=1000000; fi
+
+cargo build --release -p postbackd -p pbload -p postback-benches --bins
+BIN=target/release
+if ! command -v nginx >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null \
+    || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+wait_port() { for _ in $(seq 1 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 did not open" >&2; return 1; }
+peak_mem_mib() { awk '/VmHWM/ {printf "%.0f", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
+ramp() { # ramp NAME URL SCENARIO [API_KEY] -> prints the peak ok/s
+  "$BIN/pbload" --target "$2" --api-key "${4:-}" --scenario "$3" --ramp "$RAMP" --duration "$STEP_SECS" \
+    --quiet --json "$work/$1.json" | tee "$work/$1.txt" >&2
+  awk '/^peak/ {print $2}' "$work/$1.txt"
+}
+p99_at_peak() { # the p99 (ms) of the last step that held its rate
+  python3 -c "
+import json,sys
+r=[x for x in json.load(open('$work/$1.json')) if x['achieved_rps']>=0.95*x['rate'] and x['errors']+x['overloaded']<=x['sent']/100]
+print('%.1f' % r[-1]['latency']['p99'] if r else '?')"
+}
+
+echo "== bare hyper" >&2
+"$BIN/bare_hyper" 127.0.0.1:18081 >/dev/null & pids+=($!); bare_pid=$!
+wait_port 18081
+bare=$(ramp bare http://127.0.0.1:18081 postback); bare_p99=$(p99_at_peak bare); bare_mem=$(peak_mem_mib $bare_pid)
+kill $bare_pid
+
+echo "== nginx (return 204, access log on)" >&2
+mkdir -p "$work/nginx"
+cat > "$work/nginx.conf" <<CONF
+worker_processes auto;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log;
+events { worker_connections 8192; }
+http {
+  access_log $work/nginx/access.log;
+  client_body_temp_path $work/nginx; proxy_temp_path $work/nginx; fastcgi_temp_path $work/nginx;
+  uwsgi_temp_path $work/nginx; scgi_temp_path $work/nginx;
+  server { listen 127.0.0.1:18082; location / { return 204; } }
+}
+CONF
+"$NGINX" -c "$work/nginx.conf" -g 'daemon off;' & pids+=($!); nginx_pid=$!
+wait_port 18082
+nginx=$(ramp nginx http://127.0.0.1:18082 postback); nginx_p99=$(p99_at_peak nginx)
+nginx_mem=$(ps -o rss= --ppid $nginx_pid | awk '{s+=$1} END {printf "%.0f", s/1024}')
+kill $nginx_pid
+
+echo "== postbackd (embedded, fsync'd group commit)" >&2
+"$BIN/postbackd" serve --listen 127.0.0.1:18083 --data-dir "$work/engine" --api-key bench >/dev/null 2>&1 & pids+=($!); pbd_pid=$!
+wait_port 18083
+pbd=$(ramp pbd http://127.0.0.1:18083 postback bench); pbd_p99=$(p99_at_peak pbd); pbd_mem=$(peak_mem_mib $pbd_pid)
+echo "== click redirects" >&2
+clicks=$(ramp clicks http://127.0.0.1:18083 click bench); clicks_p99=$(p99_at_peak clicks)
+kill $pbd_pid; wait $pbd_pid 2>/dev/null || true
+
+echo "== end to end at half the peak, full mix, verified" >&2
+"$BIN/postbackd" serve --listen 127.0.0.1:18084 --data-dir "$work/engine2" --api-key bench >/dev/null 2>&1 & pids+=($!); e2e_pid=$!
+wait_port 18084
+half=$(python3 -c "print(max(100, int(float('${pbd:-0}')/2)))")
+"$BIN/pbload" --target http://127.0.0.1:18084 --api-key bench --scenario full --rate "$half" --duration 20 \
+  --verify --quiet --json "$work/e2e.json" | tee "$work/e2e.txt" >&2 || true
+e2e=$(python3 -c "
+import json; r=json.load(open('$work/e2e.json'))[0]; l=r.get('e2e_lag') or {}; v=r.get('verify') or {}
+ok = v.get('expected',0)>0 and v.get('missing',1)==0 and v.get('duplicated',1)==0 and v.get('wrong_outcome',1)==0
+print('p50 %.0f ms, p99 %.0f ms (n=%d); verify %s' % (l.get('p50',0), l.get('p99',0), l.get('count',0), 'passed' if ok else 'FAILED'))")
+kill $e2e_pid
+
+echo "== stats queries over $ROWS logged postbacks" >&2
+"$BIN/stats_query" "target/stats-bench-$ROWS" "$ROWS" | tee "$work/stats.txt" >&2
+
+ratio() { python3 -c "a,b=float('$1' or 0),float('$2' or 0); print('%.2fx' % (a/b) if b else '?')"; }
+cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
+echo
+echo "Machine: $(nproc) cores ($cpu), $(free -g | awk '/Mem:/ {print $2}') GiB; load generator on the same machine; $(date -u +%F)"
+echo
+echo "| what | peak ok/s | p99 at peak | peak memory | ratio |"
+echo "|---|---|---|---|---|"
+echo "| bare hyper, 200 without work | $bare | $bare_p99 ms | $bare_mem MiB | 1.00x |"
+echo "| nginx, 204 with access log | $nginx | $nginx_p99 ms | $nginx_mem MiB | $(ratio "$nginx" "$bare") of bare hyper |"
+echo "| postbackd postback ingest, embedded, durable | $pbd | $pbd_p99 ms | $pbd_mem MiB | $(ratio "$pbd" "$bare") of bare hyper, $(ratio "$pbd" "$nginx") of nginx |"
+echo "| postbackd click redirects | $clicks | $clicks_p99 ms | | $(ratio "$clicks" "$bare") of bare hyper |"
+echo
+echo "End to end (accepted → visible in the stats) at $half req/s, full mix: $e2e"
+echo
+echo "Stats queries (first page of 100, embedded store):"
+sed 's/^/    /' "$work/stats.txt"
