@@ -15,7 +15,7 @@ const SPAN_US: i64 = 30 * 86_400_000_000;
 fn row(n: u64, rows: u64) -> ServerPostbackRow {
     let q = format!(
         "clickid={n:024x}&action_id=ORD-{n}&goal={}&sum=49.90&sub=aff{}&promo_code=P{}",
-        if n % 3 == 0 { "sale" } else { "1" },
+        if n.is_multiple_of(3) { "sale" } else { "1" },
         n % 997,
         n % 1000
     );
@@ -31,8 +31,8 @@ fn row(n: u64, rows: u64) -> ServerPostbackRow {
         get,
         post: Default::default(),
         pixel: false,
-        response_status: if n % 10 == 0 { 2 } else { 1 },
-        error: if n % 10 == 0 {
+        response_status: if n.is_multiple_of(10) { 2 } else { 1 },
+        error: if n.is_multiple_of(10) {
             "Click not found".into()
         } else {
             String::new()
@@ -46,6 +46,9 @@ fn row(n: u64, rows: u64) -> ServerPostbackRow {
         ip: String::new(),
     }
 }
+
+/// The i-th query of one kind.
+type QueryFor = Box<dyn Fn(u64) -> ServerPostbackQuery>;
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -75,7 +78,7 @@ async fn main() -> anyhow_free::Result {
             .await
             .map_err(|e| e.to_string())?;
         have = end;
-        if have % 1_000_000 == 0 {
+        if have.is_multiple_of(1_000_000) {
             eprintln!(
                 "filled {have} rows ({:.0} rows/s)",
                 have as f64 / started.elapsed().as_secs_f64()
@@ -83,7 +86,7 @@ async fn main() -> anyhow_free::Result {
         }
     }
     let day = 86_400_000_000;
-    let mut kinds: Vec<(&str, Box<dyn Fn(u64) -> ServerPostbackQuery>)> = vec![
+    let mut kinds: Vec<(&str, QueryFor)> = vec![
         (
             "offer + one day",
             Box::new(move |i| ServerPostbackQuery {
