@@ -1,6 +1,10 @@
 //! `postbackd`: parse the command line, load the configuration, start telemetry, run.
 
 use clap::{Parser, Subcommand};
+
+// Measured: fewer cycles in malloc/free than glibc's allocator under load (README, Benchmarks).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use postbackd::{Config, Overrides, Server};
 use std::net::SocketAddr;
 use std::path::PathBuf;
