@@ -388,20 +388,22 @@ pub mod conformance {
     }
 }
 
+/// Runs a future of the in-memory backends to completion: they never park, so a busy poll
+/// with a no-op waker is enough.
+#[cfg(test)]
+pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
+    let mut f = Box::pin(f);
+    let mut cx = Context::from_waker(Waker::noop());
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn block_on<F: Future>(f: F) -> F::Output {
-        // The in-memory log never parks, so a busy poll with a no-op waker is enough.
-        let mut f = Box::pin(f);
-        let mut cx = Context::from_waker(Waker::noop());
-        loop {
-            if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-                return v;
-            }
-        }
-    }
 
     #[test]
     fn memory_log_conforms() {
