@@ -33,6 +33,7 @@ pub struct Engine {
     pub catalog_writer: tokio::sync::Mutex<()>,
     pub ids: IdGenerator,
     pub metrics: Option<PrometheusHandle>,
+    pub http_metrics: crate::http::HttpMetrics,
     /// False once shutdown has begun, or while the processor is stopped.
     pub ready: AtomicBool,
 }
@@ -68,6 +69,7 @@ impl Engine {
                 u32::from_le_bytes([seed[5], seed[6], seed[7], 0]),
             ),
             metrics,
+            http_metrics: crate::http::HttpMetrics::new(),
             ready: AtomicBool::new(false),
             config,
         }))

@@ -221,24 +221,54 @@ async fn handle(
         body,
         client_ip,
     };
-    let route = route_name(&req.path);
+    let route = route_index(&req.path);
     let response = match route_request(&engine, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
-    metrics::histogram!("postbackd_http_request_seconds", "route" => route)
-        .record(started.elapsed().as_secs_f64());
+    engine.http_metrics.latency[route].record(started.elapsed().as_secs_f64());
     response
 }
 
-fn route_name(path: &str) -> &'static str {
+const ROUTES: [&str; 6] = ["postback", "click", "pixel", "stats", "admin", "other"];
+
+fn route_index(path: &str) -> usize {
     match path {
-        "/postback" => "postback",
-        "/click" => "click",
-        "/success.jpg" | "/success.php" | "/track.js" => "pixel",
-        p if p.starts_with("/3.0/stats/") => "stats",
-        p if p.starts_with("/3.0/") => "admin",
-        _ => "other",
+        "/postback" => 0,
+        "/click" => 1,
+        "/success.jpg" | "/success.php" | "/track.js" => 2,
+        p if p.starts_with("/3.0/stats/") => 3,
+        p if p.starts_with("/3.0/") => 4,
+        _ => 5,
+    }
+}
+
+/// Metric handles of the request path, registered once: looking a metric up by name on every
+/// request costs more than the increment.
+pub struct HttpMetrics {
+    latency: [metrics::Histogram; 6],
+    pub clicks: metrics::Counter,
+    pub s2s_postbacks: metrics::Counter,
+    pub pixel_postbacks: metrics::Counter,
+    pub append_failures: metrics::Counter,
+}
+
+impl HttpMetrics {
+    pub fn new() -> Self {
+        Self {
+            latency: ROUTES
+                .map(|r| metrics::histogram!("postbackd_http_request_seconds", "route" => r)),
+            clicks: metrics::counter!("postbackd_clicks_total"),
+            s2s_postbacks: metrics::counter!("postbackd_postbacks_total", "kind" => "s2s"),
+            pixel_postbacks: metrics::counter!("postbackd_postbacks_total", "kind" => "pixel"),
+            append_failures: metrics::counter!("postbackd_append_failures_total"),
+        }
+    }
+}
+
+impl Default for HttpMetrics {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

@@ -2,7 +2,7 @@
 //! request to the event log and answers only once the append is durable.
 
 use crate::engine::Engine;
-use crate::http::{json, ApiError, Body, Req};
+use crate::http::{ApiError, Body, Req};
 use crate::pipeline::now_us;
 use bytes::Bytes;
 use http_body_util::Full;
@@ -21,7 +21,7 @@ const COOKIE_MAX_AGE: u32 = 92 * 86_400;
 async fn append(engine: &Engine, event: &Event) -> Result<(), ApiError> {
     let result = engine.events.append(vec![event.to_json()]).await;
     if let Err(e) = &result {
-        metrics::counter!("postbackd_append_failures_total").increment(1);
+        engine.http_metrics.append_failures.increment(1);
         tracing::warn!(error = %e, "append failed; answering 503");
     }
     result
@@ -82,7 +82,7 @@ pub async fn click(engine: &Arc<Engine>, req: Req) -> Result<Response<Body>, Api
             .map(|n| event.sub(n).to_string()),
     });
     append(engine, &Event::Click(event)).await?;
-    metrics::counter!("postbackd_clicks_total").increment(1);
+    engine.http_metrics.clicks.increment(1);
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = StatusCode::FOUND;
     let h = r.headers_mut();
@@ -135,8 +135,11 @@ pub async fn postback(engine: &Arc<Engine>, req: Req) -> Result<Response<Body>, 
         return Err(ApiError::Method);
     }
     append(engine, &Event::Postback(postback_event(&req, None))).await?;
-    metrics::counter!("postbackd_postbacks_total", "kind" => "s2s").increment(1);
-    Ok(json(StatusCode::OK, &serde_json::json!({"status": 1})))
+    engine.http_metrics.s2s_postbacks.increment(1);
+    let mut r = Response::new(Full::new(Bytes::from_static(br#"{"status":1}"#)));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok(r)
 }
 
 /// A transparent 1x1 GIF.
@@ -179,7 +182,7 @@ pub async fn pixel(engine: &Arc<Engine>, req: Req) -> Result<Response<Body>, Api
         &Event::Postback(postback_event(&req, Some(context))),
     )
     .await?;
-    metrics::counter!("postbackd_postbacks_total", "kind" => "pixel").increment(1);
+    engine.http_metrics.pixel_postbacks.increment(1);
     let body: &[u8] = match kind.as_str() {
         "success.jpg" => PIXEL,
         "success.php" => b"<!DOCTYPE html><html><body></body></html>",

@@ -236,6 +236,25 @@ async fn replay_reproduces_the_same_stats() {
     let before_log = all_rows(&api, "serverpostbacks", "postbacks").await;
     let before_conv = all_rows(&api, "conversions", "conversions").await;
     let before_attempts = all_rows(&api, "affiliatepostbacks", "postbacks").await;
+    // The binary installs the Prometheus exporter; its counters saw this traffic.
+    let metrics = api
+        .http
+        .get(format!("{}/metrics", api.base))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("postbackd_postbacks_total{kind=\"s2s\"} 6"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("postbackd_clicks_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("postbackd_processed_postbacks_total 6"),
+        "{metrics}"
+    );
     drop(engine);
     assert_eq!(aff.received().len(), 3);
 
