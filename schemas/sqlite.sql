@@ -57,9 +57,6 @@ CREATE INDEX IF NOT EXISTS sp_action ON server_postbacks (action_id);
 CREATE VIRTUAL TABLE IF NOT EXISTS server_postbacks_search USING fts5 (
     params, content = '', contentless_delete = 1, tokenize = 'trigram'
 );
--- Merge index segments 16 at a time instead of 4: about 1.7x the insert rate (the processor's
--- main cost) for the same query time (measured; see README, Benchmarks).
-INSERT INTO server_postbacks_search (server_postbacks_search, rank) VALUES ('automerge', 16);
 
 CREATE TABLE IF NOT EXISTS conversions (
     id TEXT PRIMARY KEY,
