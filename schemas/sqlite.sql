@@ -52,6 +52,9 @@ CREATE INDEX IF NOT EXISTS sp_partner ON server_postbacks (pid, at_us);
 CREATE INDEX IF NOT EXISTS sp_advertiser ON server_postbacks (advertiser_id, at_us);
 CREATE INDEX IF NOT EXISTS sp_clickid ON server_postbacks (clickid);
 CREATE INDEX IF NOT EXISTS sp_action ON server_postbacks (action_id);
+CREATE INDEX IF NOT EXISTS sp_goal ON server_postbacks (goal_lc, at_us);
+CREATE INDEX IF NOT EXISTS sp_status ON server_postbacks (status, at_us);
+CREATE INDEX IF NOT EXISTS sp_response ON server_postbacks (response_status, at_us);
 
 -- Substring search over "key=value" lines of the parameters; rowid = server_postbacks.seq.
 CREATE VIRTUAL TABLE IF NOT EXISTS server_postbacks_search USING fts5 (
@@ -91,6 +94,9 @@ CREATE INDEX IF NOT EXISTS conv_partner ON conversions (pid, created_us);
 CREATE INDEX IF NOT EXISTS conv_advertiser ON conversions (advertiser_id, created_us);
 CREATE INDEX IF NOT EXISTS conv_clickid ON conversions (clickid);
 CREATE INDEX IF NOT EXISTS conv_action ON conversions (action_id);
+CREATE INDEX IF NOT EXISTS conv_status ON conversions (status, created_us);
+CREATE INDEX IF NOT EXISTS conv_goal ON conversions (goal_lc, created_us);
+CREATE INDEX IF NOT EXISTS conv_sub1 ON conversions (sub1, created_us);
 
 -- Affiliate postback deliveries, derived from the deliveries log.
 CREATE TABLE IF NOT EXISTS delivery_jobs (
