@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: formatting, lints, then every test.
-# Services the tests need are installed and started here (none yet: the embedded mode needs
-# none; the Kafka, ClickHouse and browser suites will add their set-up to this script).
+# Services and tools the tests need are installed and started here (the embedded mode needs no
+# service; the Kafka, ClickHouse and browser suites will add theirs). Python 3 is needed for
+# the API fuzzer (schemathesis, installed from PyPI into target/py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,4 +17,29 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
-cargo test --workspace --locked
+results=$(mktemp)
+cargo test --workspace --locked 2>&1 | tee "$results"
+passed=$(awk '/^test result:/ {p += $4} END {print p + 0}' "$results")
+failed=$(awk '/^test result:/ {f += $6} END {print f + 0}' "$results")
+rm -f "$results"
+
+# The HTTP API, fuzzed from its OpenAPI description: no input may produce a server error.
+echo "== schemathesis against schemas/openapi.yaml"
+python3 -m venv target/py >/dev/null
+target/py/bin/pip install --quiet --disable-pip-version-check schemathesis==4.32.5
+data=$(mktemp -d)
+port=18555
+target/debug/postbackd serve --listen 127.0.0.1:$port --data-dir "$data" --api-key fuzz >"$data/log" 2>&1 &
+pid=$!
+trap 'kill $pid 2>/dev/null || true; rm -rf "$data"' EXIT
+for _ in $(seq 1 100); do curl -sf http://127.0.0.1:$port/ready >/dev/null && break; sleep 0.1; done
+target/py/bin/st run schemas/openapi.yaml --url http://127.0.0.1:$port --header "API-Key: fuzz" \
+  --checks not_a_server_error --max-examples 100 --seed 1 --no-color | tail -n 12
+if grep -q panicked "$data/log"; then
+  echo "postbackd panicked under the fuzzer:" >&2
+  grep -A3 panicked "$data/log" >&2
+  exit 1
+fi
+
+# One closing line over all the Rust tests (cargo's own last line is a doc-test summary).
+echo "tests: $passed passed, $failed failed"

@@ -102,6 +102,11 @@ fn ok(key: &str, value: Value) -> Result<Response<Body>, ApiError> {
     Ok(json(StatusCode::OK, &json!({"status": 1, key: value})))
 }
 
+/// The offset of a page; a page far past the end is simply empty, never an overflow.
+pub fn offset(page: u64, limit: u64) -> u64 {
+    (page - 1).saturating_mul(limit)
+}
+
 /// `page` (from 1) and `limit` (1 to 500, default 100), as every list takes them.
 pub fn paging(p: &Params) -> Result<(u64, u64), ApiError> {
     let page = match p.get_nonempty("page") {
@@ -130,7 +135,7 @@ fn list(p: &Params, key: &str, rows: Vec<Value>) -> Result<Response<Body>, ApiEr
     let total = rows.len() as u64;
     let rows: Vec<Value> = rows
         .into_iter()
-        .skip(((page - 1) * limit) as usize)
+        .skip(usize::try_from(offset(page, limit)).unwrap_or(usize::MAX))
         .take(limit as usize)
         .collect();
     Ok(json(

@@ -377,8 +377,8 @@ fn query_page<T>(
         .prepare_cached(&format!("SELECT COUNT(*) FROM {table} {where_}"))?
         .query_row(params_from_iter(filter.values.iter()), |r| r.get(0))?;
     let mut values = filter.values.clone();
-    values.push(Value::Integer(limit as i64));
-    values.push(Value::Integer(offset as i64));
+    values.push(Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
+    values.push(Value::Integer(i64::try_from(offset).unwrap_or(i64::MAX)));
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {columns} FROM {table} {where_} ORDER BY {order} LIMIT ? OFFSET ?"
     ))?;

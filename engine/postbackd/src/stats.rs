@@ -1,7 +1,7 @@
 //! The stats API (CONTRACT section 4): the server-postback log, conversions and the
 //! affiliate-postback log, with Affise's filters, paging and JSON types.
 
-use crate::admin::paging;
+use crate::admin::{offset, paging};
 use crate::engine::Engine;
 use crate::http::{json, ApiError, Body, Req};
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
@@ -163,7 +163,7 @@ async fn server_postbacks(engine: &Arc<Engine>, p: &Params) -> Result<Response<B
         status,
         response_status,
         search: text(p, "search"),
-        offset: (page - 1) * limit,
+        offset: offset(page, limit),
         limit,
     };
     let result = engine.store.server_postbacks(query).await?;
@@ -308,7 +308,7 @@ async fn conversions(engine: &Arc<Engine>, p: &Params) -> Result<Response<Body>,
         clickid: text(p, "clickid").or_else(|| text(p, "click_id")),
         subs: [1, 2, 3, 4, 5].map(|i| text(p, &format!("subid{i}"))),
         conversion_id: text(p, "conversion_id"),
-        offset: (page - 1) * limit,
+        offset: offset(page, limit),
         limit,
     };
     let result = engine.store.conversions(query).await?;
@@ -418,7 +418,7 @@ async fn affiliate_postbacks(engine: &Arc<Engine>, p: &Params) -> Result<Respons
         status,
         http_code,
         job_id: text(p, "job_id"),
-        offset: (page - 1) * limit,
+        offset: offset(page, limit),
         limit,
     };
     let result = engine.store.attempts(query).await?;

@@ -113,6 +113,19 @@ async fn malformed_requests_get_clear_errors() {
         let (code, body) = api.get_json(&format!("/3.0/offers?{bad}")).await;
         assert_eq!(code, 400, "{bad}: {body}");
     }
+    // A page far past the end is empty, not an overflow (found by schemathesis).
+    let (code, body) = api
+        .get_json("/3.0/offers?limit=106&page=174025887487825960")
+        .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["offers"], serde_json::json!([]));
+    let d = common::today();
+    let (code, body) = api
+        .get_json(&format!(
+            "/3.0/stats/serverpostbacks?date_from={d}&date_to={d}&page=18446744073709551615"
+        ))
+        .await;
+    assert_eq!(code, 200, "{body}");
     let (code, body) = api.get_json("/3.0/offers?limit=100000").await;
     assert_eq!(code, 200);
     assert_eq!(
