@@ -52,6 +52,15 @@ pub enum DeliveryRecord {
 }
 
 impl DeliveryRecord {
+    /// When the record's fact happened (Unix microseconds).
+    pub fn at_us(&self) -> i64 {
+        match self {
+            DeliveryRecord::Job(j) => j.at_us,
+            DeliveryRecord::Attempt(a) => a.at_us,
+            DeliveryRecord::Resend { at_us, .. } => *at_us,
+        }
+    }
+
     pub fn job_id(&self) -> &str {
         match self {
             DeliveryRecord::Job(j) => &j.job_id,

@@ -85,7 +85,6 @@ pub async fn route(engine: &Arc<Engine>, req: Req) -> Result<Response<Body>, Api
                 .collect();
             list(&p, "postbacks", rows)
         }
-        (_, ["admin" | "partner", ..] | ["offer" | "offers", ..]) => Err(ApiError::NoRoute),
         _ => Err(ApiError::NoRoute),
     }
 }

@@ -159,31 +159,42 @@ pub fn now_us() -> i64 {
 
 /// Drops log records older than `cutoff_us` that the processor has consumed.
 async fn expire_log(engine: &Engine, cutoff_us: i64) -> Result<(), SeamError> {
-    let consumed = engine
-        .store
-        .position(CONSUMER)
-        .await?
-        .min(engine.events.end());
-    let first_kept = first_at_or_after(engine.events.as_ref(), consumed, cutoff_us).await?;
-    if first_kept > engine.events.start() {
-        let start = engine.events.truncate_before(first_kept).await?;
-        tracing::info!(start, "expired log records past the retention");
+    let event_time = |bytes: &[u8]| Event::from_json(bytes).map_or(i64::MAX, |e| e.at_us());
+    let delivery_time = |bytes: &[u8]| {
+        serde_json::from_slice::<DeliveryRecord>(bytes).map_or(i64::MAX, |r| r.at_us())
+    };
+    let logs: [(&dyn EventLog, &str, fn(&[u8]) -> i64); 2] = [
+        (engine.events.as_ref(), CONSUMER, event_time),
+        (
+            engine.deliveries.as_ref(),
+            crate::dispatcher::CONSUMER,
+            delivery_time,
+        ),
+    ];
+    for (log, consumer, time_of) in logs {
+        let consumed = engine.store.position(consumer).await?.min(log.end());
+        let first_kept = first_at_or_after(log, consumed, cutoff_us, time_of).await?;
+        if first_kept > log.start() {
+            let start = log.truncate_before(first_kept).await?;
+            tracing::info!(consumer, start, "expired log records past the retention");
+        }
     }
     Ok(())
 }
 
-/// The first offset before `end` whose event is at or after `cutoff_us` (or `end`), by binary
-/// search: events are appended in time order. Records that do not decode count as kept.
+/// The first offset before `end` whose record is at or after `cutoff_us` (or `end`), by binary
+/// search: records are appended in time order. Records without a time count as kept.
 pub async fn first_at_or_after(
     log: &dyn EventLog,
     end: u64,
     cutoff_us: i64,
+    time_of: fn(&[u8]) -> i64,
 ) -> Result<u64, SeamError> {
     let (mut lo, mut hi) = (log.start(), end);
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
         let at = match log.read(mid, 1).await?.first() {
-            Some((_, bytes)) => Event::from_json(bytes).map_or(i64::MAX, |e| e.at_us()),
+            Some((_, bytes)) => time_of(bytes),
             None => i64::MAX,
         };
         if at < cutoff_us {
@@ -221,19 +232,15 @@ mod tests {
         log.append((0..100).map(|i| event(i * 10)).collect())
             .await
             .expect("append");
-        assert_eq!(first_at_or_after(&log, 100, 0).await.expect("search"), 0);
-        assert_eq!(first_at_or_after(&log, 100, 455).await.expect("search"), 46);
-        assert_eq!(first_at_or_after(&log, 100, 460).await.expect("search"), 46);
-        assert_eq!(
-            first_at_or_after(&log, 100, 5_000).await.expect("search"),
-            100
-        );
+        let time = |b: &[u8]| Event::from_json(b).map_or(i64::MAX, |e| e.at_us());
+        let find = |end, cutoff| first_at_or_after(&log, end, cutoff, time);
+        assert_eq!(find(100, 0).await.expect("search"), 0);
+        assert_eq!(find(100, 455).await.expect("search"), 46);
+        assert_eq!(find(100, 460).await.expect("search"), 46);
+        assert_eq!(find(100, 5_000).await.expect("search"), 100);
         // Never past what was consumed.
-        assert_eq!(
-            first_at_or_after(&log, 30, 5_000).await.expect("search"),
-            30
-        );
+        assert_eq!(find(30, 5_000).await.expect("search"), 30);
         log.truncate_before(20).await.expect("truncate");
-        assert_eq!(first_at_or_after(&log, 100, 0).await.expect("search"), 20);
+        assert_eq!(find(100, 0).await.expect("search"), 20);
     }
 }

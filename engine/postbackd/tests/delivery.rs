@@ -117,7 +117,6 @@ async fn retries_outcomes_and_the_attempt_log() {
         ("bad", aff.url("/bad?t={transactionid}&s={status}")),
     ];
     let mut kinds: HashMap<u64, &str> = HashMap::new();
-    let _ = &mut kinds;
     for (kind, url) in &urls {
         kinds.insert(
             setting(&api, &[("partner_id", "1"), ("url", url)]).await,
