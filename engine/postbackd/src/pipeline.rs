@@ -158,12 +158,15 @@ pub fn now_us() -> i64 {
 }
 
 /// Drops log records older than `cutoff_us` that the processor has consumed.
+/// Reads the time of a log record.
+type TimeOf = fn(&[u8]) -> i64;
+
 async fn expire_log(engine: &Engine, cutoff_us: i64) -> Result<(), SeamError> {
     let event_time = |bytes: &[u8]| Event::from_json(bytes).map_or(i64::MAX, |e| e.at_us());
     let delivery_time = |bytes: &[u8]| {
         serde_json::from_slice::<DeliveryRecord>(bytes).map_or(i64::MAX, |r| r.at_us())
     };
-    let logs: [(&dyn EventLog, &str, fn(&[u8]) -> i64); 2] = [
+    let logs: [(&dyn EventLog, &str, TimeOf); 2] = [
         (engine.events.as_ref(), CONSUMER, event_time),
         (
             engine.deliveries.as_ref(),
@@ -188,7 +191,7 @@ pub async fn first_at_or_after(
     log: &dyn EventLog,
     end: u64,
     cutoff_us: i64,
-    time_of: fn(&[u8]) -> i64,
+    time_of: TimeOf,
 ) -> Result<u64, SeamError> {
     let (mut lo, mut hi) = (log.start(), end);
     while lo < hi {
