@@ -29,10 +29,20 @@ python3 -m venv target/py >/dev/null
 target/py/bin/pip install --quiet --disable-pip-version-check schemathesis==4.32.5
 data=$(mktemp -d)
 port=18555
-target/debug/postbackd serve --listen 127.0.0.1:$port --data-dir "$data" --api-key fuzz >"$data/log" 2>&1 &
+"${CARGO_TARGET_DIR:-target}/debug/postbackd" serve --listen 127.0.0.1:$port --data-dir "$data" \
+  --api-key fuzz >"$data/log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; rm -rf "$data"' EXIT
-for _ in $(seq 1 100); do curl -sf http://127.0.0.1:$port/ready >/dev/null && break; sleep 0.1; done
+ready=0
+for _ in $(seq 1 100); do
+  if curl -sf http://127.0.0.1:$port/ready >/dev/null; then ready=1; break; fi
+  sleep 0.1
+done
+if [ "$ready" != 1 ]; then
+  echo "postbackd did not start for the fuzzer:" >&2
+  cat "$data/log" >&2
+  exit 1
+fi
 target/py/bin/st run schemas/openapi.yaml --url http://127.0.0.1:$port --header "API-Key: fuzz" \
   --checks not_a_server_error --max-examples 100 --seed 1 --no-color | tail -n 12
 if grep -q panicked "$data/log"; then
