@@ -93,6 +93,14 @@ fn bad(msg: impl Into<String>) -> ApiError {
     ApiError::BadRequest(msg.into())
 }
 
+/// The entity an update names (404 if there is none), or `None` for a creation.
+fn existing<T>(
+    id: Option<u64>,
+    find: impl FnOnce(u64) -> Option<T>,
+) -> Result<Option<T>, ApiError> {
+    id.map(|id| find(id).ok_or(ApiError::NotFound)).transpose()
+}
+
 fn parse_id(s: &str) -> Result<u64, ApiError> {
     s.parse().map_err(|_| ApiError::NotFound)
 }
@@ -277,11 +285,7 @@ async fn save_offer(
     let _writer = engine.catalog_writer.lock().await;
     let (current, next_id) = {
         let c = engine.catalog_read();
-        let current = match id {
-            Some(id) => Some(c.offer(id).cloned().ok_or(ApiError::NotFound)?),
-            None => None,
-        };
-        (current, c.next_offer_id())
+        (existing(id, |id| c.offer(id).cloned())?, c.next_offer_id())
     };
     let text = |name: &str, current: Option<&String>| -> Option<String> {
         p.get(name)
@@ -394,11 +398,10 @@ async fn save_partner(
     let _writer = engine.catalog_writer.lock().await;
     let (current, next_id) = {
         let c = engine.catalog_read();
-        let current = match id {
-            Some(id) => Some(c.partner(id).cloned().ok_or(ApiError::NotFound)?),
-            None => None,
-        };
-        (current, c.next_partner_id())
+        (
+            existing(id, |id| c.partner(id).cloned())?,
+            c.next_partner_id(),
+        )
     };
     let email = p
         .get("email")
@@ -453,10 +456,7 @@ async fn save_postback(
 ) -> Result<Response<Body>, ApiError> {
     let _writer = engine.catalog_writer.lock().await;
     let c = engine.catalog_read().clone();
-    let current = match id {
-        Some(id) => Some(c.postback(id).cloned().ok_or(ApiError::NotFound)?),
-        None => None,
-    };
+    let current = existing(id, |id| c.postback(id).cloned())?;
     let partner_id = match p.get_nonempty("partner_id") {
         Some(v) => v
             .trim()
