@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
-// Measured: fewer cycles in malloc/free than glibc's allocator under load (README, Benchmarks).
+// malloc/free took 8% of the engine's cycles under load with glibc's allocator (README).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use postbackd::{Config, Overrides, Server};
