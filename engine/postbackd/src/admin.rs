@@ -101,6 +101,17 @@ fn existing<T>(
     id.map(|id| find(id).ok_or(ApiError::NotFound)).transpose()
 }
 
+/// Appends a catalog change and answers with the entity as the API shows it.
+async fn publish(
+    engine: &Engine,
+    event: CatalogEvent,
+    key: &str,
+    value: Value,
+) -> Result<Response<Body>, ApiError> {
+    engine.change_catalog(event).await?;
+    ok(key, value)
+}
+
 fn parse_id(s: &str) -> Result<u64, ApiError> {
     s.parse().map_err(|_| ApiError::NotFound)
 }
@@ -199,13 +210,16 @@ async fn save_advertiser(
         allowed_ip: allowed_ip(p, current.as_ref().map_or(&[], |c| &c.allowed_ip))?,
     };
     let value = advertiser_json(&advertiser);
-    engine
-        .change_catalog(CatalogEvent::Advertiser {
+    publish(
+        engine,
+        CatalogEvent::Advertiser {
             at_us: now_us(),
             advertiser,
-        })
-        .await?;
-    ok("advertiser", value)
+        },
+        "advertiser",
+        value,
+    )
+    .await
 }
 
 fn advertiser_json(a: &Advertiser) -> Value {
@@ -358,13 +372,16 @@ async fn save_offer(
         hold_period,
     };
     let value = offer_json(&offer);
-    engine
-        .change_catalog(CatalogEvent::Offer {
+    publish(
+        engine,
+        CatalogEvent::Offer {
             at_us: now_us(),
             offer,
-        })
-        .await?;
-    ok("offer", value)
+        },
+        "offer",
+        value,
+    )
+    .await
 }
 
 pub fn offer_json(o: &Offer) -> Value {
@@ -427,13 +444,16 @@ async fn save_partner(
         email,
     };
     let value = partner_json(&partner);
-    engine
-        .change_catalog(CatalogEvent::Partner {
+    publish(
+        engine,
+        CatalogEvent::Partner {
             at_us: now_us(),
             partner,
-        })
-        .await?;
-    ok("partner", value)
+        },
+        "partner",
+        value,
+    )
+    .await
 }
 
 pub fn partner_json(a: &Partner) -> Value {
@@ -533,13 +553,16 @@ async fn save_postback(
         method,
     };
     let value = postback_json(&postback);
-    engine
-        .change_catalog(CatalogEvent::PostbackSetting {
+    publish(
+        engine,
+        CatalogEvent::PostbackSetting {
             at_us: now_us(),
             postback,
-        })
-        .await?;
-    ok("postback", value)
+        },
+        "postback",
+        value,
+    )
+    .await
 }
 
 async fn remove_postback(engine: &Engine, id: u64) -> Result<Response<Body>, ApiError> {

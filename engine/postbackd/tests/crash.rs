@@ -97,6 +97,25 @@ async fn setup(api: &Api) -> String {
     api.click(1, 1, "").await
 }
 
+const FLAGS: [&str; 1] = ["--allow-private-postback-targets"];
+
+/// An engine (allowed to reach loopback) whose partner 1 has a postback to a local affiliate
+/// server, and a click to convert.
+async fn with_affiliate(dir: &Path) -> (Affiliate, Engine, String) {
+    let aff = Affiliate::start().await;
+    let engine = spawn_with(dir, &FLAGS).await;
+    let click = setup(&engine.api).await;
+    let url = aff.url("/ok?t={transactionid}&s={status}");
+    engine
+        .api
+        .admin_post(
+            "/3.0/partner/postback",
+            &[("partner_id", "1"), ("url", &url)],
+        )
+        .await;
+    (aff, engine, click)
+}
+
 /// Sends postbacks from `workers` tasks until the server stops answering; returns the action
 /// ids that got a 200.
 fn load(
@@ -201,17 +220,8 @@ async fn sigkill_under_load_loses_and_doubles_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_reproduces_the_same_stats() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let aff = Affiliate::start().await;
-    let flags = ["--allow-private-postback-targets"];
-    let engine = spawn_with(dir.path(), &flags).await;
+    let (aff, engine, click) = with_affiliate(dir.path()).await;
     let api = engine.api.clone();
-    let click = setup(&api).await;
-    let url = aff.url("/ok?t={transactionid}&s={status}");
-    api.admin_post(
-        "/3.0/partner/postback",
-        &[("partner_id", "1"), ("url", &url)],
-    )
-    .await;
     for q in [
         format!("clickid={click}&action_id=1"),
         format!("clickid={click}&action_id=1"),
@@ -275,7 +285,7 @@ async fn replay_reproduces_the_same_stats() {
         "{out:?}"
     );
 
-    let replayed = spawn_with(copy.path(), &flags).await;
+    let replayed = spawn_with(copy.path(), &FLAGS).await;
     let after_log = all_rows(&replayed.api, "serverpostbacks", "postbacks").await;
     let after_conv = all_rows(&replayed.api, "conversions", "conversions").await;
     let after_attempts = all_rows(&replayed.api, "affiliatepostbacks", "postbacks").await;
@@ -311,17 +321,8 @@ fn copy_dir(from: &Path, to: &Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_deliveries_sends_each_state_once() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let aff = Affiliate::start().await;
-    let flags = ["--allow-private-postback-targets"];
-    let engine = spawn_with(dir.path(), &flags).await;
+    let (aff, engine, click) = with_affiliate(dir.path()).await;
     let api = engine.api.clone();
-    let click = setup(&api).await;
-    let url = aff.url("/ok?t={transactionid}&s={status}");
-    api.admin_post(
-        "/3.0/partner/postback",
-        &[("partner_id", "1"), ("url", &url)],
-    )
-    .await;
     let total = 300;
     for i in 0..total {
         api.postback(&format!("clickid={click}&action_id=P{i}"))
@@ -342,7 +343,7 @@ async fn sigkill_during_deliveries_sends_each_state_once() {
     );
     aff.pause(false);
 
-    let engine = spawn_with(dir.path(), &flags).await;
+    let engine = spawn_with(dir.path(), &FLAGS).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let d = today();
