@@ -1,5 +1,12 @@
 -- The embedded analytics store (SQLite). Every row is derived from the event log and can be
 -- rebuilt by `postbackd replay`; ids come from log positions, so rewriting a batch is a no-op.
+--
+-- Schema version: `PRAGMA user_version` (set by the engine, see SCHEMA_VERSION in
+-- sqlite_store.rs). A store written by an older version is rebuilt from the logs at start.
+--
+-- Listed tables have `seq INTEGER PRIMARY KEY AUTOINCREMENT`: the order rows were written in,
+-- never reused (even after retention empties a table). A listing's snapshot is the highest seq
+-- it saw; later pages read `seq <= snapshot`, so rows added meanwhile shift nothing.
 PRAGMA journal_mode = WAL;
 -- NORMAL in WAL mode survives a process crash; after a power loss the newest transactions may
 -- roll back, and with them the consumer position, so the processor simply redoes them.
@@ -24,7 +31,7 @@ CREATE TABLE IF NOT EXISTS clicks (
 CREATE INDEX IF NOT EXISTS clicks_at ON clicks (at_us);
 
 CREATE TABLE IF NOT EXISTS server_postbacks (
-    seq INTEGER PRIMARY KEY,
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
     at_us INTEGER NOT NULL,
     server TEXT NOT NULL,
@@ -62,7 +69,8 @@ CREATE VIRTUAL TABLE IF NOT EXISTS server_postbacks_search USING fts5 (
 );
 
 CREATE TABLE IF NOT EXISTS conversions (
-    id TEXT PRIMARY KEY,
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
     conv_key TEXT NOT NULL UNIQUE,
     offer_id INTEGER NOT NULL,
     pid INTEGER NOT NULL,
@@ -117,6 +125,7 @@ CREATE INDEX IF NOT EXISTS dj_partner ON delivery_jobs (pid, at_us);
 CREATE INDEX IF NOT EXISTS dj_at ON delivery_jobs (at_us);
 
 CREATE TABLE IF NOT EXISTS delivery_attempts (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL,
     attempt INTEGER NOT NULL,
     at_us INTEGER NOT NULL,
@@ -124,6 +133,6 @@ CREATE TABLE IF NOT EXISTS delivery_attempts (
     error TEXT NOT NULL,
     state TEXT NOT NULL,
     next_at_us INTEGER,
-    PRIMARY KEY (job_id, attempt)
-) WITHOUT ROWID;
+    UNIQUE (job_id, attempt)
+);
 CREATE INDEX IF NOT EXISTS da_at ON delivery_attempts (at_us);

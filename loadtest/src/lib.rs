@@ -805,10 +805,15 @@ async fn verify(target: &Target, rec: &Recorder, plan: &Plan) -> anyhow::Result<
     }
     let mut seen: HashMap<String, Vec<String>> = HashMap::new();
     for base in &bases {
+        // Pages of one snapshot: rows still arriving would shift later pages.
+        let mut snapshot = String::new();
         for page in 1.. {
             let v = target
-                .get_json(&format!("{base}&limit=500&page={page}"))
+                .get_json(&format!("{base}&limit=500&page={page}{snapshot}"))
                 .await?;
+            if let Some(s) = v["pagination"]["snapshot"].as_str() {
+                snapshot = format!("&snapshot={s}");
+            }
             let rows = v["postbacks"].as_array().cloned().unwrap_or_default();
             for r in &rows {
                 let token = r["_get"]["lt"]

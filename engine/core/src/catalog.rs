@@ -203,10 +203,13 @@ pub struct Catalog {
     offers: BTreeMap<u64, Versions<Offer>>,
     partners: BTreeMap<u64, Versions<Partner>>,
     postbacks: BTreeMap<u64, Versions<PostbackSetting>>,
+    /// The latest time of any change applied.
+    last_change_us: i64,
 }
 
 impl Catalog {
     pub fn apply(&mut self, event: CatalogEvent) {
+        self.last_change_us = self.last_change_us.max(event.at_us());
         match event {
             CatalogEvent::Advertiser { at_us, advertiser } => self
                 .advertisers
@@ -234,6 +237,11 @@ impl Catalog {
         }
     }
 
+    /// The latest time of any change: a view `_at` this time (or later) shows every change.
+    pub fn last_change_us(&self) -> i64 {
+        self.last_change_us
+    }
+
     pub fn offer(&self, id: u64) -> Option<&Offer> {
         self.offers.get(&id).and_then(Versions::latest)
     }
@@ -242,6 +250,10 @@ impl Catalog {
     }
     pub fn offers(&self) -> impl Iterator<Item = &Offer> {
         self.offers.values().filter_map(Versions::latest)
+    }
+    /// The offers as they were at `at_us`, by id.
+    pub fn offers_at(&self, at_us: i64) -> impl Iterator<Item = &Offer> {
+        self.offers.values().filter_map(move |v| v.at(at_us))
     }
     pub fn next_offer_id(&self) -> u64 {
         self.offers.keys().next_back().map_or(1, |k| k + 1)
@@ -256,12 +268,20 @@ impl Catalog {
     pub fn advertisers(&self) -> impl Iterator<Item = &Advertiser> {
         self.advertisers.values().filter_map(Versions::latest)
     }
+    /// The advertisers as they were at `at_us`, by id (which begins with the creation time).
+    pub fn advertisers_at(&self, at_us: i64) -> impl Iterator<Item = &Advertiser> {
+        self.advertisers.values().filter_map(move |v| v.at(at_us))
+    }
 
     pub fn partner(&self, id: u64) -> Option<&Partner> {
         self.partners.get(&id).and_then(Versions::latest)
     }
     pub fn partners(&self) -> impl Iterator<Item = &Partner> {
         self.partners.values().filter_map(Versions::latest)
+    }
+    /// The partners as they were at `at_us`, by id.
+    pub fn partners_at(&self, at_us: i64) -> impl Iterator<Item = &Partner> {
+        self.partners.values().filter_map(move |v| v.at(at_us))
     }
     pub fn next_partner_id(&self) -> u64 {
         self.partners.keys().next_back().map_or(1, |k| k + 1)

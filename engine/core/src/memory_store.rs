@@ -19,13 +19,21 @@ pub struct MemoryStore {
 struct Inner {
     positions: HashMap<String, u64>,
     clicks: HashMap<String, Click>,
-    /// In insertion order, which breaks ties of time as the other stores do.
-    postbacks: Vec<ServerPostbackRow>,
-    postback_ids: HashMap<String, usize>,
-    conversions: HashMap<String, Conversion>,
+    /// Listed rows carry the write sequence number they were inserted at: it is the snapshot
+    /// they belong to, and it breaks ties of time as the other stores do.
+    written: u64,
+    postbacks: Vec<(u64, ServerPostbackRow)>,
+    postback_ids: std::collections::HashSet<String>,
+    conversions: HashMap<String, (u64, Conversion)>,
     jobs: HashMap<String, JobState>,
-    /// In insertion order.
-    attempts: Vec<AttemptRow>,
+    attempts: Vec<(u64, AttemptRow)>,
+}
+
+impl Inner {
+    fn next_seq(&mut self) -> u64 {
+        self.written += 1;
+        self.written
+    }
 }
 
 impl MemoryStore {
@@ -42,15 +50,17 @@ fn ready<T: Send + 'static>(v: T) -> BoxFuture<'static, T> {
     Box::pin(std::future::ready(v))
 }
 
-fn page<T: Clone>(rows: Vec<&T>, offset: u64, limit: u64) -> Page<T> {
+/// A page of rows already filtered to the snapshot and sorted.
+fn page<T: Clone>(rows: Vec<&T>, offset: u64, limit: u64, snapshot: u64) -> Page<T> {
     Page {
         total: rows.len() as u64,
         rows: rows
             .into_iter()
-            .skip(offset as usize)
-            .take(limit as usize)
+            .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+            .take(usize::try_from(limit).unwrap_or(usize::MAX))
             .cloned()
             .collect(),
+        snapshot,
     }
 }
 
@@ -84,7 +94,11 @@ impl Store for MemoryStore {
                 out.clicks.insert(id, c.clone());
             }
         }
-        for c in inner.conversions.values().filter(|c| keys.contains(&c.key)) {
+        for (_, c) in inner
+            .conversions
+            .values()
+            .filter(|(_, c)| keys.contains(&c.key))
+        {
             out.conversions.insert(c.key.clone(), c.clone());
         }
         ready(Ok(out))
@@ -101,22 +115,22 @@ impl Store for MemoryStore {
             inner.clicks.entry(c.click_id.clone()).or_insert(c);
         }
         for r in output.postbacks {
-            if !inner.postback_ids.contains_key(&r.id) {
-                let n = inner.postbacks.len();
-                inner.postback_ids.insert(r.id.clone(), n);
-                inner.postbacks.push(r);
+            if inner.postback_ids.insert(r.id.clone()) {
+                let seq = inner.next_seq();
+                inner.postbacks.push((seq, r));
             }
         }
         for change in output.changes {
             let c = change.conversion;
             match inner.conversions.get_mut(&c.id) {
-                Some(existing) => {
+                Some((_, existing)) => {
                     existing.status = c.status;
                     existing.updated_us = c.updated_us;
                     existing.comment = c.comment;
                 }
                 None => {
-                    inner.conversions.insert(c.id.clone(), c);
+                    let seq = inner.next_seq();
+                    inner.conversions.insert(c.id.clone(), (seq, c));
                 }
             }
         }
@@ -129,10 +143,12 @@ impl Store for MemoryStore {
         q: ServerPostbackQuery,
     ) -> BoxFuture<'_, Result<Page<ServerPostbackRow>, SeamError>> {
         let inner = self.lock();
-        let mut rows: Vec<(usize, &ServerPostbackRow)> = inner
+        let snapshot = q.snapshot.unwrap_or(inner.written);
+        let mut rows: Vec<(u64, &ServerPostbackRow)> = inner
             .postbacks
             .iter()
-            .enumerate()
+            .map(|(seq, r)| (*seq, r))
+            .filter(|(seq, _)| *seq <= snapshot)
             .filter(|(_, r)| r.at_us >= q.from_us && r.at_us < q.to_us)
             .filter(|(_, r)| q.offers.is_empty() || q.offers.contains(&r.offer_id))
             .filter(|(_, r)| q.partners.is_empty() || q.partners.contains(&r.pid))
@@ -157,6 +173,7 @@ impl Store for MemoryStore {
             rows.into_iter().map(|(_, r)| r).collect(),
             q.offset,
             q.limit,
+            snapshot,
         )))
     }
 
@@ -165,9 +182,12 @@ impl Store for MemoryStore {
         q: ConversionQuery,
     ) -> BoxFuture<'_, Result<Page<Conversion>, SeamError>> {
         let inner = self.lock();
+        let snapshot = q.snapshot.unwrap_or(inner.written);
         let mut rows: Vec<&Conversion> = inner
             .conversions
             .values()
+            .filter(|(seq, _)| *seq <= snapshot)
+            .map(|(_, c)| c)
             .filter(|c| c.created_us >= q.from_us && c.created_us < q.to_us)
             .filter(|c| q.statuses.is_empty() || q.statuses.contains(&c.status))
             .filter(|c| q.offers.is_empty() || q.offers.contains(&c.offer_id))
@@ -189,7 +209,7 @@ impl Store for MemoryStore {
             })
             .collect();
         rows.sort_by(|a, b| b.created_us.cmp(&a.created_us).then(b.id.cmp(&a.id)));
-        ready(Ok(page(rows, q.offset, q.limit)))
+        ready(Ok(page(rows, q.offset, q.limit, snapshot)))
     }
 
     fn clicks(&self, ids: Vec<String>) -> BoxFuture<'_, Result<Vec<Click>, SeamError>> {
@@ -204,18 +224,15 @@ impl Store for MemoryStore {
         let mut inner = self.lock();
         let before = inner.clicks.len() + inner.postbacks.len() + inner.conversions.len();
         inner.clicks.retain(|_, c| c.at_us >= before_us);
-        inner.postbacks.retain(|r| r.at_us >= before_us);
-        let ids = inner
-            .postbacks
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r.id.clone(), i))
-            .collect();
+        inner.postbacks.retain(|(_, r)| r.at_us >= before_us);
+        let ids = inner.postbacks.iter().map(|(_, r)| r.id.clone()).collect();
         inner.postback_ids = ids;
-        inner.conversions.retain(|_, c| c.created_us >= before_us);
+        inner
+            .conversions
+            .retain(|_, (_, c)| c.created_us >= before_us);
         let after = inner.clicks.len() + inner.postbacks.len() + inner.conversions.len();
         inner.jobs.retain(|_, j| j.job.at_us >= before_us);
-        inner.attempts.retain(|a| a.attempt.at_us >= before_us);
+        inner.attempts.retain(|(_, a)| a.attempt.at_us >= before_us);
         ready(Ok((before - after) as u64))
     }
 
@@ -240,10 +257,9 @@ impl Store for MemoryStore {
                     });
                 }
                 DeliveryRecord::Attempt(a) => {
-                    let seen = inner
-                        .attempts
-                        .iter()
-                        .any(|r| r.attempt.job_id == a.job_id && r.attempt.attempt == a.attempt);
+                    let seen = inner.attempts.iter().any(|(_, r)| {
+                        r.attempt.job_id == a.job_id && r.attempt.attempt == a.attempt
+                    });
                     let Some(state) = inner.jobs.get_mut(&a.job_id) else {
                         continue;
                     };
@@ -256,7 +272,8 @@ impl Store for MemoryStore {
                         state.next_at_us = a.next_at_us.unwrap_or(state.next_at_us);
                     }
                     let job = state.job.clone();
-                    inner.attempts.push(AttemptRow { job, attempt: a });
+                    let seq = inner.next_seq();
+                    inner.attempts.push((seq, AttemptRow { job, attempt: a }));
                 }
                 DeliveryRecord::Resend { job_id, at_us } => {
                     if let Some(state) = inner.jobs.get_mut(&job_id) {
@@ -318,10 +335,12 @@ impl Store for MemoryStore {
 
     fn attempts(&self, q: AttemptQuery) -> BoxFuture<'_, Result<Page<AttemptRow>, SeamError>> {
         let inner = self.lock();
-        let mut rows: Vec<(usize, &AttemptRow)> = inner
+        let snapshot = q.snapshot.unwrap_or(inner.written);
+        let mut rows: Vec<(u64, &AttemptRow)> = inner
             .attempts
             .iter()
-            .enumerate()
+            .map(|(seq, r)| (*seq, r))
+            .filter(|(seq, _)| *seq <= snapshot)
             .filter(|(_, r)| r.attempt.at_us >= q.from_us && r.attempt.at_us < q.to_us)
             .filter(|(_, r)| q.offers.is_empty() || q.offers.contains(&r.job.offer_id))
             .filter(|(_, r)| q.partners.is_empty() || q.partners.contains(&r.job.pid))
@@ -339,6 +358,7 @@ impl Store for MemoryStore {
             rows.into_iter().map(|(_, r)| r).collect(),
             q.offset,
             q.limit,
+            snapshot,
         )))
     }
 }
@@ -359,5 +379,7 @@ mod tests {
         block_on(suite::expiry_removes_old_rows_everywhere(
             &MemoryStore::new(),
         ));
+        block_on(suite::deliveries(&MemoryStore::new()));
+        block_on(suite::snapshots_pin_a_growing_listing(&MemoryStore::new()));
     }
 }

@@ -58,7 +58,11 @@ pub trait EventLog: Send + Sync + 'static {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Page<T> {
     pub rows: Vec<T>,
+    /// Rows matching the filters within the snapshot.
     pub total: u64,
+    /// The snapshot the page was read in: pass it back (`snapshot` of the query) to read further
+    /// pages of the same listing while rows are being added.
+    pub snapshot: u64,
 }
 
 /// Filters of `/3.0/stats/serverpostbacks`. Times are Unix microseconds, `to_us` exclusive.
@@ -77,6 +81,8 @@ pub struct ServerPostbackQuery {
     pub search: Option<String>,
     pub offset: u64,
     pub limit: u64,
+    /// Only rows that existed at this snapshot (from an earlier [`Page`]); `None`: now.
+    pub snapshot: Option<u64>,
 }
 
 /// Filters of `/3.0/stats/conversions`.
@@ -96,6 +102,8 @@ pub struct ConversionQuery {
     pub conversion_id: Option<String>,
     pub offset: u64,
     pub limit: u64,
+    /// Only rows that existed at this snapshot (from an earlier [`Page`]); `None`: now.
+    pub snapshot: Option<u64>,
 }
 
 /// Filters of `/3.0/stats/affiliatepostbacks` (one row per attempt).
@@ -111,6 +119,8 @@ pub struct AttemptQuery {
     pub job_id: Option<String>,
     pub offset: u64,
     pub limit: u64,
+    /// Only rows that existed at this snapshot (from an earlier [`Page`]); `None`: now.
+    pub snapshot: Option<u64>,
 }
 
 /// The analytics store: what the processor writes and the stats API reads.
@@ -121,6 +131,11 @@ pub struct AttemptQuery {
 ///   leaves the same rows. Conversion states are upserts by id; the last one wins.
 /// - `position` is the next log offset the consumer must process (0 when it never wrote).
 /// - Reads see only whole batches.
+/// - Listings are ordered newest first, ties by id (for the server-postback log: by position,
+///   which orders ids the same way), and are read in a snapshot: a store-defined number that
+///   grows with every write. A query that names an earlier [`Page::snapshot`] sees exactly the
+///   rows it saw then (with their current values), so pages never repeat or skip a row while
+///   the processor adds rows, and `total` stays the same.
 /// - `expire` deletes rows older than the given time from every table.
 /// - `apply_deliveries` applies records of the deliveries log and the dispatcher's next
 ///   position atomically; a job seen twice is kept once, an attempt seen twice is counted once.

@@ -644,3 +644,125 @@ pub async fn deliveries(store: &dyn Store) {
         "j1 and j3"
     );
 }
+
+/// A snapshot from a first page pins the listing: rows written afterwards (newer ones, which
+/// sort first) shift nothing, so paging on sees every row once and the same total; rows that
+/// were there show their current values.
+pub async fn snapshots_pin_a_growing_listing(store: &dyn Store) {
+    let first = Output {
+        postbacks: (0..10)
+            .map(|i| postback(&format!("p{i:02}"), 100 + i, "a=1", 1, true))
+            .collect(),
+        changes: (0..10)
+            .map(|i| ConversionChange {
+                created: true,
+                conversion: conversion(&format!("v{i:02}"), &format!("k{i}"), 2, 100 + i),
+            })
+            .collect(),
+        ..Default::default()
+    };
+    store.write("p", first, 10).await.expect("write");
+    let jobs = |from: usize, to: usize| {
+        (from..to)
+            .flat_map(|i| {
+                let id = format!("j{i:02}");
+                [
+                    DeliveryRecord::Job(job(&id, 1, 100)),
+                    attempt(&id, 1, 100 + i as i64, 500, JobStatus::Pending, Some(999)),
+                ]
+            })
+            .collect::<Vec<_>>()
+    };
+    store
+        .apply_deliveries("d", jobs(0, 10), 20)
+        .await
+        .expect("apply");
+    let pq = |offset, snapshot| ServerPostbackQuery {
+        offset,
+        limit: 4,
+        snapshot,
+        ..query(0, 1000)
+    };
+    let cq = |offset, snapshot| ConversionQuery {
+        from_us: 0,
+        to_us: 1000,
+        offset,
+        limit: 4,
+        snapshot,
+        ..Default::default()
+    };
+    let aq = |offset, snapshot| AttemptQuery {
+        from_us: 0,
+        to_us: 1000,
+        offset,
+        limit: 4,
+        snapshot,
+        ..Default::default()
+    };
+    let p1 = store.server_postbacks(pq(0, None)).await.expect("page 1");
+    let c1 = store.conversions(cq(0, None)).await.expect("page 1");
+    let a1 = store.attempts(aq(0, None)).await.expect("page 1");
+    assert_eq!((p1.total, c1.total, a1.total), (10, 10, 10));
+
+    // The processor and the dispatcher go on while the listing is read.
+    let more = Output {
+        postbacks: (10..15)
+            .map(|i| postback(&format!("p{i:02}"), 200 + i, "a=1", 1, true))
+            .collect(),
+        changes: (10..15)
+            .map(|i| ConversionChange {
+                created: true,
+                conversion: conversion(&format!("v{i:02}"), &format!("k{i}"), 2, 200 + i),
+            })
+            .chain([ConversionChange {
+                created: false,
+                conversion: conversion("v03", "k3", 1, 103),
+            }])
+            .collect(),
+        ..Default::default()
+    };
+    store.write("p", more, 15).await.expect("write");
+    store
+        .apply_deliveries("d", jobs(10, 15), 30)
+        .await
+        .expect("apply");
+
+    let mut postbacks: Vec<String> = p1.rows.iter().map(|r| r.id.clone()).collect();
+    let mut conversions: Vec<String> = c1.rows.iter().map(|c| c.id.clone()).collect();
+    let mut attempts: Vec<String> = a1.rows.iter().map(|a| a.job.job_id.clone()).collect();
+    for offset in [4, 8] {
+        let p = store
+            .server_postbacks(pq(offset, Some(p1.snapshot)))
+            .await
+            .expect("page");
+        assert_eq!((p.total, p.snapshot), (10, p1.snapshot), "pinned");
+        postbacks.extend(p.rows.iter().map(|r| r.id.clone()));
+        let c = store
+            .conversions(cq(offset, Some(c1.snapshot)))
+            .await
+            .expect("page");
+        assert_eq!(c.total, 10, "pinned");
+        if let Some(v03) = c.rows.iter().find(|c| c.id == "v03") {
+            assert_eq!(v03.status, 1, "a pinned row shows its current state");
+        }
+        conversions.extend(c.rows.iter().map(|c| c.id.clone()));
+        let a = store
+            .attempts(aq(offset, Some(a1.snapshot)))
+            .await
+            .expect("page");
+        assert_eq!(a.total, 10, "pinned");
+        attempts.extend(a.rows.iter().map(|a| a.job.job_id.clone()));
+    }
+    let expect = |prefix: &str| -> Vec<String> {
+        (0..10).rev().map(|i| format!("{prefix}{i:02}")).collect()
+    };
+    assert_eq!(postbacks, expect("p"), "each row once, newest first");
+    assert_eq!(conversions, expect("v"));
+    assert_eq!(attempts, expect("j"));
+    // Without a snapshot, the listing is read as it is now.
+    let now = store.server_postbacks(pq(0, None)).await.expect("now");
+    assert_eq!(now.total, 15);
+    assert!(now.snapshot > p1.snapshot);
+    assert_eq!(store.conversions(cq(0, None)).await.expect("now").total, 15);
+    assert_eq!(store.attempts(aq(0, None)).await.expect("now").total, 15);
+}

@@ -3,6 +3,7 @@
 
 use crate::engine::Engine;
 use crate::http::{json, ApiError, Body, Req};
+use crate::paging::Paging;
 use crate::pipeline::now_us;
 use hyper::{Method, Response, StatusCode};
 use postback_core::catalog::*;
@@ -28,8 +29,10 @@ pub async fn route(engine: &Arc<Engine>, req: Req) -> Result<Response<Body>, Api
             let c = engine.catalog_read();
             list(
                 &p,
+                &c,
                 "advertisers",
-                c.advertisers().map(advertiser_json).collect(),
+                |t| c.advertisers_at(t),
+                advertiser_json,
             )
         }
         (&Method::POST, ["admin", "offer"]) => save_offer(engine, None, &p).await,
@@ -43,7 +46,7 @@ pub async fn route(engine: &Arc<Engine>, req: Req) -> Result<Response<Body>, Api
         }
         (&Method::GET, ["offers"]) => {
             let c = engine.catalog_read();
-            list(&p, "offers", c.offers().map(offer_json).collect())
+            list(&p, &c, "offers", |t| c.offers_at(t), offer_json)
         }
         (&Method::POST, ["admin", "partner"]) => save_partner(engine, None, &p).await,
         (&Method::POST, ["admin", "partner", id]) => {
@@ -56,7 +59,7 @@ pub async fn route(engine: &Arc<Engine>, req: Req) -> Result<Response<Body>, Api
         }
         (&Method::GET, ["admin", "partners"]) => {
             let c = engine.catalog_read();
-            list(&p, "partners", c.partners().map(partner_json).collect())
+            list(&p, &c, "partners", |t| c.partners_at(t), partner_json)
         }
         (&Method::POST, ["partner", "postback"]) => save_postback(engine, None, &p).await,
         (&Method::POST, ["partner", "postback", id]) => {
@@ -78,12 +81,16 @@ pub async fn route(engine: &Arc<Engine>, req: Req) -> Result<Response<Body>, Api
                 None => None,
             };
             let c = engine.catalog_read();
-            let rows = c
-                .postbacks()
-                .filter(|s| partner.is_none_or(|id| s.partner_id == id))
-                .map(postback_json)
-                .collect();
-            list(&p, "postbacks", rows)
+            list(
+                &p,
+                &c,
+                "postbacks",
+                |t| {
+                    c.postbacks_at(t)
+                        .filter(move |s| partner.is_none_or(|id| s.partner_id == id))
+                },
+                postback_json,
+            )
         }
         _ => Err(ApiError::NoRoute),
     }
@@ -120,45 +127,32 @@ fn ok(key: &str, value: Value) -> Result<Response<Body>, ApiError> {
     Ok(json(StatusCode::OK, &json!({"status": 1, key: value})))
 }
 
-/// The offset of a page; a page far past the end is simply empty, never an overflow.
-pub fn offset(page: u64, limit: u64) -> u64 {
-    (page - 1).saturating_mul(limit)
-}
-
-/// `page` (from 1) and `limit` (1 to 500, default 100), as every list takes them.
-pub fn paging(p: &Params) -> Result<(u64, u64), ApiError> {
-    let page = match p.get_nonempty("page") {
-        Some(v) => v
-            .trim()
-            .parse::<u64>()
-            .ok()
-            .filter(|n| *n >= 1)
-            .ok_or_else(|| bad("page must be a positive integer"))?,
-        None => 1,
-    };
-    let limit = match p.get_nonempty("limit") {
-        Some(v) => v
-            .trim()
-            .parse::<u64>()
-            .ok()
-            .filter(|n| *n >= 1)
-            .ok_or_else(|| bad("limit must be a positive integer"))?,
-        None => 100,
-    };
-    Ok((page, limit.min(500)))
-}
-
-fn list(p: &Params, key: &str, rows: Vec<Value>) -> Result<Response<Body>, ApiError> {
-    let (page, limit) = paging(p)?;
+/// A catalog listing, in id order, as of its snapshot: the catalog keeps every version of its
+/// entities by time, so a snapshot is a time (microseconds) and later pages show the catalog as
+/// the first page saw it.
+fn list<'c, T: 'c, I: Iterator<Item = &'c T>>(
+    p: &Params,
+    catalog: &Catalog,
+    key: &str,
+    rows_at: impl FnOnce(i64) -> I,
+    to_json: impl Fn(&T) -> Value,
+) -> Result<Response<Body>, ApiError> {
+    let paging = Paging::parse(p)?;
+    let snapshot = paging.snapshot.unwrap_or_else(|| {
+        // Every change so far, even if the clock stepped back since the last one.
+        u64::try_from(now_us().max(catalog.last_change_us())).unwrap_or(0)
+    });
+    let rows: Vec<&T> = rows_at(i64::try_from(snapshot).unwrap_or(i64::MAX)).collect();
     let total = rows.len() as u64;
     let rows: Vec<Value> = rows
         .into_iter()
-        .skip(usize::try_from(offset(page, limit)).unwrap_or(usize::MAX))
-        .take(limit as usize)
+        .skip(usize::try_from(paging.offset()).unwrap_or(usize::MAX))
+        .take(paging.limit as usize)
+        .map(to_json)
         .collect();
     Ok(json(
         StatusCode::OK,
-        &json!({"status": 1, key: rows, "pagination": {"per_page": limit, "total_count": total, "page": page}}),
+        &json!({"status": 1, key: rows, "pagination": paging.reply(total, snapshot)}),
     ))
 }
 

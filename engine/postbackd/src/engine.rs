@@ -4,7 +4,7 @@
 use crate::config::Config;
 use crate::embedded_log::{EmbeddedEventLog, LogOptions};
 use crate::pipeline;
-use crate::sqlite_store::SqliteStore;
+use crate::sqlite_store::{SchemaState, SqliteStore, SCHEMA_VERSION};
 use anyhow::Context as _;
 use metrics_exporter_prometheus::PrometheusHandle;
 use postback_core::catalog::{Catalog, CatalogEvent};
@@ -142,12 +142,14 @@ pub struct Server {
 }
 
 impl Server {
-    /// Opens the data directory and starts serving on `config.listen`.
+    /// Opens the data directory and starts serving on `config.listen`. A store written by
+    /// another schema version is rebuilt from the logs first.
     pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
         let addr = listener.local_addr()?;
+        rebuild_stale_store(&config).await?;
         let engine = Engine::open(config, metrics).await?;
         let (stop, stop_rx) = watch::channel(false);
         let processor = tokio::spawn(pipeline::run_processor(engine.clone(), stop_rx.clone()));
@@ -188,6 +190,30 @@ impl Server {
         self.engine.events.close();
         self.engine.catalog_log.close();
         self.engine.deliveries.close();
+    }
+}
+
+/// The store is derived data: one written by an older schema is rebuilt from the logs rather
+/// than migrated; one written by a newer version is left alone and refused.
+async fn rebuild_stale_store(config: &Config) -> anyhow::Result<()> {
+    let path = config.data_dir.join("store.sqlite");
+    match SqliteStore::schema_state(&path)? {
+        SchemaState::Current => Ok(()),
+        SchemaState::Newer(v) => anyhow::bail!(
+            "{} has schema version {v}, newer than this build's {SCHEMA_VERSION}; \
+             run a newer postbackd",
+            path.display()
+        ),
+        SchemaState::Stale(v) => {
+            tracing::warn!(
+                from = v,
+                to = SCHEMA_VERSION,
+                "the store's schema is older than this build's; rebuilding it from the logs"
+            );
+            let n = replay(config.clone()).await?;
+            tracing::info!(events = n, "store rebuilt");
+            Ok(())
+        }
     }
 }
 

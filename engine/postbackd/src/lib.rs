@@ -12,6 +12,7 @@ pub mod dispatcher;
 pub mod embedded_log;
 pub mod engine;
 pub mod http;
+pub mod paging;
 pub mod pipeline;
 pub mod sqlite_store;
 pub mod stats;

@@ -17,7 +17,21 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 const SCHEMA: &str = include_str!("../../../schemas/sqlite.sql");
+/// Kept in `PRAGMA user_version`. Raise it with every change to `schemas/sqlite.sql`: a store of
+/// another version is not migrated but rebuilt from the logs, which hold everything it derives.
+pub const SCHEMA_VERSION: i64 = 2;
 const READERS: usize = 3;
+
+/// What an existing store file's schema is, compared with this build's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchemaState {
+    /// No store yet, or one of this version.
+    Current,
+    /// Written by an older version: rebuild it from the logs.
+    Stale(i64),
+    /// Written by a newer version: this build must not touch it.
+    Newer(i64),
+}
 
 pub struct SqliteStore {
     writer: Arc<Mutex<Connection>>,
@@ -33,12 +47,41 @@ fn lock_err<T>(_: T) -> SeamError {
 }
 
 impl SqliteStore {
+    /// Reads the schema version of the store at `path` without changing anything.
+    pub fn schema_state(path: &Path) -> Result<SchemaState, SeamError> {
+        if !path.exists() {
+            return Ok(SchemaState::Current);
+        }
+        let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(db_err)?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(db_err)?;
+        let tables: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db_err)?;
+        Ok(match version {
+            v if v == SCHEMA_VERSION => SchemaState::Current,
+            0 if tables == 0 => SchemaState::Current,
+            v if v > SCHEMA_VERSION => SchemaState::Newer(v),
+            v => SchemaState::Stale(v),
+        })
+    }
+
+    /// Opens (or creates) the store. The caller checks [`Self::schema_state`] first.
     pub fn open(path: &Path) -> Result<Self, SeamError> {
         let writer = Connection::open(path).map_err(db_err)?;
         writer
             .busy_timeout(std::time::Duration::from_secs(10))
             .map_err(db_err)?;
         writer.execute_batch(SCHEMA).map_err(db_err)?;
+        writer
+            .pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(db_err)?;
         let mut readers = Vec::new();
         for _ in 0..READERS {
             let r = Connection::open(path).map_err(db_err)?;
@@ -341,53 +384,79 @@ fn fts_phrase(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
-/// A paged listing: which table, which columns, in which order.
+/// A paged listing: which table, which columns, in which order, and the column and
+/// AUTOINCREMENT sequence that snapshots are taken on.
 struct Listing {
     table: &'static str,
     columns: &'static str,
     order: &'static str,
+    seq: &'static str,
+    sequence: &'static str,
 }
 
 const POSTBACK_LISTING: Listing = Listing {
     table: "server_postbacks",
     columns: POSTBACK_COLUMNS,
+    // seq follows log order, which is the order of the derived ids.
     order: "at_us DESC, seq DESC",
+    seq: "seq",
+    sequence: "server_postbacks",
 };
 
 const CONVERSION_LISTING: Listing = Listing {
     table: "conversions",
     columns: CONVERSION_COLUMNS,
     order: "created_us DESC, id DESC",
+    seq: "seq",
+    sequence: "conversions",
 };
 
+/// One page of a listing, and its total, read in one transaction so that both see the same
+/// rows; limited to the snapshot, or to the rows that exist now.
 fn query_page<T>(
     conn: &Connection,
     listing: &Listing,
-    filter: &Filter,
-    (offset, limit): (u64, u64),
+    mut filter: Filter,
+    (offset, limit, snapshot): (u64, u64, Option<u64>),
     map: impl Fn(&Row<'_>) -> rusqlite::Result<T>,
 ) -> rusqlite::Result<Page<T>> {
     let Listing {
         table,
         columns,
         order,
+        seq,
+        sequence,
     } = listing;
+    let tx = conn.unchecked_transaction()?;
+    let snapshot = match snapshot {
+        Some(s) => s,
+        None => tx
+            .prepare_cached("SELECT seq FROM sqlite_sequence WHERE name = ?")?
+            .query_row([sequence], |r| r.get::<_, i64>(0))
+            .optional()?
+            .map_or(0, |s| s as u64),
+    };
+    filter.add(
+        &format!("{seq} <= ?"),
+        [Value::Integer(i64::try_from(snapshot).unwrap_or(i64::MAX))],
+    );
     let where_ = filter.clause();
-    let total: i64 = conn
+    let total: i64 = tx
         .prepare_cached(&format!("SELECT COUNT(*) FROM {table} {where_}"))?
         .query_row(params_from_iter(filter.values.iter()), |r| r.get(0))?;
     let mut values = filter.values.clone();
     values.push(Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
     values.push(Value::Integer(i64::try_from(offset).unwrap_or(i64::MAX)));
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {columns} FROM {table} {where_} ORDER BY {order} LIMIT ? OFFSET ?"
-    ))?;
-    let rows = stmt
+    let rows = tx
+        .prepare_cached(&format!(
+            "SELECT {columns} FROM {table} {where_} ORDER BY {order} LIMIT ? OFFSET ?"
+        ))?
         .query_map(params_from_iter(values.iter()), map)?
         .collect::<rusqlite::Result<Vec<T>>>()?;
     Ok(Page {
         rows,
         total: total as u64,
+        snapshot,
     })
 }
 
@@ -505,7 +574,7 @@ impl Store for SqliteStore {
                     );
                 }
             }
-            query_page(c, &POSTBACK_LISTING, &f, (q.offset, q.limit), postback_from_row)
+            query_page(c, &POSTBACK_LISTING, f, (q.offset, q.limit, q.snapshot), postback_from_row)
                 .map_err(db_err)
         })
     }
@@ -550,8 +619,8 @@ impl Store for SqliteStore {
             query_page(
                 c,
                 &CONVERSION_LISTING,
-                &f,
-                (q.offset, q.limit),
+                f,
+                (q.offset, q.limit, q.snapshot),
                 conversion_from_row,
             )
             .map_err(db_err)
@@ -604,8 +673,8 @@ impl Store for SqliteStore {
                     )
                     .map_err(db_err)?;
                 tx.execute(
-                    "DELETE FROM delivery_attempts WHERE (job_id, attempt) IN
-                       (SELECT job_id, attempt FROM delivery_attempts WHERE at_us < ? LIMIT 5000)",
+                    "DELETE FROM delivery_attempts WHERE seq IN
+                       (SELECT seq FROM delivery_attempts WHERE at_us < ? LIMIT 5000)",
                     [before_us],
                 )
                 .map_err(db_err)?;
@@ -712,8 +781,8 @@ impl Store for SqliteStore {
             query_page(
                 c,
                 &ATTEMPT_LISTING,
-                &f,
-                (q.offset, q.limit),
+                f,
+                (q.offset, q.limit, q.snapshot),
                 attempt_from_row,
             )
             .map_err(db_err)
@@ -741,6 +810,8 @@ const ATTEMPT_LISTING: Listing = Listing {
     table: "delivery_attempts a JOIN delivery_jobs j ON j.job_id = a.job_id",
     columns: "j.job, a.attempt, a.at_us, a.http_code, a.error, a.state, a.next_at_us",
     order: "a.at_us DESC, a.job_id DESC, a.attempt DESC",
+    seq: "a.seq",
+    sequence: "delivery_attempts",
 };
 
 fn attempt_from_row(r: &Row<'_>) -> rusqlite::Result<AttemptRow> {
@@ -857,6 +928,8 @@ mod tests {
         suite::expiry_removes_old_rows_everywhere(&s).await;
         let (_d, s) = open();
         suite::deliveries(&s).await;
+        let (_d, s) = open();
+        suite::snapshots_pin_a_growing_listing(&s).await;
     }
 
     #[tokio::test]

@@ -1,9 +1,9 @@
 //! The stats API (CONTRACT section 4): the server-postback log, conversions and the
 //! affiliate-postback log, with Affise's filters, paging and JSON types.
 
-use crate::admin::{offset, paging};
 use crate::engine::Engine;
 use crate::http::{json, ApiError, Body, Req};
+use crate::paging::Paging;
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use chrono_tz::Tz;
 use hyper::{Method, Response, StatusCode};
@@ -119,18 +119,10 @@ fn format_time(tz: &Tz, at_us: i64) -> String {
         .unwrap_or_default()
 }
 
-fn pagination(page: u64, limit: u64, total: u64) -> Map<String, Value> {
-    let mut m = Map::new();
-    m.insert("per_page".into(), json!(limit));
-    m.insert("total_count".into(), json!(total));
-    m.insert("page".into(), json!(page));
-    m
-}
-
 async fn server_postbacks(engine: &Arc<Engine>, p: &Params) -> Result<Response<Body>, ApiError> {
     let tz = timezone(p)?;
     let (from_us, to_us) = date_range(p, &tz, None)?;
-    let (page, limit) = paging(p)?;
+    let paging = Paging::parse(p)?;
     let response_status = match p.get_nonempty("response_status") {
         Some(v) => Some(match v.trim() {
             "1" => 1,
@@ -163,8 +155,9 @@ async fn server_postbacks(engine: &Arc<Engine>, p: &Params) -> Result<Response<B
         status,
         response_status,
         search: text(p, "search"),
-        offset: offset(page, limit),
-        limit,
+        offset: paging.offset(),
+        limit: paging.limit,
+        snapshot: paging.snapshot,
     };
     let result = engine.store.server_postbacks(query).await?;
     let click_ids: Vec<String> = result
@@ -192,7 +185,7 @@ async fn server_postbacks(engine: &Arc<Engine>, p: &Params) -> Result<Response<B
         .collect();
     Ok(json(
         StatusCode::OK,
-        &json!({"status": 1, "postbacks": rows, "pagination": pagination(page, limit, result.total)}),
+        &json!({"status": 1, "postbacks": rows, "pagination": paging.reply(result.total, result.snapshot)}),
     ))
 }
 
@@ -279,7 +272,7 @@ fn track_json(c: &Click, catalog: &Catalog, tz: &Tz) -> Value {
 async fn conversions(engine: &Arc<Engine>, p: &Params) -> Result<Response<Body>, ApiError> {
     let tz = timezone(p)?;
     let (from_us, to_us) = date_range(p, &tz, Some(7))?;
-    let (page, limit) = paging(p)?;
+    let paging = Paging::parse(p)?;
     let statuses = p
         .get_all("status")
         .into_iter()
@@ -308,8 +301,9 @@ async fn conversions(engine: &Arc<Engine>, p: &Params) -> Result<Response<Body>,
         clickid: text(p, "clickid").or_else(|| text(p, "click_id")),
         subs: [1, 2, 3, 4, 5].map(|i| text(p, &format!("subid{i}"))),
         conversion_id: text(p, "conversion_id"),
-        offset: offset(page, limit),
-        limit,
+        offset: paging.offset(),
+        limit: paging.limit,
+        snapshot: paging.snapshot,
     };
     let result = engine.store.conversions(query).await?;
     let catalog = engine.catalog_read();
@@ -318,11 +312,14 @@ async fn conversions(engine: &Arc<Engine>, p: &Params) -> Result<Response<Body>,
         .iter()
         .map(|c| conversion_json(c, &catalog, &tz))
         .collect();
-    let mut pages = pagination(page, limit, result.total);
-    let more = page * limit < result.total;
+    let mut pages = paging.reply(result.total, result.snapshot);
     pages.insert(
         "next_page".into(),
-        if more { json!(page + 1) } else { Value::Null },
+        if paging.has_more(result.total) {
+            json!(paging.page + 1)
+        } else {
+            Value::Null
+        },
     );
     Ok(json(
         StatusCode::OK,
@@ -390,7 +387,7 @@ pub fn conversion_json(c: &Conversion, catalog: &Catalog, tz: &Tz) -> Value {
 async fn affiliate_postbacks(engine: &Arc<Engine>, p: &Params) -> Result<Response<Body>, ApiError> {
     let tz = timezone(p)?;
     let (from_us, to_us) = date_range(p, &tz, None)?;
-    let (page, limit) = paging(p)?;
+    let paging = Paging::parse(p)?;
     let status = match p.get_nonempty("status") {
         Some(v) => Some(
             v.trim()
@@ -418,14 +415,15 @@ async fn affiliate_postbacks(engine: &Arc<Engine>, p: &Params) -> Result<Respons
         status,
         http_code,
         job_id: text(p, "job_id"),
-        offset: offset(page, limit),
-        limit,
+        offset: paging.offset(),
+        limit: paging.limit,
+        snapshot: paging.snapshot,
     };
     let result = engine.store.attempts(query).await?;
     let rows: Vec<Value> = result.rows.iter().map(attempt_json).collect();
     Ok(json(
         StatusCode::OK,
-        &json!({"status": 1, "postbacks": rows, "pagination": pagination(page, limit, result.total)}),
+        &json!({"status": 1, "postbacks": rows, "pagination": paging.reply(result.total, result.snapshot)}),
     ))
 }
 

@@ -61,14 +61,16 @@ async fn spawn_with(dir: &Path, extra: &[&str]) -> Engine {
     Engine { child, api }
 }
 
-/// Every row of a stats endpoint, page by page.
+/// Every row of a stats endpoint, page by page, in the snapshot of the first page: the
+/// processor may still be adding rows (newest first) while the pages are read.
 async fn all_rows(api: &Api, endpoint: &str, key: &str) -> Vec<Value> {
     let d = today();
     let mut out = Vec::new();
+    let mut snapshot = String::new();
     for page in 1.. {
         let (code, body) = api
             .get_json(&format!(
-                "/3.0/stats/{endpoint}?date_from={d}&date_to={d}&limit=500&page={page}"
+                "/3.0/stats/{endpoint}?date_from={d}&date_to={d}&limit=500&page={page}{snapshot}"
             ))
             .await;
         assert_eq!(code, 200, "{body}");
@@ -78,6 +80,8 @@ async fn all_rows(api: &Api, endpoint: &str, key: &str) -> Vec<Value> {
         if done {
             break;
         }
+        let pinned = body["pagination"]["snapshot"].as_str().expect("snapshot");
+        snapshot = format!("&snapshot={pinned}");
     }
     out
 }
