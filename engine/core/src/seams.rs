@@ -24,6 +24,10 @@ pub enum SeamError {
     /// (503) or retry later. Nothing was half-written.
     #[error("backend unavailable: {0}")]
     Unavailable(String),
+    /// This input can never succeed (a record too large, a query the backend cannot run):
+    /// refuse it (400), do not retry. The text is fit to show the client.
+    #[error("{0}")]
+    Rejected(String),
     /// The data is damaged or the backend is poisoned (a failed fsync): stop, do not retry.
     #[error("backend failed: {0}")]
     Fatal(String),

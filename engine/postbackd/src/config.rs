@@ -23,6 +23,22 @@ pub struct Config {
     pub max_request_bytes: usize,
     /// Take the client address from `X-Forwarded-For` (only behind a trusted proxy).
     pub trust_forwarded_for: bool,
+    /// With `trust_forwarded_for`: the proxies (IPs or CIDRs) whose `X-Forwarded-For` entries
+    /// are skipped, from the right, to find the client. Empty: one proxy, the peer.
+    pub trusted_proxies: Vec<String>,
+    /// The largest body of an `/3.0/` request (after the key was checked), in bytes.
+    pub max_api_body_bytes: usize,
+    /// Memory for request bodies and queries in flight, shared by all requests, in bytes: a
+    /// request that cannot get its share within `request_timeout_secs` is answered 503.
+    pub request_memory_bytes: usize,
+    /// Open connections at most; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// Accept the API key in the query string (`api-key=`), as Affise does. Keys in URLs end up
+    /// in proxies' logs: turn it off where clients send the header.
+    pub api_key_in_query: bool,
+    /// A second address serving only `/metrics`, without the key (for a scraper on a private
+    /// network). On the main address `/metrics` needs the key.
+    pub metrics_listen: Option<SocketAddr>,
     /// How many log records the processor takes at once.
     pub processor_batch: usize,
     /// How many recent clicks and conversions the processor keeps in memory.
@@ -57,6 +73,12 @@ impl Default for Config {
             retention_days: 92,
             max_request_bytes: 64 * 1024,
             trust_forwarded_for: false,
+            trusted_proxies: Vec::new(),
+            max_api_body_bytes: 1 << 20,
+            request_memory_bytes: 64 << 20,
+            max_connections: 4096,
+            api_key_in_query: true,
+            metrics_listen: None,
             processor_batch: 2048,
             processor_cache: 200_000,
             request_timeout_secs: 10,
@@ -125,7 +147,20 @@ impl Config {
         if flags.allow_private_postback_targets {
             config.allow_private_postback_targets = true;
         }
+        config.trusted_proxy_nets()?;
         Ok(config)
+    }
+
+    /// `trusted_proxies` parsed; an entry that is neither an IP nor a CIDR is an error.
+    pub fn trusted_proxy_nets(&self) -> anyhow::Result<Vec<ipnet::IpNet>> {
+        self.trusted_proxies
+            .iter()
+            .map(|e| {
+                e.parse::<ipnet::IpNet>()
+                    .or_else(|_| e.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| anyhow::anyhow!("trusted_proxies: {e:?} is not an IP or CIDR"))
+            })
+            .collect()
     }
 
     fn apply_env(&mut self, env: &HashMap<String, String>) -> anyhow::Result<()> {
@@ -146,6 +181,23 @@ impl Config {
                 "TRUST_FORWARDED_FOR" => {
                     self.trust_forwarded_for = value.parse().map_err(|e| bad(&e))?
                 }
+                "TRUSTED_PROXIES" => {
+                    self.trusted_proxies = value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                }
+                "MAX_API_BODY_BYTES" => {
+                    self.max_api_body_bytes = value.parse().map_err(|e| bad(&e))?
+                }
+                "REQUEST_MEMORY_BYTES" => {
+                    self.request_memory_bytes = value.parse().map_err(|e| bad(&e))?
+                }
+                "MAX_CONNECTIONS" => self.max_connections = value.parse().map_err(|e| bad(&e))?,
+                "API_KEY_IN_QUERY" => self.api_key_in_query = value.parse().map_err(|e| bad(&e))?,
+                "METRICS_LISTEN" => self.metrics_listen = Some(value.parse().map_err(|e| bad(&e))?),
                 "PROCESSOR_BATCH" => self.processor_batch = value.parse().map_err(|e| bad(&e))?,
                 "PROCESSOR_CACHE" => self.processor_cache = value.parse().map_err(|e| bad(&e))?,
                 "REQUEST_TIMEOUT_SECS" => {

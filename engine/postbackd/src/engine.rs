@@ -34,8 +34,12 @@ pub struct Engine {
     pub ids: IdGenerator,
     pub metrics: Option<PrometheusHandle>,
     pub http_metrics: crate::http::HttpMetrics,
-    /// False once shutdown has begun, or while the processor is stopped.
+    /// False once shutdown has begun.
     pub ready: AtomicBool,
+    /// Memory for request bodies in flight (see `http::read_body`).
+    pub request_memory: Arc<tokio::sync::Semaphore>,
+    /// `config.trusted_proxies`, parsed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Engine {
@@ -71,6 +75,8 @@ impl Engine {
             metrics,
             http_metrics: crate::http::HttpMetrics::new(),
             ready: AtomicBool::new(false),
+            request_memory: crate::http::request_memory(config.request_memory_bytes),
+            trusted_proxies: config.trusted_proxy_nets()?,
             config,
         }))
     }
@@ -84,6 +90,14 @@ impl Engine {
         self.catalog_log.append(vec![bytes]).await?;
         self.catalog_write().apply(event);
         Ok(())
+    }
+
+    /// Why the engine should not get traffic now, if it should not.
+    pub fn not_ready(&self) -> Option<String> {
+        if !self.ready.load(Ordering::Acquire) {
+            return Some("shutting down".into());
+        }
+        None
     }
 
     pub fn catalog_read(&self) -> std::sync::RwLockReadGuard<'_, Catalog> {
@@ -136,6 +150,7 @@ pub struct Server {
     addr: SocketAddr,
     stop: watch::Sender<bool>,
     http: JoinHandle<()>,
+    metrics_http: Option<JoinHandle<()>>,
     processor: JoinHandle<()>,
     dispatcher: JoinHandle<()>,
     housekeeping: JoinHandle<()>,
@@ -149,6 +164,14 @@ impl Server {
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
         let addr = listener.local_addr()?;
+        let metrics_listener = match config.metrics_listen {
+            Some(a) => Some(
+                tokio::net::TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("listening on {a} for metrics"))?,
+            ),
+            None => None,
+        };
         rebuild_stale_store(&config).await?;
         let engine = Engine::open(config, metrics).await?;
         let (stop, stop_rx) = watch::channel(false);
@@ -160,12 +183,15 @@ impl Server {
             stop_rx.clone(),
         ));
         engine.ready.store(true, Ordering::Release);
-        let http = tokio::spawn(crate::http::serve(engine.clone(), listener, stop_rx));
+        let metrics_http = metrics_listener
+            .map(|l| tokio::spawn(crate::http::serve(engine.clone(), l, stop_rx.clone(), true)));
+        let http = tokio::spawn(crate::http::serve(engine.clone(), listener, stop_rx, false));
         Ok(Self {
             engine,
             addr,
             stop,
             http,
+            metrics_http,
             processor,
             dispatcher,
             housekeeping,
@@ -183,6 +209,9 @@ impl Server {
         self.engine.ready.store(false, Ordering::Release);
         let _ = self.stop.send(true);
         let _ = self.http.await;
+        if let Some(m) = self.metrics_http {
+            let _ = m.await;
+        }
         let _ = self.processor.await;
         let _ = self.dispatcher.await;
         let _ = self.housekeeping.await;

@@ -18,15 +18,17 @@ const COOKIE: &str = "pbk";
 /// Cookies live as long as the data does: three months.
 const COOKIE_MAX_AGE: u32 = 92 * 86_400;
 
+/// Appends the event; a failure is a 503 (the detail is logged, not sent).
 async fn append(engine: &Engine, event: &Event) -> Result<(), ApiError> {
-    let result = engine.events.append(vec![event.to_json()]).await;
-    if let Err(e) = &result {
-        engine.http_metrics.append_failures.increment(1);
-        tracing::warn!(error = %e, "append failed; answering 503");
-    }
-    result
+    engine
+        .events
+        .append(vec![event.to_json()])
+        .await
         .map(|_| ())
-        .map_err(|e| ApiError::Unavailable(e.to_string()))
+        .map_err(|e| {
+            engine.http_metrics.append_failures.increment(1);
+            ApiError::Unavailable(format!("append failed: {e}"))
+        })
 }
 
 /// `GET /click?offer_id=&pid=&sub1..8=`: records the click and redirects to the offer.

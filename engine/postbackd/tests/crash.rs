@@ -250,10 +250,15 @@ async fn replay_reproduces_the_same_stats() {
     let before_log = all_rows(&api, "serverpostbacks", "postbacks").await;
     let before_conv = all_rows(&api, "conversions", "conversions").await;
     let before_attempts = all_rows(&api, "affiliatepostbacks", "postbacks").await;
-    // The binary installs the Prometheus exporter; its counters saw this traffic.
+    // The binary installs the Prometheus exporter; its counters saw this traffic. On the main
+    // address it needs the key, which Prometheus sends as a bearer token.
+    let metrics_url = format!("{}/metrics", api.base);
+    let anonymous = api.http.get(&metrics_url).send().await.expect("metrics");
+    assert_eq!(anonymous.status(), 401);
     let metrics = api
         .http
-        .get(format!("{}/metrics", api.base))
+        .get(&metrics_url)
+        .bearer_auth(KEY)
         .send()
         .await
         .expect("metrics")
