@@ -163,7 +163,12 @@ fn new_object_id(engine: &Engine) -> String {
 fn allowed_ip(p: &Params, current: &[String]) -> Result<Vec<String>, ApiError> {
     match p.get("allowed_ip") {
         Some(v) => {
-            parse_allowed_ip(v).map_err(|e| bad(format!("allowed_ip: not an IP or CIDR: {e}")))
+            let list = parse_allowed_ip(v)
+                .map_err(|e| bad(format!("allowed_ip: not an IP or CIDR: {e}")))?;
+            if list.len() > MAX_ALLOWED_IP {
+                return Err(bad(format!("allowed_ip: at most {MAX_ALLOWED_IP} entries")));
+            }
+            Ok(list)
         }
         None => Ok(current.to_vec()),
     }
@@ -247,15 +252,24 @@ fn parse_number(field: &str, v: Option<&str>) -> Result<f64, ApiError> {
     }
 }
 
+/// The most payments (goals) an offer has: goals are looked up on every postback.
+const MAX_PAYMENTS: usize = 200;
+/// The most entries of an IP allow-list: it is checked on every postback.
+const MAX_ALLOWED_IP: usize = 1000;
+/// The most deliveries one re-send names.
+const MAX_RESEND: usize = 1000;
+
 fn parse_payments(p: &Params) -> Result<Vec<Payment>, ApiError> {
+    let groups = p.groups("payments");
+    if groups.len() > MAX_PAYMENTS {
+        return Err(bad(format!("payments: at most {MAX_PAYMENTS} goals")));
+    }
     let mut out: Vec<Payment> = Vec::new();
-    for (i, g) in p.groups("payments").iter().enumerate() {
+    let mut goals = std::collections::HashSet::new();
+    for (i, g) in groups.iter().enumerate() {
         let field = |name: &str| format!("payments[{i}][{name}]");
         let goal = g.get_nonempty("goal").unwrap_or("1").trim().to_string();
-        if out
-            .iter()
-            .any(|x| x.goal.to_lowercase() == goal.to_lowercase())
-        {
+        if !goals.insert(goal.to_lowercase()) {
             return Err(bad(format!(
                 "{}: goal {goal} is given twice",
                 field("goal")
@@ -596,6 +610,9 @@ async fn resend(engine: &Engine, p: &Params) -> Result<Response<Body>, ApiError>
         .into_iter()
         .map(str::to_string)
         .collect();
+    if named.len() > MAX_RESEND {
+        return Err(bad(format!("job_id: at most {MAX_RESEND} per request")));
+    }
     let ids = if !named.is_empty() {
         let known = engine.store.jobs(named.clone()).await?;
         if let Some(missing) = named

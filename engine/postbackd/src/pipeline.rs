@@ -18,12 +18,22 @@ use tokio::sync::watch;
 /// The consumer name under which the processor keeps its log position.
 pub const CONSUMER: &str = "processor";
 
-/// Runs until `stop` turns true, finishing the batch at hand first.
+/// Runs until `stop` turns true, finishing the batch at hand first. A backend that is
+/// unavailable is retried with backoff, from the stored position; a fatal error (a damaged log
+/// or store, or a bug) stops the processor: ingestion goes on, and nothing is lost, but the
+/// stats stay behind until an operator restarts the engine (`postbackd_processor_running` 0).
 pub async fn run_processor(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(100);
+    let running = metrics::gauge!("postbackd_processor_running");
+    running.set(1.0);
     while !*stop.borrow() {
         match process_until(&engine, &mut stop, None, true).await {
             Ok(()) => return,
+            Err(e @ SeamError::Fatal(_)) => {
+                tracing::error!(error = %e, "processor stopped; restart the engine once fixed");
+                running.set(0.0);
+                return;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "processor failed; retrying from the stored position");
                 metrics::counter!("postbackd_processor_errors_total").increment(1);

@@ -38,8 +38,33 @@ pub struct SqliteStore {
     readers: Arc<Vec<Mutex<Connection>>>,
 }
 
+/// SQLite's errors by what the caller should do: retry (busy, disk full, I/O), refuse the
+/// request (too large for the store), or stop (corruption, and anything else, which would be a
+/// bug in this file: retrying it forever would hide it). Rejections carry a text fit for a
+/// client; the others carry SQLite's, for the logs.
 fn db_err(e: rusqlite::Error) -> SeamError {
-    SeamError::Unavailable(format!("sqlite: {e}"))
+    use rusqlite::ErrorCode as C;
+    let code = match &e {
+        rusqlite::Error::SqliteFailure(f, _) => Some(f.code),
+        _ => None,
+    };
+    match code {
+        Some(
+            C::DatabaseBusy
+            | C::DatabaseLocked
+            | C::DiskFull
+            | C::SystemIoFailure
+            | C::CannotOpen
+            | C::ReadOnly
+            | C::OutOfMemory
+            | C::FileLockingProtocolFailed
+            | C::OperationInterrupted,
+        ) => SeamError::Unavailable(format!("sqlite: {e}")),
+        Some(C::TooBig | C::ParameterOutOfRange) => {
+            SeamError::Rejected("the request is too large for the store".into())
+        }
+        _ => SeamError::Fatal(format!("sqlite: {e}")),
+    }
 }
 
 fn lock_err<T>(_: T) -> SeamError {

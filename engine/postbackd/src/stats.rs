@@ -4,7 +4,7 @@
 use crate::engine::Engine;
 use crate::http::{json, ApiError, Body, Req};
 use crate::paging::Paging;
-use chrono::{DateTime, NaiveDate, TimeZone, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
 use chrono_tz::Tz;
 use hyper::{Method, Response, StatusCode};
 use postback_core::catalog::Catalog;
@@ -45,12 +45,19 @@ pub(crate) fn timezone(p: &Params) -> Result<Tz, ApiError> {
     }
 }
 
-/// `YYYY-MM-DD` or `DD-MM-YYYY`.
+/// `YYYY-MM-DD` or `DD-MM-YYYY`, from 1970 to 9999 (no row is older than the Unix epoch, and
+/// later years only overflow date arithmetic).
 fn parse_date(name: &str, v: &str) -> Result<NaiveDate, ApiError> {
     let v = v.trim();
-    NaiveDate::parse_from_str(v, "%Y-%m-%d")
+    let date = NaiveDate::parse_from_str(v, "%Y-%m-%d")
         .or_else(|_| NaiveDate::parse_from_str(v, "%d-%m-%Y"))
-        .map_err(|_| bad(format!("{name} must be a date, YYYY-MM-DD or DD-MM-YYYY")))
+        .map_err(|_| bad(format!("{name} must be a date, YYYY-MM-DD or DD-MM-YYYY")))?;
+    if !(1970..=9999).contains(&date.year()) {
+        return Err(bad(format!(
+            "{name} must be between 1970-01-01 and 9999-12-31"
+        )));
+    }
+    Ok(date)
 }
 
 fn day_start_us(tz: &Tz, date: NaiveDate) -> i64 {
@@ -98,8 +105,24 @@ pub(crate) fn date_range(
     ))
 }
 
+/// The most values one list filter takes (`offer=1&offer=2...`): far more than a person
+/// selects, and few enough for every store to bind.
+pub const MAX_FILTER_VALUES: usize = 500;
+
+/// The longest `search` text, in characters.
+pub const MAX_SEARCH_CHARS: usize = 256;
+
+/// Every value of a list filter, at most [`MAX_FILTER_VALUES`].
+pub(crate) fn all_values<'p>(p: &'p Params, name: &str) -> Result<Vec<&'p str>, ApiError> {
+    let values = p.get_all(name);
+    if values.len() > MAX_FILTER_VALUES {
+        return Err(bad(format!("{name}: at most {MAX_FILTER_VALUES} values")));
+    }
+    Ok(values)
+}
+
 fn ints(p: &Params, name: &str) -> Result<Vec<u64>, ApiError> {
-    p.get_all(name)
+    all_values(p, name)?
         .into_iter()
         .map(|v| {
             v.trim()
@@ -107,6 +130,30 @@ fn ints(p: &Params, name: &str) -> Result<Vec<u64>, ApiError> {
                 .map_err(|_| bad(format!("{name} must be integers")))
         })
         .collect()
+}
+
+fn strings(p: &Params, name: &str) -> Result<Vec<String>, ApiError> {
+    Ok(all_values(p, name)?
+        .into_iter()
+        .map(str::to_string)
+        .collect())
+}
+
+/// The search text: up to [`MAX_SEARCH_CHARS`], without control characters (parameters are
+/// searched as `key=value` lines, so a line break or a NUL can never match).
+fn search(p: &Params) -> Result<Option<String>, ApiError> {
+    let Some(s) = p.get_nonempty("search") else {
+        return Ok(None);
+    };
+    if s.chars().count() > MAX_SEARCH_CHARS {
+        return Err(bad(format!(
+            "search: at most {MAX_SEARCH_CHARS} characters"
+        )));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(bad("search must not contain control characters"));
+    }
+    Ok(Some(s.to_string()))
 }
 
 fn text(p: &Params, name: &str) -> Option<String> {
@@ -144,17 +191,13 @@ async fn server_postbacks(engine: &Arc<Engine>, p: &Params) -> Result<Response<B
         to_us,
         offers: ints(p, "offer")?,
         partners: ints(p, "partner")?,
-        suppliers: p
-            .get_all("supplier")
-            .into_iter()
-            .map(str::to_string)
-            .collect(),
+        suppliers: strings(p, "supplier")?,
         click_id: text(p, "click_id").or_else(|| text(p, "clickid")),
         action_id: text(p, "action_id"),
         goal: text(p, "goal"),
         status,
         response_status,
-        search: text(p, "search"),
+        search: search(p)?,
         offset: paging.offset(),
         limit: paging.limit,
         snapshot: paging.snapshot,
@@ -273,8 +316,7 @@ async fn conversions(engine: &Arc<Engine>, p: &Params) -> Result<Response<Body>,
     let tz = timezone(p)?;
     let (from_us, to_us) = date_range(p, &tz, Some(7))?;
     let paging = Paging::parse(p)?;
-    let statuses = p
-        .get_all("status")
+    let statuses = all_values(p, "status")?
         .into_iter()
         .map(|v| {
             let v = v.trim();
@@ -290,11 +332,7 @@ async fn conversions(engine: &Arc<Engine>, p: &Params) -> Result<Response<Body>,
         to_us,
         statuses,
         offers: ints(p, "offer")?,
-        advertisers: p
-            .get_all("advertiser")
-            .into_iter()
-            .map(str::to_string)
-            .collect(),
+        advertisers: strings(p, "advertiser")?,
         partners: ints(p, "partner")?,
         goal: text(p, "goal"),
         action_id: text(p, "action_id"),
