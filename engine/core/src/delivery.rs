@@ -1,6 +1,6 @@
 //! Affiliate postbacks (CONTRACT section 5), sans IO: which postback settings a conversion
-//! change triggers, the delivery jobs with their URLs filled, the retry policy, and the guard
-//! against internal targets.
+//! change triggers, the delivery jobs with their URLs filled, and the retry policy. Which
+//! addresses a delivery may reach is `crate::address`'s.
 //!
 //! A job's id comes from the log position of the postback that changed the conversion and the
 //! setting's id, so that reprocessing creates the same job, never a second one.
@@ -10,7 +10,6 @@ use crate::ids::{IdTag, ObjectId};
 use crate::processor::ConversionChange;
 use crate::rules::status_name;
 use serde::{Deserialize, Serialize};
-use std::net::IpAddr;
 use std::time::Duration;
 
 /// One delivery to make: a setting, for one state of one conversion.
@@ -384,39 +383,6 @@ impl RetryPolicy {
     }
 }
 
-/// Addresses an outbound postback must not reach unless the operator allows it: loopback,
-/// private, link-local (which holds the cloud metadata service), shared, unspecified, multicast
-/// and broadcast ranges, in IPv4 and IPv6 (mapped addresses included).
-pub fn is_internal(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_multicast()
-                || v4.is_broadcast()
-                || o[0] == 0
-                || (o[0] == 100 && (64..128).contains(&o[1])) // shared address space
-                || (o[0] == 192 && o[1] == 0 && o[2] == 0) // IETF protocol assignments
-                || o[0] >= 240
-        }
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_internal(IpAddr::V4(v4));
-            }
-            let s = v6.segments();
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (s[0] & 0xfe00) == 0xfc00 // unique local
-                || (s[0] & 0xffc0) == 0xfe80 // link-local
-                || (s[0] == 0xfd00 && s[1] == 0x0ec2) // AWS IMDS over IPv6
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -590,30 +556,6 @@ mod tests {
             p.next(4, AttemptResult::Answered(500), 0.5, None),
             Next::GaveUp
         );
-    }
-
-    #[test]
-    fn internal_addresses() {
-        for ip in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.169.254",
-            "100.64.0.1",
-            "0.0.0.0",
-            "::1",
-            "fe80::1",
-            "fd00::1",
-            "::ffff:127.0.0.1",
-            "fd00:ec2::254",
-            "224.0.0.1",
-        ] {
-            assert!(is_internal(ip.parse().expect("ip")), "{ip}");
-        }
-        for ip in ["8.8.8.8", "203.0.114.1", "2606:4700::1111", "172.32.0.1"] {
-            assert!(!is_internal(ip.parse().expect("ip")), "{ip}");
-        }
     }
 
     #[test]

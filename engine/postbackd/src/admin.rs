@@ -504,9 +504,7 @@ async fn save_postback(
         .or_else(|| current.as_ref().map(|c| c.url.clone()))
         .filter(|u| !u.is_empty())
         .ok_or_else(|| bad("url is required"))?;
-    if !(url.starts_with("http://") || url.starts_with("https://")) {
-        return Err(bad("url must start with http:// or https://"));
-    }
+    engine.targets.check_url(&url).map_err(bad)?;
     let offer_id = match p.get("offer_id").map(str::trim) {
         Some("") | Some("0") => None,
         Some(v) => Some(

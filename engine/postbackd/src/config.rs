@@ -116,7 +116,6 @@ impl Config {
             timeout: std::time::Duration::from_millis(self.delivery_timeout_ms),
             per_host: self.delivery_per_host,
             concurrency: self.delivery_concurrency,
-            allow_internal: self.allow_private_postback_targets,
         }
     }
 

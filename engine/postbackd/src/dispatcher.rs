@@ -7,6 +7,7 @@
 //! it never skips one.
 
 use crate::engine::Engine;
+use crate::guard::TargetGuard;
 use crate::pipeline::now_us;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -17,13 +18,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use postback_core::delivery::{
-    is_internal, Attempt, AttemptResult, DeliveryJob, DeliveryRecord, JobState, JobStatus, Next,
-    RetryPolicy,
+    Attempt, AttemptResult, DeliveryJob, DeliveryRecord, JobState, JobStatus, Next, RetryPolicy,
 };
 use postback_core::seams::SeamError;
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -41,11 +41,9 @@ pub struct DeliveryConfig {
     pub timeout: Duration,
     pub per_host: usize,
     pub concurrency: usize,
-    /// Let postbacks reach loopback, private and link-local addresses.
-    pub allow_internal: bool,
 }
 
-type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>>;
+type HttpClient = Client<hyper_rustls::HttpsConnector<PeerChecked>, Full<Bytes>>;
 
 struct Dispatcher {
     engine: Arc<Engine>,
@@ -63,7 +61,7 @@ struct Dispatcher {
 /// attempts. A job leaves the in-flight set only in the first step, before the next read of
 /// due jobs, so a due list can never be older than what it is checked against.
 pub async fn run(engine: Arc<Engine>, config: DeliveryConfig, mut stop: watch::Receiver<bool>) {
-    let client = client(&config);
+    let client = client(&config, engine.targets.clone());
     let d = Arc::new(Dispatcher {
         all: Arc::new(Semaphore::new(config.concurrency.max(1))),
         engine,
@@ -220,14 +218,10 @@ impl Dispatcher {
         if !matches!(uri.scheme_str(), Some("http" | "https")) {
             return Outcome::forbidden("only http and https URLs are delivered".into());
         }
-        let host = uri
-            .host()
-            .unwrap_or("")
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        if let Ok(ip) = host.parse::<IpAddr>() {
-            if is_internal(ip) && !self.config.allow_internal {
-                return Outcome::forbidden(format!("target address {ip} is internal; not allowed"));
+        // A host that is an address (in any notation) is checked here: it is not resolved.
+        if let Some(ip) = TargetGuard::literal_host(&job.url) {
+            if let Some(why) = self.engine.targets.refusal(ip) {
+                return Outcome::forbidden(format!("target address {why}"));
             }
         }
         let method = if job.method.eq_ignore_ascii_case("POST") {
@@ -359,9 +353,9 @@ fn is_forbidden(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-fn client(config: &DeliveryConfig) -> HttpClient {
+fn client(config: &DeliveryConfig, guard: Arc<TargetGuard>) -> HttpClient {
     let mut http = HttpConnector::new_with_resolver(GuardedResolver {
-        allow_internal: config.allow_internal,
+        guard: guard.clone(),
     });
     http.set_connect_timeout(Some(config.connect_timeout));
     http.enforce_http(false);
@@ -370,18 +364,18 @@ fn client(config: &DeliveryConfig) -> HttpClient {
         .with_webpki_roots()
         .https_or_http()
         .enable_http1()
-        .wrap_connector(http);
+        .wrap_connector(PeerChecked { inner: http, guard });
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(config.per_host.max(1))
         .build(https)
 }
 
-/// Resolves names and drops internal addresses (unless allowed), so that the connection goes
-/// only to an address that was checked: a name cannot be re-pointed between check and use.
+/// Resolves names and drops the addresses the guard refuses, so that the connection goes only
+/// to an address that was checked: a name cannot be re-pointed between check and use.
 #[derive(Clone)]
 struct GuardedResolver {
-    allow_internal: bool,
+    guard: Arc<TargetGuard>,
 }
 
 impl tower_service::Service<Name> for GuardedResolver {
@@ -394,7 +388,7 @@ impl tower_service::Service<Name> for GuardedResolver {
     }
 
     fn call(&mut self, name: Name) -> Self::Future {
-        let allow = self.allow_internal;
+        let guard = self.guard.clone();
         Box::pin(async move {
             let host = name.as_str().to_string();
             let all: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
@@ -403,18 +397,62 @@ impl tower_service::Service<Name> for GuardedResolver {
                     std::io::Error::new(e.kind(), format!("DNS lookup of {host} failed: {e}"))
                 })?
                 .collect();
+            let mut refused = None;
             let allowed: Vec<SocketAddr> = all
                 .iter()
                 .copied()
-                .filter(|a| allow || !is_internal(a.ip()))
+                .filter(|a| match guard.refusal(a.ip()) {
+                    None => true,
+                    Some(why) => {
+                        refused.get_or_insert(why);
+                        false
+                    }
+                })
                 .collect();
-            if allowed.is_empty() && !all.is_empty() {
+            if let (true, Some(why)) = (allowed.is_empty(), refused) {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::PermissionDenied,
-                    format!("{host} resolves to an internal address; not allowed"),
+                    format!("{host} resolves to {why}"),
                 ));
             }
             Ok(allowed.into_iter())
+        })
+    }
+}
+
+/// The last check: the connected socket's peer address, before anything is sent. The checks
+/// before connecting cover every way this engine names an address; this one covers any way a
+/// parser or resolver might disagree with them.
+#[derive(Clone)]
+struct PeerChecked {
+    inner: HttpConnector<GuardedResolver>,
+    guard: Arc<TargetGuard>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<Uri> for PeerChecked {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let guard = self.guard.clone();
+        Box::pin(async move {
+            let io = connecting.await?;
+            let peer = io.inner().peer_addr()?;
+            match guard.refusal(peer.ip()) {
+                None => Ok(io),
+                Some(why) => Err(Box::new(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!("connected to {why}"),
+                )) as BoxError),
+            }
         })
     }
 }

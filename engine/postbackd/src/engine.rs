@@ -40,6 +40,8 @@ pub struct Engine {
     pub request_memory: Arc<tokio::sync::Semaphore>,
     /// `config.trusted_proxies`, parsed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Where affiliate postbacks may go.
+    pub targets: Arc<crate::guard::TargetGuard>,
 }
 
 impl Engine {
@@ -77,6 +79,9 @@ impl Engine {
             ready: AtomicBool::new(false),
             request_memory: crate::http::request_memory(config.request_memory_bytes),
             trusted_proxies: config.trusted_proxy_nets()?,
+            targets: Arc::new(crate::guard::TargetGuard::new(
+                config.allow_private_postback_targets,
+            )),
             config,
         }))
     }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod dispatcher;
 pub mod embedded_log;
 pub mod engine;
+pub mod guard;
 pub mod http;
 pub mod paging;
 pub mod pipeline;

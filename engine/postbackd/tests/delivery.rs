@@ -435,16 +435,46 @@ async fn internal_targets_are_refused_unless_allowed() {
     let api = Api::new(server.addr());
     let aff = Affiliate::start().await;
     setup_offer(&api).await;
-    setting(
-        &api,
-        &[("partner_id", "1"), ("url", &aff.url("/ok?via=ip"))],
-    )
-    .await;
-    let by_name = format!("http://localhost:{}/ok?via=name", aff.addr.port());
+    let port = aff.addr.port();
+    // A literal internal address, in any notation, is refused when the setting is saved.
+    for host in [
+        "127.0.0.1",
+        "127.1",
+        "0x7f.0.0.1",
+        "2130706433",
+        "[::ffff:127.0.0.1]",
+    ] {
+        let r = api
+            .http
+            .post(format!("{}/3.0/partner/postback", api.base))
+            .header("API-Key", common::KEY)
+            .form(&[
+                ("partner_id", "1"),
+                ("url", &format!("http://{host}:{port}/ok")),
+            ])
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(r.status(), 400, "{host}");
+        let body: Value = r.json().await.expect("json");
+        assert!(
+            body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("not allowed")),
+            "{host}: {body}"
+        );
+    }
+    // Hosts only known at delivery are checked then, before connecting: a name that resolves
+    // to loopback, and macros that fill in an address (in two notations).
+    let by_name = format!("http://localhost:{port}/ok?via=name");
     setting(&api, &[("partner_id", "1"), ("url", &by_name)]).await;
-    let click = api.click(1, 1, "").await;
-    api.postback(&format!("clickid={click}&goal=sale")).await;
-    let jobs = settled(&api, 2).await;
+    let by_macro = format!("http://{{sub1}}:{port}/ok?via=macro");
+    setting(&api, &[("partner_id", "1"), ("url", &by_macro)]).await;
+    for sub1 in ["127.0.0.1", "0x7f.1"] {
+        let click = api.click(1, 1, &format!("&sub1={sub1}")).await;
+        api.postback(&format!("clickid={click}&goal=sale")).await;
+    }
+    let jobs = settled(&api, 4).await;
     for rows in jobs.values() {
         assert_eq!(rows.len(), 1, "never retried: {rows:?}");
         assert_eq!(rows[0]["state"], "failed");
@@ -452,7 +482,7 @@ async fn internal_targets_are_refused_unless_allowed() {
         assert!(
             rows[0]["error"]
                 .as_str()
-                .is_some_and(|e| e.contains("internal")),
+                .is_some_and(|e| e.contains("(loopback); not allowed")),
             "{rows:?}"
         );
     }
