@@ -40,8 +40,11 @@ pub enum SeamError {
 ///   or acknowledged by all in-sync replicas). On error none of them will ever be read.
 /// - `read` returns durable records only, in offset order, starting at `from`.
 /// - Offsets never change and never repeat; `truncate_before` only drops a prefix.
-/// - Dropping a pending `append` future does not un-append its records (it may still land):
-///   callers that must know the outcome keep polling.
+/// - An `append` that fails (or whose future is dropped before it completes) may or may not
+///   land in backends that cannot take records back; the embedded log guarantees that a failed
+///   append never lands, and abandons a dropped one unless it was already durable.
+/// - Errors keep their kind: `Unavailable` (retry later), `Rejected` (this record can never be
+///   stored, for example it is too large), `Fatal` (stop).
 pub trait EventLog: Send + Sync + 'static {
     fn append(&self, records: Vec<Vec<u8>>) -> BoxFuture<'_, Result<Vec<u64>, SeamError>>;
     fn read(&self, from: u64, max: usize) -> BoxFuture<'_, Result<Vec<Record>, SeamError>>;
@@ -54,6 +57,10 @@ pub trait EventLog: Send + Sync + 'static {
     /// Drops records before `offset` where the backend can (whole segments); returns the new
     /// start.
     fn truncate_before(&self, offset: u64) -> BoxFuture<'_, Result<u64, SeamError>>;
+    /// Why the log cannot take appends now (`None` when it can); reported by `/ready`.
+    fn health(&self) -> Option<String> {
+        None
+    }
     /// Makes everything appended so far durable and refuses later appends. Blocks until done.
     fn close(&self) {}
 }

@@ -45,6 +45,9 @@ pub struct Config {
     pub processor_cache: usize,
     /// Seconds a client has to send its request headers and body.
     pub request_timeout_secs: u64,
+    /// Milliseconds an append to the log may take (a stalled disk) before the request is
+    /// answered 503; what was refused is never stored afterwards.
+    pub append_timeout_ms: u64,
     /// Let affiliate postbacks reach loopback, private and link-local addresses.
     pub allow_private_postback_targets: bool,
     /// Attempts per delivery (a re-send starts a new round).
@@ -82,6 +85,7 @@ impl Default for Config {
             processor_batch: 2048,
             processor_cache: 200_000,
             request_timeout_secs: 10,
+            append_timeout_ms: 5000,
             allow_private_postback_targets: false,
             delivery_max_attempts: 8,
             delivery_base_delay_ms: 10_000,
@@ -201,6 +205,9 @@ impl Config {
                 "PROCESSOR_CACHE" => self.processor_cache = value.parse().map_err(|e| bad(&e))?,
                 "REQUEST_TIMEOUT_SECS" => {
                     self.request_timeout_secs = value.parse().map_err(|e| bad(&e))?
+                }
+                "APPEND_TIMEOUT_MS" => {
+                    self.append_timeout_ms = value.parse().map_err(|e| bad(&e))?
                 }
                 "ALLOW_PRIVATE_POSTBACK_TARGETS" => {
                     self.allow_private_postback_targets = value.parse().map_err(|e| bad(&e))?

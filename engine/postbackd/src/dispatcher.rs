@@ -53,6 +53,7 @@ struct Dispatcher {
     in_flight: Mutex<HashMap<String, u32>>,
     hosts: Mutex<HashMap<String, Arc<Semaphore>>>,
     all: Arc<Semaphore>,
+    stop: watch::Receiver<bool>,
 }
 
 /// Runs the dispatcher until `stop`.
@@ -69,6 +70,7 @@ pub async fn run(engine: Arc<Engine>, config: DeliveryConfig, mut stop: watch::R
         client,
         in_flight: Mutex::new(HashMap::new()),
         hosts: Mutex::new(HashMap::new()),
+        stop: stop.clone(),
     });
     let mut attempts = tokio::task::JoinSet::new();
     let mut next = None;
@@ -133,6 +135,10 @@ impl Dispatcher {
             pos = last + 1;
         }
         *next = Some(pos);
+        if self.engine.deliveries.health().is_some() {
+            // Attempts could not be recorded: start none until the log has recovered.
+            return Ok(());
+        }
         for job in self.engine.store.due_jobs(now_us(), 512).await? {
             let fresh = self
                 .lock_in_flight()
@@ -202,11 +208,31 @@ impl Dispatcher {
             state: status,
             next_at_us,
         });
+        self.record(&job.job_id, record).await;
+    }
+
+    /// Appends an attempt's record, retrying with backoff while the deliveries log cannot take
+    /// it. The job stays in flight meanwhile (and keeps its permits), so it is not sent again
+    /// before its outcome is recorded, and the dispatcher slows down instead of re-sending.
+    /// Only a shutdown gives up, which leaves the job due after the restart (at least once).
+    async fn record(&self, job_id: &str, record: DeliveryRecord) {
         let bytes = serde_json::to_vec(&record).unwrap_or_default();
-        if let Err(e) = self.engine.deliveries.append(vec![bytes]).await {
-            // Not recorded: the job stays due and is attempted again.
-            tracing::warn!(job = %job.job_id, error = %e, "could not record a delivery attempt");
-            self.lock_in_flight().remove(&job.job_id);
+        let mut backoff = Duration::from_millis(100);
+        let mut stop = self.stop.clone();
+        loop {
+            match self.engine.deliveries.append(vec![bytes.clone()]).await {
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(job = %job_id, error = %e,
+                        "could not record a delivery attempt; retrying");
+                    metrics::counter!("postbackd_delivery_record_failures_total").increment(1);
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
         }
     }
 

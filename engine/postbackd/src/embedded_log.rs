@@ -1,5 +1,6 @@
 //! The embedded event log: segment files of CRC-checked records in a directory, with group
-//! commit (every append waiting at the time shares one fsync) on a dedicated writer thread.
+//! commit (every append waiting at the time shares one write and one fsync) on a dedicated
+//! writer thread.
 //!
 //! On disk: `<dir>/<base offset, 20 digits>.log`, each a run of records
 //! `[payload length: u32 LE][crc32 of payload: u32 LE][payload]`. A segment's record count is
@@ -7,21 +8,32 @@
 //! there (a crash mid-write) is cut off. Everything that was acknowledged was fsync'd first, so
 //! the cut only removes records no caller was told about.
 //!
-//! A failed write or fsync poisons the log: the page cache may have dropped the data, so no
-//! later append is trusted (as fjall and redb do). The process must restart, which re-reads the
-//! disk.
+//! Failures heal without a restart. A failed write or fsync (disk full, I/O error) fails the
+//! group that hit it, and the log refuses appends while it is failed (`health` says why). The
+//! writer then recovers by itself, as soon as the disk lets it: it removes what it wrote after
+//! the last durable record (the page cache may have dropped or kept any of it, so none of it is
+//! trusted), fsyncs, and resumes. So a record whose append failed never appears later.
+//!
+//! Appends have a deadline. A caller whose deadline passes before its group was made durable
+//! abandons its records and is answered with an error; a group that turns out to hold an
+//! abandoned record when its fsync returns is cut off again, whole, and every caller in it gets
+//! an error. A stalled disk therefore answers 503 in bounded time and never stores afterwards
+//! what it refused. The same holds for an append future that is dropped.
 
 use postback_core::seams::{BoxFuture, EventLog, Record, SeamError};
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
 
 const HEADER: usize = 8;
 /// Larger records are refused: the front end's own limits are far below this.
-const MAX_RECORD: usize = 16 << 20;
+pub const MAX_RECORD: usize = 16 << 20;
+/// How often a failed log tries to recover when nothing else wakes it.
+const RECOVERY_INTERVAL: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Clone)]
 pub struct LogOptions {
@@ -29,6 +41,10 @@ pub struct LogOptions {
     pub segment_bytes: u64,
     /// fsync after each group of appends. Off only for benchmarks that measure its cost.
     pub fsync: bool,
+    /// How long an append may take before it is abandoned and answered with an error.
+    pub append_timeout: Duration,
+    /// Failures to inject, for tests of the recovery (a real disk cannot fail on demand).
+    pub faults: Option<Arc<Faults>>,
 }
 
 impl Default for LogOptions {
@@ -36,7 +52,45 @@ impl Default for LogOptions {
         Self {
             segment_bytes: 64 << 20,
             fsync: true,
+            append_timeout: Duration::from_secs(5),
+            faults: None,
         }
+    }
+}
+
+/// Failures a test can switch on and off while the log runs.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Writes stop halfway and fail with "no space left on device".
+    pub fail_writes: AtomicBool,
+    /// fsyncs fail with an I/O error (after the data reached the page cache).
+    pub fail_syncs: AtomicBool,
+    /// fsyncs take this long first (milliseconds).
+    pub stall_syncs_ms: AtomicU64,
+    /// True while an fsync is being stalled.
+    pub stalling: AtomicBool,
+}
+
+impl Faults {
+    fn write(&self, file: &mut File, bytes: &[u8]) -> std::io::Result<()> {
+        if self.fail_writes.load(Ordering::Acquire) {
+            file.write_all(&bytes[..bytes.len() / 2])?;
+            return Err(std::io::Error::from_raw_os_error(28)); // ENOSPC
+        }
+        file.write_all(bytes)
+    }
+
+    fn sync(&self, file: &File) -> std::io::Result<()> {
+        let stall = self.stall_syncs_ms.load(Ordering::Acquire);
+        if stall > 0 {
+            self.stalling.store(true, Ordering::Release);
+            std::thread::sleep(Duration::from_millis(stall));
+            self.stalling.store(false, Ordering::Release);
+        }
+        if self.fail_syncs.load(Ordering::Acquire) {
+            return Err(std::io::Error::from_raw_os_error(5)); // EIO
+        }
+        file.sync_data()
     }
 }
 
@@ -52,15 +106,52 @@ struct Shared {
     segments: Mutex<Vec<Segment>>,
     /// One past the last durable record.
     durable_end: AtomicU64,
-    poisoned: AtomicBool,
+    /// Why appends are refused, while the log is failed.
+    failure: Mutex<Option<String>>,
     /// The last read position, so that sequential reads do not rescan a segment.
     cursor: Mutex<Option<(u64, usize, u64)>>,
     end_tx: watch::Sender<u64>,
 }
 
+/// An append's state, shared by its caller and the writer: the caller may abandon it until
+/// the writer has claimed it (after its fsync); from then on the writer's answer is final.
+const PENDING: u8 = 0;
+const CLAIMED: u8 = 1;
+const ABANDONED: u8 = 2;
+
 struct AppendRequest {
     records: Vec<Vec<u8>>,
+    state: Arc<AtomicU8>,
     reply: oneshot::Sender<Result<Vec<u64>, SeamError>>,
+}
+
+impl AppendRequest {
+    fn abandoned(&self) -> bool {
+        self.state.load(Ordering::Acquire) == ABANDONED
+    }
+    fn claim(&self) -> bool {
+        self.state
+            .compare_exchange(PENDING, CLAIMED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
+/// Abandons an append whose caller stopped waiting (deadline, or the future was dropped).
+struct Abandon(Arc<AtomicU8>);
+
+impl Abandon {
+    /// True if the append was still pending and is now abandoned.
+    fn now(&self) -> bool {
+        self.0
+            .compare_exchange(PENDING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        self.now();
+    }
 }
 
 /// The embedded implementation of [`EventLog`].
@@ -69,6 +160,7 @@ pub struct EmbeddedEventLog {
     requests: Mutex<Option<mpsc::Sender<AppendRequest>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     end_rx: watch::Receiver<u64>,
+    append_timeout: Duration,
 }
 
 fn io_err(context: &str, e: std::io::Error) -> SeamError {
@@ -114,7 +206,7 @@ impl EmbeddedEventLog {
             dir: dir.to_path_buf(),
             segments: Mutex::new(segments),
             durable_end: AtomicU64::new(end),
-            poisoned: AtomicBool::new(false),
+            failure: Mutex::new(None),
             cursor: Mutex::new(None),
             end_tx,
         });
@@ -123,12 +215,20 @@ impl EmbeddedEventLog {
             .open(&last.path)
             .map_err(|e| io_err("open segment", e))?;
         let (tx, rx) = mpsc::channel();
+        let append_timeout = options.append_timeout;
+        let mark = Mark {
+            segment: last,
+            bytes: valid_bytes,
+            next: end,
+        };
         let writer = Writer {
             shared: shared.clone(),
             options,
-            file: BufWriter::with_capacity(1 << 20, file),
-            segment_bytes: valid_bytes,
-            next: end,
+            file: Some(file),
+            buf: Vec::with_capacity(1 << 20),
+            head: mark.clone(),
+            durable: mark,
+            failed: None,
         };
         let handle = std::thread::Builder::new()
             .name("event-log-writer".into())
@@ -139,6 +239,7 @@ impl EmbeddedEventLog {
             requests: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(handle)),
             end_rx,
+            append_timeout,
         })
     }
 
@@ -196,6 +297,10 @@ impl Shared {
             break;
         }
         Ok(out)
+    }
+
+    fn set_failure(&self, failure: Option<String>) {
+        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = failure;
     }
 }
 
@@ -293,17 +398,48 @@ fn recover_segment(path: &Path) -> Result<(u64, u64), SeamError> {
     Ok((count, valid))
 }
 
+/// A place in the log: the segment being written, its length, and the next offset.
+#[derive(Debug, Clone)]
+struct Mark {
+    segment: Segment,
+    bytes: u64,
+    next: u64,
+}
+
 struct Writer {
     shared: Arc<Shared>,
     options: LogOptions,
-    file: BufWriter<File>,
-    segment_bytes: u64,
-    next: u64,
+    /// The open last segment; `None` while the log is failed.
+    file: Option<File>,
+    /// A group's records, written with one call.
+    buf: Vec<u8>,
+    /// Where the next record goes.
+    head: Mark,
+    /// The end of what is durable and acknowledged.
+    durable: Mark,
+    /// Why the log is failed, and when it last tried to recover.
+    failed: Option<(String, Instant)>,
 }
 
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<AppendRequest>) {
-        while let Ok(first) = rx.recv() {
+        loop {
+            let first = if self.failed.is_some() {
+                match rx.recv_timeout(RECOVERY_INTERVAL) {
+                    Ok(r) => Some(r),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(r) => Some(r),
+                    Err(_) => break,
+                }
+            };
+            if self.failed.is_some() {
+                self.try_recover();
+            }
+            let Some(first) = first else { continue };
             // Group commit: take every request already waiting, then one write and one fsync.
             let mut group = vec![first];
             let mut n = group[0].records.len();
@@ -316,120 +452,238 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let result = self.write_group(&group);
+            group.retain(|r| !r.abandoned());
+            if group.is_empty() {
+                continue;
+            }
+            if let Some((why, _)) = &self.failed {
+                let msg = format!("the event log is recovering from an I/O error: {why}");
+                answer_all(group, &msg);
+                continue;
+            }
             metrics::counter!("postbackd_log_fsyncs_total").increment(1);
             metrics::histogram!("postbackd_log_group_records").record(n as f64);
-            match result {
+            match self.write_group(&group) {
                 Ok(firsts) => {
-                    for (req, first) in group.into_iter().zip(firsts) {
-                        let offsets = (first..first + req.records.len() as u64).collect();
-                        let _ = req.reply.send(Ok(offsets));
+                    // Claim every request; one its caller abandoned meanwhile undoes the group
+                    // (and every caller in it, claimed or not, is answered with an error).
+                    let claimed = group.iter().all(AppendRequest::claim);
+                    if claimed {
+                        self.durable = self.head.clone();
+                        self.shared
+                            .durable_end
+                            .store(self.head.next, Ordering::Release);
+                        self.shared.end_tx.send_replace(self.head.next);
+                        for (req, first) in group.into_iter().zip(firsts) {
+                            let offsets = (first..first + req.records.len() as u64).collect();
+                            let _ = req.reply.send(Ok(offsets));
+                        }
+                    } else {
+                        metrics::counter!("postbackd_log_groups_undone_total").increment(1);
+                        if let Err(e) = self.rewind() {
+                            self.fail(e.to_string());
+                        }
+                        answer_all(group, "the append timed out");
                     }
                 }
                 Err(e) => {
-                    let msg = e.to_string();
-                    for req in group {
-                        let _ = req.reply.send(Err(SeamError::Unavailable(msg.clone())));
+                    self.fail(e.to_string());
+                    answer_all(group, &e.to_string());
+                }
+            }
+        }
+    }
+
+    fn faults(&self) -> Option<&Faults> {
+        self.options.faults.as_deref()
+    }
+
+    fn fail(&mut self, why: String) {
+        tracing::error!(error = %why, "event log write failed; appends are refused until it recovers");
+        metrics::counter!("postbackd_log_failures_total").increment(1);
+        self.file = None;
+        self.shared.set_failure(Some(why.clone()));
+        self.failed = Some((why, Instant::now() - RECOVERY_INTERVAL));
+    }
+
+    /// Tries to recover (at most once per `RECOVERY_INTERVAL`): cuts the log back to its last
+    /// durable record and reopens it.
+    fn try_recover(&mut self) {
+        let Some((_, last_try)) = &mut self.failed else {
+            return;
+        };
+        if last_try.elapsed() < RECOVERY_INTERVAL {
+            return;
+        }
+        *last_try = Instant::now();
+        match self.rewind() {
+            Ok(()) => {
+                tracing::info!(next = self.head.next, "event log recovered");
+                self.failed = None;
+                self.shared.set_failure(None);
+            }
+            Err(e) => tracing::debug!(error = %e, "event log not recovered yet"),
+        }
+    }
+
+    /// Cuts everything after the durable mark (segments started since, bytes written since),
+    /// makes the cut durable, and reopens the segment for appends at the mark.
+    fn rewind(&mut self) -> Result<(), SeamError> {
+        self.file = None;
+        let keep = self.durable.clone();
+        {
+            let mut segments = self.shared.segments.lock().map_err(|_| poisoned())?;
+            while segments.last().is_some_and(|s| s.base > keep.segment.base) {
+                if let Some(seg) = segments.pop() {
+                    match fs::remove_file(&seg.path) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            segments.push(seg);
+                            return Err(io_err("remove segment", e));
+                        }
+                        _ => {}
                     }
                 }
             }
         }
-        let _ = self.file.flush();
-        let _ = self.file.get_ref().sync_data();
+        sync_dir(&self.shared.dir)?;
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&keep.segment.path)
+            .map_err(|e| io_err("open segment", e))?;
+        file.set_len(keep.bytes)
+            .map_err(|e| io_err("truncate segment", e))?;
+        match self.faults() {
+            Some(f) => f.sync(&file),
+            None => file.sync_data(),
+        }
+        .map_err(|e| io_err("fsync", e))?;
+        *self.shared.cursor.lock().map_err(|_| poisoned())? = None;
+        self.file = Some(file);
+        self.head = keep;
+        Ok(())
     }
 
+    /// Writes and fsyncs a group; returns the first offset of each request.
     fn write_group(&mut self, group: &[AppendRequest]) -> Result<Vec<u64>, SeamError> {
-        if self.shared.poisoned.load(Ordering::Acquire) {
-            return Err(SeamError::Fatal(
-                "the event log is poisoned by an earlier IO error".into(),
-            ));
-        }
-        let result = self.try_write_group(group);
-        if result.is_err() {
-            self.shared.poisoned.store(true, Ordering::Release);
-        }
-        result
-    }
-
-    fn try_write_group(&mut self, group: &[AppendRequest]) -> Result<Vec<u64>, SeamError> {
         let mut firsts = Vec::with_capacity(group.len());
+        self.buf.clear();
         for req in group {
-            firsts.push(self.next);
+            firsts.push(self.head.next);
             for record in &req.records {
-                if record.len() > MAX_RECORD {
-                    return Err(SeamError::Fatal("record too large".into()));
-                }
-                if self.segment_bytes >= self.options.segment_bytes {
+                if self.head.bytes + self.buf.len() as u64 >= self.options.segment_bytes {
+                    self.flush()?;
                     self.roll()?;
                 }
                 let len = u32::try_from(record.len())
-                    .map_err(|_| SeamError::Fatal("record too large".into()))?;
-                self.file
-                    .write_all(&len.to_le_bytes())
-                    .map_err(|e| io_err("write", e))?;
-                self.file
-                    .write_all(&crc32fast::hash(record).to_le_bytes())
-                    .map_err(|e| io_err("write", e))?;
-                self.file
-                    .write_all(record)
-                    .map_err(|e| io_err("write", e))?;
-                self.segment_bytes += (HEADER + record.len()) as u64;
-                self.next += 1;
+                    .map_err(|_| SeamError::Rejected("record too large".into()))?;
+                self.buf.extend_from_slice(&len.to_le_bytes());
+                self.buf
+                    .extend_from_slice(&crc32fast::hash(record).to_le_bytes());
+                self.buf.extend_from_slice(record);
+                self.head.next += 1;
             }
         }
-        self.file.flush().map_err(|e| io_err("write", e))?;
+        self.flush()?;
         if self.options.fsync {
-            self.file
-                .get_ref()
-                .sync_data()
-                .map_err(|e| io_err("fsync", e))?;
+            self.sync()?;
         }
-        self.shared.durable_end.store(self.next, Ordering::Release);
-        self.shared.end_tx.send_replace(self.next);
         Ok(firsts)
     }
 
-    /// Seals the current segment and starts the next at the current end.
+    /// Writes the buffer to the segment.
+    fn flush(&mut self) -> Result<(), SeamError> {
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| SeamError::Unavailable("the log is not open".into()))?;
+        match self.options.faults.as_deref() {
+            Some(f) => f.write(file, &self.buf),
+            None => file.write_all(&self.buf),
+        }
+        .map_err(|e| io_err("write", e))?;
+        self.head.bytes += self.buf.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), SeamError> {
+        let file = self
+            .file
+            .as_ref()
+            .ok_or_else(|| SeamError::Unavailable("the log is not open".into()))?;
+        match self.faults() {
+            Some(f) => f.sync(file),
+            None => file.sync_data(),
+        }
+        .map_err(|e| io_err("fsync", e))
+    }
+
+    /// Seals the current segment and starts the next at the head.
     fn roll(&mut self) -> Result<(), SeamError> {
-        self.file.flush().map_err(|e| io_err("write", e))?;
-        self.file
-            .get_ref()
-            .sync_data()
-            .map_err(|e| io_err("fsync", e))?;
-        let path = segment_path(&self.shared.dir, self.next);
+        self.sync()?;
+        let path = segment_path(&self.shared.dir, self.head.next);
         let file = OpenOptions::new()
             .create_new(true)
             .append(true)
             .open(&path)
             .map_err(|e| io_err("create segment", e))?;
-        sync_dir(&self.shared.dir)?;
-        self.file = BufWriter::with_capacity(1 << 20, file);
-        self.segment_bytes = 0;
+        let segment = Segment {
+            base: self.head.next,
+            path,
+        };
         self.shared
             .segments
             .lock()
             .map_err(|_| poisoned())?
-            .push(Segment {
-                base: self.next,
-                path,
-            });
+            .push(segment.clone());
+        sync_dir(&self.shared.dir)?;
+        self.file = Some(file);
+        self.head.segment = segment;
+        self.head.bytes = 0;
         Ok(())
+    }
+}
+
+fn answer_all(group: Vec<AppendRequest>, why: &str) {
+    for req in group {
+        let _ = req.reply.send(Err(SeamError::Unavailable(why.to_string())));
     }
 }
 
 impl EventLog for EmbeddedEventLog {
     fn append(&self, records: Vec<Vec<u8>>) -> BoxFuture<'_, Result<Vec<u64>, SeamError>> {
         Box::pin(async move {
-            let (reply, rx) = oneshot::channel();
-            let sent = self.requests.lock().ok().and_then(|r| {
-                r.as_ref()
-                    .map(|tx| tx.send(AppendRequest { records, reply }))
-            });
-            match sent {
-                Some(Ok(())) => rx
-                    .await
-                    .unwrap_or_else(|_| Err(SeamError::Unavailable("log writer stopped".into()))),
-                _ => Err(SeamError::Unavailable("the event log is closed".into())),
+            if let Some(big) = records.iter().find(|r| r.len() > MAX_RECORD) {
+                return Err(SeamError::Rejected(format!(
+                    "a record of {} bytes is over the log's limit of {MAX_RECORD}",
+                    big.len()
+                )));
+            }
+            let (reply, mut rx) = oneshot::channel();
+            let state = Arc::new(AtomicU8::new(PENDING));
+            let abandon = Abandon(state.clone());
+            let request = AppendRequest {
+                records,
+                state,
+                reply,
+            };
+            let sent = self
+                .requests
+                .lock()
+                .ok()
+                .and_then(|r| r.as_ref().map(|tx| tx.send(request)));
+            if !matches!(sent, Some(Ok(()))) {
+                return Err(SeamError::Unavailable("the event log is closed".into()));
+            }
+            let closed = || SeamError::Unavailable("log writer stopped".into());
+            match tokio::time::timeout(self.append_timeout, &mut rx).await {
+                Ok(answer) => answer.unwrap_or_else(|_| Err(closed())),
+                Err(_) if abandon.now() => Err(SeamError::Unavailable(format!(
+                    "the append took longer than {:?}",
+                    self.append_timeout
+                ))),
+                // Claimed: the writer's answer is on its way.
+                Err(_) => rx.await.unwrap_or_else(|_| Err(closed())),
             }
         })
     }
@@ -466,14 +720,25 @@ impl EventLog for EmbeddedEventLog {
     fn truncate_before(&self, offset: u64) -> BoxFuture<'_, Result<u64, SeamError>> {
         Box::pin(async move {
             let mut segments = self.shared.segments.lock().map_err(|_| poisoned())?;
-            // A segment can go when the next one starts at or before `offset`; the last stays.
-            while segments.len() > 1 && segments[1].base <= offset {
+            // A segment can go when the next one starts at or before `offset` and holds a
+            // durable record (one started by a group that then failed may still be cut, and
+            // the writer rewinds into the one before it).
+            let end = self.shared.durable_end.load(Ordering::Acquire);
+            while segments.len() > 1 && segments[1].base <= offset && segments[1].base < end {
                 let seg = segments.remove(0);
                 fs::remove_file(&seg.path).map_err(|e| io_err("remove segment", e))?;
             }
             *self.shared.cursor.lock().map_err(|_| poisoned())? = None;
             Ok(segments.first().map_or(0, |s| s.base))
         })
+    }
+
+    fn health(&self) -> Option<String> {
+        self.shared
+            .failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn close(&self) {
@@ -495,7 +760,7 @@ mod tests {
             dir,
             LogOptions {
                 segment_bytes: 100,
-                fsync: true,
+                ..LogOptions::default()
             },
         )
         .expect("opens")
@@ -663,6 +928,155 @@ mod tests {
         let rest = log.read(0, 1000).await.expect("read");
         assert_eq!(rest.first().map(|(o, _)| *o), Some(start));
         assert_eq!(rest.len() as u64, 200 - start);
+    }
+
+    fn with_faults(
+        dir: &Path,
+        segment_bytes: u64,
+        timeout_ms: u64,
+    ) -> (EmbeddedEventLog, Arc<Faults>) {
+        let faults = Arc::new(Faults::default());
+        let log = EmbeddedEventLog::open(
+            dir,
+            LogOptions {
+                segment_bytes,
+                append_timeout: Duration::from_millis(timeout_ms),
+                faults: Some(faults.clone()),
+                ..LogOptions::default()
+            },
+        )
+        .expect("opens");
+        (log, faults)
+    }
+
+    /// Waits (bounded) until the log reports itself healthy again.
+    async fn recovered(log: &EmbeddedEventLog) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while log.health().is_some() {
+            assert!(
+                Instant::now() < deadline,
+                "never recovered: {:?}",
+                log.health()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// What an append that failed wrote must never be read, now or after a reopen; the log
+    /// heals by itself once the disk does, and offsets stay dense.
+    async fn heals_after(fault: impl Fn(&Faults, bool), segment_bytes: u64) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (log, faults) = with_faults(dir.path(), segment_bytes, 5_000);
+        append_n(&log, 0, 5).await;
+        fault(&faults, true);
+        for i in 0..3 {
+            let err = log
+                .append(vec![format!("lost-{i}").into_bytes(); 4])
+                .await
+                .expect_err("the disk fails");
+            assert!(matches!(err, SeamError::Unavailable(_)), "{err:?}");
+            assert!(log.health().is_some(), "failed while it lasts");
+        }
+        assert_eq!(log.end(), 5);
+        fault(&faults, false);
+        recovered(&log).await;
+        append_n(&log, 5, 3).await;
+        let check = |all: Vec<Record>| {
+            assert_eq!(all.len(), 8);
+            for (i, (offset, payload)) in all.iter().enumerate() {
+                assert_eq!(*offset, i as u64);
+                assert_eq!(payload, &format!("record-{i}").into_bytes());
+            }
+        };
+        check(read_all(&log).await);
+        log.close();
+        check(read_all(&small_or(dir.path(), segment_bytes)).await);
+    }
+
+    fn small_or(dir: &Path, segment_bytes: u64) -> EmbeddedEventLog {
+        EmbeddedEventLog::open(
+            dir,
+            LogOptions {
+                segment_bytes,
+                ..LogOptions::default()
+            },
+        )
+        .expect("opens")
+    }
+
+    #[tokio::test]
+    async fn a_failed_fsync_heals_and_what_it_wrote_is_gone() {
+        heals_after(|f, on| f.fail_syncs.store(on, Ordering::Release), 64 << 20).await;
+        // With small segments the failed groups also start new segments, which must go too.
+        heals_after(|f, on| f.fail_syncs.store(on, Ordering::Release), 60).await;
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_heals_and_a_half_written_group_is_gone() {
+        heals_after(|f, on| f.fail_writes.store(on, Ordering::Release), 64 << 20).await;
+        heals_after(|f, on| f.fail_writes.store(on, Ordering::Release), 60).await;
+    }
+
+    #[tokio::test]
+    async fn a_stalled_disk_answers_within_the_deadline_and_stores_nothing_it_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (log, faults) = with_faults(dir.path(), 64 << 20, 200);
+        append_n(&log, 0, 2).await;
+        faults.stall_syncs_ms.store(3_000, Ordering::Release);
+        let stalled = log.append(vec![b"stalled".to_vec()]).await;
+        assert!(
+            matches!(stalled, Err(SeamError::Unavailable(_))),
+            "{stalled:?}"
+        );
+        assert!(
+            faults.stalling.load(Ordering::Acquire),
+            "answered while the disk is still stalled"
+        );
+        // Appends queued behind the stalled one time out too.
+        let queued = log.append(vec![b"queued".to_vec()]).await;
+        assert!(queued.is_err());
+        faults.stall_syncs_ms.store(0, Ordering::Release);
+        // Once the fsync returns, the group it made durable is cut again.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match log.append(vec![b"record-2".to_vec()]).await {
+                Ok(offsets) => {
+                    assert_eq!(offsets, vec![2], "the refused records took no offset");
+                    break;
+                }
+                Err(_) => assert!(Instant::now() < deadline, "never recovered"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let all = read_all(&log).await;
+        assert_eq!(
+            all.iter().map(|(_, p)| p.clone()).collect::<Vec<_>>(),
+            vec![
+                b"record-0".to_vec(),
+                b"record-1".to_vec(),
+                b"record-2".to_vec()
+            ]
+        );
+        log.close();
+        assert_eq!(
+            read_all(&open(dir.path())).await.len(),
+            3,
+            "nor after a reopen"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_oversized_record_is_rejected_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = open(dir.path());
+        let err = log
+            .append(vec![vec![0; MAX_RECORD + 1]])
+            .await
+            .expect_err("too large");
+        assert!(matches!(err, SeamError::Rejected(_)), "{err:?}");
+        assert!(log.health().is_none());
+        append_n(&log, 0, 1).await;
+        assert_eq!(read_all(&log).await.len(), 1);
     }
 
     #[tokio::test]

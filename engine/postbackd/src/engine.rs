@@ -2,7 +2,7 @@
 //! start the processor and the HTTP server; and the shutdown sequence that undoes it.
 
 use crate::config::Config;
-use crate::embedded_log::{EmbeddedEventLog, LogOptions};
+use crate::embedded_log::{EmbeddedEventLog, Faults, LogOptions};
 use crate::pipeline;
 use crate::sqlite_store::{SchemaState, SqliteStore, SCHEMA_VERSION};
 use anyhow::Context as _;
@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -44,21 +45,35 @@ pub struct Engine {
     pub targets: Arc<crate::guard::TargetGuard>,
 }
 
+/// Failures to inject into the embedded logs, for tests of recovery.
+#[derive(Default, Clone)]
+pub struct InjectedFaults {
+    pub events: Option<Arc<Faults>>,
+    pub deliveries: Option<Arc<Faults>>,
+}
+
 impl Engine {
     /// Opens the data directory: the logs, the store, and the catalog as the log has it.
     pub async fn open(
         config: Config,
         metrics: Option<PrometheusHandle>,
+        faults: InjectedFaults,
     ) -> anyhow::Result<Arc<Self>> {
         let dir = config.data_dir.clone();
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let api_key = resolve_api_key(&config.api_key, &dir)?;
-        let events = EmbeddedEventLog::open(&dir.join("events"), LogOptions::default())
+        let options = |faults: Option<Arc<Faults>>| LogOptions {
+            append_timeout: Duration::from_millis(config.append_timeout_ms.max(1)),
+            faults,
+            ..LogOptions::default()
+        };
+        let events = EmbeddedEventLog::open(&dir.join("events"), options(faults.events))
             .context("opening the event log")?;
-        let catalog_log = EmbeddedEventLog::open(&dir.join("catalog"), LogOptions::default())
+        let catalog_log = EmbeddedEventLog::open(&dir.join("catalog"), options(None))
             .context("opening the catalog log")?;
-        let deliveries = EmbeddedEventLog::open(&dir.join("deliveries"), LogOptions::default())
-            .context("opening the deliveries log")?;
+        let deliveries =
+            EmbeddedEventLog::open(&dir.join("deliveries"), options(faults.deliveries))
+                .context("opening the deliveries log")?;
         let store = SqliteStore::open(&dir.join("store.sqlite")).context("opening the store")?;
         let catalog = load_catalog(&catalog_log).await?;
         let seed: [u8; 8] = rand::random();
@@ -97,12 +112,19 @@ impl Engine {
         Ok(())
     }
 
-    /// Why the engine should not get traffic now, if it should not.
+    /// Why the engine should not get traffic now, if it should not: shutting down, or a log
+    /// that cannot take appends (it recovers by itself; see `embedded_log`).
     pub fn not_ready(&self) -> Option<String> {
         if !self.ready.load(Ordering::Acquire) {
             return Some("shutting down".into());
         }
-        None
+        let logs: [(&str, &dyn EventLog); 3] = [
+            ("event log", self.events.as_ref()),
+            ("deliveries log", self.deliveries.as_ref()),
+            ("catalog log", self.catalog_log.as_ref()),
+        ];
+        logs.iter()
+            .find_map(|(name, log)| log.health().map(|why| format!("{name}: {why}")))
     }
 
     pub fn catalog_read(&self) -> std::sync::RwLockReadGuard<'_, Catalog> {
@@ -165,6 +187,15 @@ impl Server {
     /// Opens the data directory and starts serving on `config.listen`. A store written by
     /// another schema version is rebuilt from the logs first.
     pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> anyhow::Result<Self> {
+        Self::start_with(config, metrics, InjectedFaults::default()).await
+    }
+
+    /// [`Server::start`], with failures injected into the logs (for tests).
+    pub async fn start_with(
+        config: Config,
+        metrics: Option<PrometheusHandle>,
+        faults: InjectedFaults,
+    ) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
@@ -178,7 +209,7 @@ impl Server {
             None => None,
         };
         rebuild_stale_store(&config).await?;
-        let engine = Engine::open(config, metrics).await?;
+        let engine = Engine::open(config, metrics, faults).await?;
         let (stop, stop_rx) = watch::channel(false);
         let processor = tokio::spawn(pipeline::run_processor(engine.clone(), stop_rx.clone()));
         let housekeeping = tokio::spawn(pipeline::run_retention(engine.clone(), stop_rx.clone()));
@@ -266,7 +297,7 @@ pub async fn replay(config: Config) -> anyhow::Result<u64> {
             std::fs::rename(&from, &to).with_context(|| format!("moving {}", from.display()))?;
         }
     }
-    let engine = Engine::open(config, None).await?;
+    let engine = Engine::open(config, None, InjectedFaults::default()).await?;
     let end = engine.events.end();
     let (_stop_tx, mut stop) = watch::channel(false);
     pipeline::process_until(&engine, &mut stop, Some(end), false).await?;

@@ -1,6 +1,7 @@
 //! A scripted affiliate server for delivery tests, speaking plain HTTP/1.1 with keep-alive:
 //! `/ok` answers 200, `/flaky` 500 then 200, `/limited` 429 with `Retry-After: 1` then 200,
-//! `/bad` 404, `/hang` never answers. Each request is recorded before it is answered.
+//! `/bad` 404, `/slow` 200 after a second, `/hang` never answers. Each request is recorded
+//! before it is answered.
 //! While paused, it drops every connection without reading what was sent, like a server
 //! that went away: nothing sent during a pause counts as received.
 #![allow(dead_code)]
@@ -122,6 +123,10 @@ async fn serve(stream: TcpStream, state: Arc<State>) {
             ("/ok", _) | ("/flaky", true) | ("/limited", true) => ("200 OK", "", "ok"),
             ("/flaky", false) => ("500 Internal Server Error", "", "oops"),
             ("/limited", false) => ("429 Too Many Requests", "Retry-After: 1\r\n", "slow down"),
+            ("/slow", _) => {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                ("200 OK", "", "ok")
+            }
             ("/hang", _) => {
                 tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
                 return;
