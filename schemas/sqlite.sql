@@ -110,6 +110,7 @@ CREATE INDEX IF NOT EXISTS conv_sub1 ON conversions (sub1, created_us);
 CREATE TABLE IF NOT EXISTS delivery_jobs (
     job_id TEXT PRIMARY KEY,
     at_us INTEGER NOT NULL,
+    host TEXT NOT NULL,          -- the URL's host: due jobs are taken fairly across hosts
     pid INTEGER NOT NULL,
     offer_id INTEGER NOT NULL,
     goal_lc TEXT NOT NULL,
@@ -120,7 +121,8 @@ CREATE TABLE IF NOT EXISTS delivery_jobs (
     round_base INTEGER NOT NULL,
     next_at_us INTEGER NOT NULL
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS dj_due ON delivery_jobs (state, next_at_us);
+-- Pending hosts in order, and each host's soonest due jobs (see due_jobs).
+CREATE INDEX IF NOT EXISTS dj_host_due ON delivery_jobs (state, host, next_at_us);
 CREATE INDEX IF NOT EXISTS dj_partner ON delivery_jobs (pid, at_us);
 CREATE INDEX IF NOT EXISTS dj_at ON delivery_jobs (at_us);
 

@@ -115,7 +115,7 @@ fn benches(c: &mut Criterion) {
     let parsed = batch(n);
     g.bench_function("batch of 1000 clicks + 1000 postbacks", |b| {
         b.iter_batched(
-            || Processor::new(String::new(), 0, 100_000),
+            || Processor::new(String::new(), 0, 64 << 20),
             |mut p| p.apply(&catalog, black_box(&parsed), Lookups::default()),
             BatchSize::SmallInput,
         )
@@ -136,7 +136,7 @@ fn benches(c: &mut Criterion) {
         .collect();
     g.bench_function("parse + judge 1000 postbacks", |b| {
         b.iter_batched(
-            || Processor::new(String::new(), 0, 100_000),
+            || Processor::new(String::new(), 0, 64 << 20),
             |mut p| {
                 let batch: Vec<(u64, Parsed)> = raw
                     .iter()

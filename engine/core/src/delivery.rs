@@ -37,6 +37,48 @@ pub struct DeliveryJob {
     pub url: String,
 }
 
+impl DeliveryJob {
+    /// The host (and port) the job's URL names, lowercased: deliveries are limited and
+    /// scheduled per host. A URL without one gives `-`.
+    pub fn host(&self) -> String {
+        host_of(&self.url)
+    }
+}
+
+/// The authority of a URL without its user info, lowercased (`aff.example:8080`), or `-`.
+pub fn host_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if host.is_empty() {
+        "-".into()
+    } else {
+        host.to_ascii_lowercase()
+    }
+}
+
+/// Which due jobs to take (`Store::due_jobs`): fairly across hosts, so that a host with
+/// thousands of due jobs (a dead affiliate) does not hold up another host's first attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueQuery {
+    pub now_us: i64,
+    /// Each host's soonest due jobs, at most this many.
+    pub per_host: usize,
+    /// Hosts are visited in order after this one (the previous call's last), wrapping around.
+    pub after_host: String,
+    /// Stop once this many jobs are taken...
+    pub limit: usize,
+    /// ...or this many hosts were visited, or every host once.
+    pub max_hosts: usize,
+}
+
+/// Due jobs, and the last host visited (the next query's `after_host`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DueJobs {
+    pub jobs: Vec<JobState>,
+    pub last_host: String,
+}
+
 /// A record of the `deliveries` log: a job to do, an attempt made, or an operator's re-send.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -556,6 +598,19 @@ mod tests {
             p.next(4, AttemptResult::Answered(500), 0.5, None),
             Next::GaveUp
         );
+    }
+
+    #[test]
+    fn hosts_of_urls() {
+        assert_eq!(
+            host_of("https://Aff.Example:8443/pb?x=1"),
+            "aff.example:8443"
+        );
+        assert_eq!(host_of("http://user:pw@h.example/x"), "h.example");
+        assert_eq!(host_of("http://h.example?x=@y"), "h.example");
+        assert_eq!(host_of("http://[::1]:80/"), "[::1]:80");
+        assert_eq!(host_of("nonsense"), "nonsense");
+        assert_eq!(host_of("http:///x"), "-");
     }
 
     #[test]

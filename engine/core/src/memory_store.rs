@@ -1,13 +1,13 @@
 //! The reference analytics store: everything in memory, queries by scanning. Small and obviously
 //! right, so that the other stores can be held to it by the conformance suite.
 
-use crate::delivery::{AttemptRow, DeliveryRecord, JobState, JobStatus};
+use crate::delivery::{AttemptRow, DeliveryRecord, DueJobs, DueQuery, JobState, JobStatus};
 use crate::processor::{Lookups, Output, ServerPostbackRow};
 use crate::rules::{Click, Conversion};
 use crate::seams::{
     AttemptQuery, BoxFuture, ConversionQuery, Page, SeamError, ServerPostbackQuery, Store,
 };
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
 #[derive(Default)]
@@ -288,23 +288,41 @@ impl Store for MemoryStore {
         ready(Ok(()))
     }
 
-    fn due_jobs(
-        &self,
-        now_us: i64,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<JobState>, SeamError>> {
+    fn due_jobs(&self, q: DueQuery) -> BoxFuture<'_, Result<DueJobs, SeamError>> {
         let inner = self.lock();
-        let mut due: Vec<&JobState> = inner
+        let mut by_host: BTreeMap<String, Vec<&JobState>> = BTreeMap::new();
+        for j in inner
             .jobs
             .values()
-            .filter(|j| j.status == JobStatus::Pending && j.next_at_us <= now_us)
-            .collect();
-        due.sort_by(|a, b| {
-            a.next_at_us
-                .cmp(&b.next_at_us)
-                .then(a.job.job_id.cmp(&b.job.job_id))
-        });
-        ready(Ok(due.into_iter().take(limit).cloned().collect()))
+            .filter(|j| j.status == JobStatus::Pending)
+        {
+            by_host.entry(j.job.host()).or_default().push(j);
+        }
+        let hosts: Vec<&String> = by_host.keys().collect();
+        let start = hosts.partition_point(|h| h.as_str() <= q.after_host.as_str());
+        let mut out = DueJobs {
+            jobs: Vec::new(),
+            last_host: q.after_host.clone(),
+        };
+        let order = hosts[start..].iter().chain(&hosts[..start]);
+        for (visited, host) in order.enumerate() {
+            if out.jobs.len() >= q.limit || visited >= q.max_hosts {
+                break;
+            }
+            let mut due: Vec<&JobState> = by_host[*host]
+                .iter()
+                .copied()
+                .filter(|j| j.next_at_us <= q.now_us)
+                .collect();
+            due.sort_by(|a, b| {
+                a.next_at_us
+                    .cmp(&b.next_at_us)
+                    .then(a.job.job_id.cmp(&b.job.job_id))
+            });
+            out.jobs.extend(due.into_iter().take(q.per_host).cloned());
+            out.last_host = (*host).clone();
+        }
+        ready(Ok(out))
     }
 
     fn jobs(&self, ids: Vec<String>) -> BoxFuture<'_, Result<Vec<JobState>, SeamError>> {
@@ -380,6 +398,7 @@ mod tests {
             &MemoryStore::new(),
         ));
         block_on(suite::deliveries(&MemoryStore::new()));
+        block_on(suite::due_jobs_are_fair_across_hosts(&MemoryStore::new()));
         block_on(suite::snapshots_pin_a_growing_listing(&MemoryStore::new()));
     }
 }

@@ -21,10 +21,90 @@ pub enum Parsed {
     Postback(Box<ParsedPostback>),
 }
 
+/// The longest a click's free-text fields (user agent, referrer, each sub, ...) are kept past
+/// the log, in bytes: the log keeps them whole, but the processor holds clicks in memory and
+/// copies them into the store and into conversions, so an attacker's 60 KiB subs must not
+/// multiply there. Applied when a click is parsed, so a replay gives the same result.
+pub const MAX_CLICK_FIELD_BYTES: usize = 2048;
+
 pub fn parse(event: &Event) -> Parsed {
     match event {
-        Event::Click(c) => Parsed::Click(c.clone()),
+        Event::Click(c) => Parsed::Click(capped_click(c)),
         Event::Postback(p) => Parsed::Postback(Box::new(ParsedPostback::parse(p))),
+    }
+}
+
+fn capped_click(c: &Click) -> Click {
+    let cap = |s: &str| truncate_at_char(s, MAX_CLICK_FIELD_BYTES).to_string();
+    Click {
+        at_us: c.at_us,
+        click_id: cap(&c.click_id),
+        offer_id: c.offer_id,
+        pid: c.pid,
+        ip: cap(&c.ip),
+        ua: cap(&c.ua),
+        referrer: cap(&c.referrer),
+        country: cap(&c.country),
+        subs: c.subs.iter().map(|s| cap(s)).collect(),
+    }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+pub fn truncate_at_char(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Roughly how many bytes a value takes in memory, for byte budgets.
+pub trait Weight {
+    fn weight(&self) -> usize;
+}
+
+/// What a map entry and a `String` cost beyond their text.
+const ENTRY_OVERHEAD: usize = 64;
+
+impl Weight for Click {
+    fn weight(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.click_id.len()
+            + self.ip.len()
+            + self.ua.len()
+            + self.referrer.len()
+            + self.country.len()
+            + self.subs.iter().map(|s| s.len() + 24).sum::<usize>()
+    }
+}
+
+impl Weight for Conversion {
+    fn weight(&self) -> usize {
+        let texts = [
+            &self.id,
+            &self.key,
+            &self.advertiser_id,
+            &self.goal,
+            &self.action_id,
+            &self.clickid,
+            &self.currency,
+            &self.ip,
+            &self.ua,
+            &self.comment,
+            &self.promo_code,
+            &self.user_id,
+        ];
+        std::mem::size_of::<Self>()
+            + texts.iter().map(|t| t.len()).sum::<usize>()
+            + self
+                .subs
+                .iter()
+                .chain(&self.custom_fields)
+                .map(|s| s.len() + 24)
+                .sum::<usize>()
     }
 }
 
@@ -94,35 +174,62 @@ pub struct Lookups {
     pub conversions: HashMap<String, Conversion>,
 }
 
-/// A map that forgets its oldest half when full: recent clicks and conversions stay in memory,
-/// older ones come from the store.
+/// A map that forgets its older half when full, by bytes: recent clicks and conversions stay
+/// in memory, older ones come from the store. Entries go into the current generation; once it
+/// holds half the budget it becomes the previous one and the old previous one is dropped, so
+/// the two together never hold much more than the budget.
 #[derive(Debug)]
 struct Recent<V> {
     current: HashMap<String, V>,
     previous: HashMap<String, V>,
-    capacity: usize,
+    current_bytes: usize,
+    budget: usize,
 }
 
-impl<V> Recent<V> {
-    fn new(capacity: usize) -> Self {
+impl<V: Weight> Recent<V> {
+    fn new(budget_bytes: usize) -> Self {
         Self {
             current: HashMap::new(),
             previous: HashMap::new(),
-            capacity: capacity.max(1),
+            current_bytes: 0,
+            budget: budget_bytes.max(1),
         }
     }
     fn get(&self, k: &str) -> Option<&V> {
         self.current.get(k).or_else(|| self.previous.get(k))
     }
     fn insert(&mut self, k: String, v: V) {
-        if self.current.len() >= self.capacity {
-            self.previous = std::mem::take(&mut self.current);
+        let bytes = k.len() + v.weight() + ENTRY_OVERHEAD;
+        if bytes > self.budget / 2 {
+            // Too big to keep at all: the store has it.
+            self.current.remove(&k);
+            self.previous.remove(&k);
+            return;
         }
-        self.current.insert(k, v);
+        if self.current_bytes + bytes > self.budget / 2 {
+            self.previous = std::mem::take(&mut self.current);
+            self.current_bytes = 0;
+        }
+        let key_bytes = k.len() + ENTRY_OVERHEAD;
+        self.current_bytes += bytes;
+        if let Some(old) = self.current.insert(k, v) {
+            self.current_bytes = self.current_bytes.saturating_sub(key_bytes + old.weight());
+        }
     }
     fn clear(&mut self) {
         self.current.clear();
         self.previous.clear();
+        self.current_bytes = 0;
+    }
+    /// Bytes held, as weighed.
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
+        let weigh = |m: &HashMap<String, V>| {
+            m.iter()
+                .map(|(k, v)| k.len() + v.weight() + ENTRY_OVERHEAD)
+                .sum::<usize>()
+        };
+        weigh(&self.current) + weigh(&self.previous)
     }
 }
 
@@ -134,13 +241,13 @@ pub struct Processor {
 }
 
 impl Processor {
-    /// `cache_capacity` bounds the clicks and conversions held in memory (each, per generation).
-    pub fn new(platform_secure: String, partition: u8, cache_capacity: usize) -> Self {
+    /// `cache_bytes` bounds the memory of the clicks and conversions held (together).
+    pub fn new(platform_secure: String, partition: u8, cache_bytes: usize) -> Self {
         Self {
             platform_secure,
             partition,
-            clicks: Recent::new(cache_capacity),
-            conversions: Recent::new(cache_capacity),
+            clicks: Recent::new(cache_bytes / 2),
+            conversions: Recent::new(cache_bytes / 2),
         }
     }
 
@@ -318,5 +425,64 @@ impl Processor {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn click(id: usize, sub_bytes: usize) -> Click {
+        Click {
+            at_us: 1,
+            click_id: format!("{id:024x}"),
+            offer_id: 1,
+            pid: 1,
+            ip: "1.2.3.4".into(),
+            ua: "é".repeat(sub_bytes),
+            referrer: String::new(),
+            country: String::new(),
+            subs: vec!["x".repeat(sub_bytes); 8],
+        }
+    }
+
+    #[test]
+    fn clicks_are_capped_on_char_boundaries() {
+        let big = click(1, 10_000);
+        let Parsed::Click(c) = parse(&Event::Click(big)) else {
+            panic!("a click")
+        };
+        assert!(c.ua.len() <= MAX_CLICK_FIELD_BYTES && c.ua.len() > MAX_CLICK_FIELD_BYTES - 2);
+        assert!(c.ua.chars().all(|ch| ch == 'é'));
+        assert!(c.subs.iter().all(|s| s.len() == MAX_CLICK_FIELD_BYTES));
+        assert_eq!(c.click_id, format!("{:024x}", 1));
+        assert_eq!(truncate_at_char("abc", 10), "abc");
+        assert_eq!(truncate_at_char("aé", 2), "a");
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_byte_budget() {
+        let budget = 1 << 20;
+        let mut recent: Recent<Click> = Recent::new(budget);
+        for i in 0..10_000 {
+            recent.insert(format!("{i:024x}"), click(i, 1000));
+            assert!(
+                recent.bytes() <= budget + 20_000,
+                "{} bytes",
+                recent.bytes()
+            );
+        }
+        // The newest are still there; the oldest went.
+        assert!(recent.get(&format!("{:024x}", 9_999)).is_some());
+        assert!(recent.get(&format!("{:024x}", 0)).is_none());
+        // Small entries: many fit.
+        let mut small: Recent<Click> = Recent::new(budget);
+        for i in 0..1000 {
+            small.insert(format!("{i:024x}"), click(i, 1));
+        }
+        assert!((0..1000).all(|i| small.get(&format!("{i:024x}")).is_some()));
+        // One entry larger than half the budget is not kept.
+        small.insert("huge".into(), click(0, budget));
+        assert!(small.get("huge").is_none());
     }
 }

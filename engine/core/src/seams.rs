@@ -4,7 +4,7 @@
 //! The traits return boxed futures so that a backend is chosen at run time (`Arc<dyn ...>`)
 //! without this crate depending on an async runtime.
 
-use crate::delivery::{AttemptRow, DeliveryRecord, JobState};
+use crate::delivery::{AttemptRow, DeliveryRecord, DueJobs, DueQuery, JobState};
 use crate::processor::{Lookups, Output, ServerPostbackRow};
 use crate::rules::{Click, Conversion};
 use std::future::Future;
@@ -47,7 +47,14 @@ pub enum SeamError {
 ///   stored, for example it is too large), `Fatal` (stop).
 pub trait EventLog: Send + Sync + 'static {
     fn append(&self, records: Vec<Vec<u8>>) -> BoxFuture<'_, Result<Vec<u64>, SeamError>>;
-    fn read(&self, from: u64, max: usize) -> BoxFuture<'_, Result<Vec<Record>, SeamError>>;
+    /// Up to `max_records` records from `from`, stopping before the one that would take the
+    /// payloads past `max_bytes` (but always at least one, if there is one).
+    fn read(
+        &self,
+        from: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> BoxFuture<'_, Result<Vec<Record>, SeamError>>;
     /// Resolves once a durable record exists at `from` or beyond (or the log closes).
     fn wait_for(&self, from: u64) -> BoxFuture<'_, ()>;
     /// One past the last durable offset.
@@ -179,12 +186,9 @@ pub trait Store: Send + Sync + 'static {
         records: Vec<DeliveryRecord>,
         next: u64,
     ) -> BoxFuture<'_, Result<(), SeamError>>;
-    /// Pending jobs due at `now_us`, soonest first.
-    fn due_jobs(
-        &self,
-        now_us: i64,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<JobState>, SeamError>>;
+    /// Pending jobs due at `query.now_us`, fairly across hosts (see [`DueQuery`]): hosts in
+    /// order after `after_host`, wrapping around, each host's soonest due first.
+    fn due_jobs(&self, query: DueQuery) -> BoxFuture<'_, Result<DueJobs, SeamError>>;
     /// Jobs by id (unknown ids are left out).
     fn jobs(&self, ids: Vec<String>) -> BoxFuture<'_, Result<Vec<JobState>, SeamError>>;
     /// Ids of the failed or given-up jobs of a partner created in `[from_us, to_us)`.
@@ -233,18 +237,30 @@ impl EventLog for MemoryEventLog {
         Box::pin(std::future::ready(Ok(offsets)))
     }
 
-    fn read(&self, from: u64, max: usize) -> BoxFuture<'_, Result<Vec<Record>, SeamError>> {
+    fn read(
+        &self,
+        from: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> BoxFuture<'_, Result<Vec<Record>, SeamError>> {
         let inner = self.lock();
         let from = from.max(inner.start);
-        let skip = (from - inner.start) as usize;
-        let out = inner
+        let skip = usize::try_from(from - inner.start).unwrap_or(usize::MAX);
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for (i, r) in inner
             .records
             .iter()
             .skip(skip)
-            .take(max)
+            .take(max_records)
             .enumerate()
-            .map(|(i, r)| (from + i as u64, r.clone()))
-            .collect();
+        {
+            bytes = bytes.saturating_add(r.len());
+            if bytes > max_bytes && !out.is_empty() {
+                break;
+            }
+            out.push((from + i as u64, r.clone()));
+        }
         Box::pin(std::future::ready(Ok(out)))
     }
 
@@ -311,17 +327,38 @@ pub mod conformance {
         let b = log.append(records("b", 2)).await.expect("append");
         assert_eq!(b, vec![3, 4]);
         assert_eq!(log.end(), 5);
-        let all = log.read(0, 100).await.expect("read");
+        let all = log.read(0, 100, usize::MAX).await.expect("read");
         let offsets: Vec<u64> = all.iter().map(|(o, _)| *o).collect();
         assert_eq!(offsets, vec![0, 1, 2, 3, 4]);
         assert_eq!(all[3].1, b"b-0".to_vec());
-        let mid = log.read(2, 2).await.expect("read");
+        let mid = log.read(2, 2, usize::MAX).await.expect("read");
         assert_eq!(mid.iter().map(|(o, _)| *o).collect::<Vec<_>>(), vec![2, 3]);
         assert_eq!(mid[0].1, b"a-2".to_vec());
-        assert!(log.read(5, 10).await.expect("read at end").is_empty());
-        assert!(log.read(99, 10).await.expect("read past end").is_empty());
+        assert!(log
+            .read(5, 10, usize::MAX)
+            .await
+            .expect("read at end")
+            .is_empty());
+        assert!(log
+            .read(99, 10, usize::MAX)
+            .await
+            .expect("read past end")
+            .is_empty());
         assert!(log.append(vec![]).await.expect("empty append").is_empty());
         assert_eq!(log.end(), 5);
+    }
+
+    /// A byte limit ends a read early, but never before its first record.
+    pub async fn reads_stop_at_the_byte_limit(log: &dyn EventLog) {
+        log.append(vec![vec![1; 100], vec![2; 100], vec![3; 100], vec![4; 500]])
+            .await
+            .expect("append");
+        let two = log.read(0, 10, 250).await.expect("read");
+        assert_eq!(two.iter().map(|(o, _)| *o).collect::<Vec<_>>(), vec![0, 1]);
+        let one = log.read(3, 10, 10).await.expect("read");
+        assert_eq!(one.len(), 1, "at least one record, however large");
+        assert_eq!(one[0].1.len(), 500);
+        assert_eq!(log.read(0, 10, 300).await.expect("read").len(), 3);
     }
 
     /// Empty and binary records survive as they are.
@@ -330,7 +367,7 @@ pub mod conformance {
         log.append(vec![Vec::new(), binary.clone(), vec![0; 100_000]])
             .await
             .expect("append");
-        let got = log.read(0, 10).await.expect("read");
+        let got = log.read(0, 10, usize::MAX).await.expect("read");
         assert_eq!(got[0].1, Vec::<u8>::new());
         assert_eq!(got[1].1, binary);
         assert_eq!(got[2].1.len(), 100_000);
@@ -359,11 +396,11 @@ pub mod conformance {
         let start = log.truncate_before(50).await.expect("truncate");
         assert!(start <= 50, "never drops past the offset asked");
         assert_eq!(log.start(), start);
-        let rest = log.read(50, 1000).await.expect("read");
+        let rest = log.read(50, 1000, usize::MAX).await.expect("read");
         assert_eq!(rest.len(), 50);
         assert_eq!(rest[0].0, 50);
         assert_eq!(rest[0].1, b"t5-0".to_vec());
-        let from_start = log.read(0, 1).await.expect("read before start");
+        let from_start = log.read(0, 1, usize::MAX).await.expect("read before start");
         assert_eq!(
             from_start[0].0, start,
             "reads before the start begin at the start"
@@ -384,7 +421,10 @@ pub mod conformance {
             .collect();
         offsets.sort();
         assert_eq!(offsets, (0..200).collect::<Vec<_>>());
-        assert_eq!(log.read(0, 1000).await.expect("read").len(), 200);
+        assert_eq!(
+            log.read(0, 1000, usize::MAX).await.expect("read").len(),
+            200
+        );
     }
 
     /// A minimal join_all so that this crate needs no futures dependency.
@@ -435,6 +475,9 @@ mod tests {
     fn memory_log_conforms() {
         block_on(conformance::append_then_read(&MemoryEventLog::new()));
         block_on(conformance::records_are_kept_exactly(&MemoryEventLog::new()));
+        block_on(conformance::reads_stop_at_the_byte_limit(
+            &MemoryEventLog::new(),
+        ));
         block_on(conformance::wait_for_wakes_on_append(&MemoryEventLog::new()));
         block_on(conformance::truncate_keeps_the_rest(&MemoryEventLog::new()));
         block_on(conformance::concurrent_appends_are_all_kept(

@@ -1,7 +1,7 @@
 //! The conformance suite every [`Store`] must pass: the in-memory reference, SQLite, and
 //! later ClickHouse. Each check starts from an empty store.
 
-use crate::delivery::{Attempt, DeliveryJob, DeliveryRecord, JobStatus};
+use crate::delivery::{Attempt, DeliveryJob, DeliveryRecord, DueQuery, JobStatus};
 use crate::params::{parse_form, Params};
 use crate::processor::{ConversionChange, Output, ServerPostbackRow};
 use crate::rules::{Click, Conversion};
@@ -502,6 +502,74 @@ fn attempt(
     })
 }
 
+/// Due jobs of every host, as one call gives them.
+async fn due_now(store: &dyn Store, now_us: i64) -> Vec<crate::delivery::JobState> {
+    store
+        .due_jobs(DueQuery {
+            now_us,
+            per_host: 10,
+            after_host: String::new(),
+            limit: 100,
+            max_hosts: 100,
+        })
+        .await
+        .expect("due")
+        .jobs
+}
+
+/// Due jobs are taken fairly: at most `per_host` of each host's soonest, hosts in turn after
+/// the last one visited, so a host with many due jobs cannot crowd out another.
+pub async fn due_jobs_are_fair_across_hosts(store: &dyn Store) {
+    let at = |id: &str, host: &str, at_us: i64| {
+        let mut j = job(id, 1, at_us);
+        j.url = format!("https://{host}/pb?id={id}");
+        DeliveryRecord::Job(j)
+    };
+    let mut records: Vec<DeliveryRecord> = (0..50)
+        .map(|i| at(&format!("a{i:02}"), "a.example", 100 + i))
+        .collect();
+    records.push(at("b0", "B.example", 500));
+    records.push(at("c0", "c.example", 5_000)); // pending, not yet due
+    records.push(at("d0", "user@d.example:8080", 10));
+    store
+        .apply_deliveries("d", records, 53)
+        .await
+        .expect("apply");
+    let query = |after: &str, limit: usize, max_hosts: usize| DueQuery {
+        now_us: 1_000,
+        per_host: 3,
+        after_host: after.into(),
+        limit,
+        max_hosts,
+    };
+    let ids = |d: &crate::delivery::DueJobs| -> Vec<String> {
+        d.jobs.iter().map(|j| j.job.job_id.clone()).collect()
+    };
+    let all = store.due_jobs(query("", 100, 100)).await.expect("due");
+    assert_eq!(
+        ids(&all),
+        vec!["a00", "a01", "a02", "b0", "d0"],
+        "three of a's soonest, then every other host"
+    );
+    assert_eq!(all.last_host, "d.example:8080");
+    // Taken a host or two at a time, the hosts come in turn, wrapping around.
+    let first = store.due_jobs(query("", 3, 100)).await.expect("due");
+    assert_eq!(ids(&first), vec!["a00", "a01", "a02"]);
+    assert_eq!(first.last_host, "a.example");
+    let second = store
+        .due_jobs(query(&first.last_host, 100, 2))
+        .await
+        .expect("due");
+    assert_eq!(ids(&second), vec!["b0"], "b, then c (nothing due)");
+    assert_eq!(second.last_host, "c.example");
+    let third = store
+        .due_jobs(query(&second.last_host, 100, 2))
+        .await
+        .expect("due");
+    assert_eq!(ids(&third), vec!["d0", "a00", "a01", "a02"], "wraps around");
+    assert_eq!(third.last_host, "a.example");
+}
+
 /// Jobs, attempts and re-sends: state, due times, the attempt log, idempotence.
 pub async fn deliveries(store: &dyn Store) {
     let records = vec![
@@ -521,14 +589,14 @@ pub async fn deliveries(store: &dyn Store) {
         .await
         .expect("apply again");
     assert_eq!(store.position("d").await.expect("position"), 6);
-    let due = store.due_jobs(150, 10).await.expect("due");
+    let due = due_now(store, 150).await;
     assert_eq!(
         due.iter()
             .map(|j| j.job.job_id.as_str())
             .collect::<Vec<_>>(),
         vec!["j3"]
     );
-    let due = store.due_jobs(200, 10).await.expect("due");
+    let due = due_now(store, 200).await;
     assert_eq!(
         due.iter()
             .map(|j| j.job.job_id.as_str())
@@ -638,11 +706,7 @@ pub async fn deliveries(store: &dyn Store) {
         .await
         .expect("failed")
         .is_empty());
-    assert_eq!(
-        store.due_jobs(1000, 10).await.expect("due").len(),
-        2,
-        "j1 and j3"
-    );
+    assert_eq!(due_now(store, 1000).await.len(), 2, "j1 and j3");
 }
 
 /// A snapshot from a first page pins the listing: rows written afterwards (newer ones, which

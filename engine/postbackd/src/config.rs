@@ -41,8 +41,10 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// How many log records the processor takes at once.
     pub processor_batch: usize,
-    /// How many recent clicks and conversions the processor keeps in memory.
-    pub processor_cache: usize,
+    /// How many bytes of log records the processor takes at once (at least one record).
+    pub processor_batch_bytes: usize,
+    /// Memory for the recent clicks and conversions the processor keeps, in bytes.
+    pub processor_cache_bytes: usize,
     /// Seconds a client has to send its request headers and body.
     pub request_timeout_secs: u64,
     /// Milliseconds an append to the log may take (a stalled disk) before the request is
@@ -83,7 +85,8 @@ impl Default for Config {
             api_key_in_query: true,
             metrics_listen: None,
             processor_batch: 2048,
-            processor_cache: 200_000,
+            processor_batch_bytes: 8 << 20,
+            processor_cache_bytes: 64 << 20,
             request_timeout_secs: 10,
             append_timeout_ms: 5000,
             allow_private_postback_targets: false,
@@ -202,7 +205,12 @@ impl Config {
                 "API_KEY_IN_QUERY" => self.api_key_in_query = value.parse().map_err(|e| bad(&e))?,
                 "METRICS_LISTEN" => self.metrics_listen = Some(value.parse().map_err(|e| bad(&e))?),
                 "PROCESSOR_BATCH" => self.processor_batch = value.parse().map_err(|e| bad(&e))?,
-                "PROCESSOR_CACHE" => self.processor_cache = value.parse().map_err(|e| bad(&e))?,
+                "PROCESSOR_BATCH_BYTES" => {
+                    self.processor_batch_bytes = value.parse().map_err(|e| bad(&e))?
+                }
+                "PROCESSOR_CACHE_BYTES" => {
+                    self.processor_cache_bytes = value.parse().map_err(|e| bad(&e))?
+                }
                 "REQUEST_TIMEOUT_SECS" => {
                     self.request_timeout_secs = value.parse().map_err(|e| bad(&e))?
                 }

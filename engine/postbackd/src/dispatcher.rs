@@ -18,7 +18,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use postback_core::delivery::{
-    Attempt, AttemptResult, DeliveryJob, DeliveryRecord, JobState, JobStatus, Next, RetryPolicy,
+    Attempt, AttemptResult, DeliveryJob, DeliveryRecord, DueQuery, JobState, JobStatus, Next,
+    RetryPolicy,
 };
 use postback_core::seams::SeamError;
 use std::collections::HashMap;
@@ -28,7 +29,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 /// The consumer name under which the dispatcher keeps its position in the deliveries log.
 pub const CONSUMER: &str = "dispatcher";
@@ -51,9 +52,38 @@ struct Dispatcher {
     client: HttpClient,
     /// Jobs being attempted, with the attempt number, until the log's record of it is applied.
     in_flight: Mutex<HashMap<String, u32>>,
-    hosts: Mutex<HashMap<String, Arc<Semaphore>>>,
-    all: Arc<Semaphore>,
+    /// Attempts under way, in all and per host. A host's entry goes with its last attempt, so
+    /// the map holds at most `concurrency` hosts, however many hosts URLs (and their macros)
+    /// name.
+    running: Mutex<Running>,
+    /// Where the next read of due jobs starts: hosts are served in turn.
+    host_cursor: Mutex<String>,
     stop: watch::Receiver<bool>,
+}
+
+#[derive(Default)]
+struct Running {
+    all: usize,
+    per_host: HashMap<String, usize>,
+}
+
+/// An attempt's place in `Dispatcher::running`, given back when the attempt ends.
+struct Slot {
+    dispatcher: Arc<Dispatcher>,
+    host: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut running = self.dispatcher.lock_running();
+        running.all = running.all.saturating_sub(1);
+        if let Some(n) = running.per_host.get_mut(&self.host) {
+            *n -= 1;
+            if *n == 0 {
+                running.per_host.remove(&self.host);
+            }
+        }
+    }
 }
 
 /// Runs the dispatcher until `stop`.
@@ -64,12 +94,12 @@ struct Dispatcher {
 pub async fn run(engine: Arc<Engine>, config: DeliveryConfig, mut stop: watch::Receiver<bool>) {
     let client = client(&config, engine.targets.clone());
     let d = Arc::new(Dispatcher {
-        all: Arc::new(Semaphore::new(config.concurrency.max(1))),
         engine,
         config,
         client,
         in_flight: Mutex::new(HashMap::new()),
-        hosts: Mutex::new(HashMap::new()),
+        running: Mutex::new(Running::default()),
+        host_cursor: Mutex::new(String::new()),
         stop: stop.clone(),
     });
     let mut attempts = tokio::task::JoinSet::new();
@@ -115,7 +145,7 @@ impl Dispatcher {
             None => self.engine.store.position(CONSUMER).await?.max(log.start()),
         };
         loop {
-            let batch = log.read(pos, 1024).await?;
+            let batch = log.read(pos, 1024, 4 << 20).await?;
             let Some(&(last, _)) = batch.last() else {
                 break;
             };
@@ -139,13 +169,46 @@ impl Dispatcher {
             // Attempts could not be recorded: start none until the log has recovered.
             return Ok(());
         }
-        for job in self.engine.store.due_jobs(now_us(), 512).await? {
+        let (concurrency, per_host) = (self.config.concurrency.max(1), self.config.per_host.max(1));
+        let room = concurrency.saturating_sub(self.lock_running().all);
+        if room == 0 {
+            return Ok(());
+        }
+        let after_host = self
+            .host_cursor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let due = self
+            .engine
+            .store
+            .due_jobs(DueQuery {
+                now_us: now_us(),
+                per_host,
+                after_host,
+                // Due jobs already under way come back too; leave room for them.
+                limit: room + concurrency,
+                max_hosts: 1024,
+            })
+            .await?;
+        *self.host_cursor.lock().unwrap_or_else(|e| e.into_inner()) = due.last_host;
+        for job in due.jobs {
+            let host = job.job.host();
+            {
+                let running = self.lock_running();
+                if running.all >= concurrency
+                    || running.per_host.get(&host).is_some_and(|n| *n >= per_host)
+                {
+                    continue;
+                }
+            }
             let fresh = self
                 .lock_in_flight()
                 .insert(job.job.job_id.clone(), job.attempts + 1)
                 .is_none();
             if fresh {
-                attempts.spawn(self.clone().attempt(job));
+                let slot = self.take_slot(host);
+                attempts.spawn(self.clone().attempt(job, slot));
             }
         }
         Ok(())
@@ -155,29 +218,23 @@ impl Dispatcher {
         self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn host_limit(&self, url: &str) -> Arc<Semaphore> {
-        let host = url
-            .parse::<Uri>()
-            .ok()
-            .and_then(|u| u.authority().map(|a| a.as_str().to_lowercase()))
-            .unwrap_or_default();
-        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-        hosts
-            .entry(host)
-            .or_insert_with(|| Arc::new(Semaphore::new(self.config.per_host.max(1))))
-            .clone()
+    fn lock_running(&self) -> std::sync::MutexGuard<'_, Running> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    async fn attempt(self: Arc<Self>, state: JobState) {
+    fn take_slot(self: &Arc<Self>, host: String) -> Slot {
+        let mut running = self.lock_running();
+        running.all += 1;
+        *running.per_host.entry(host.clone()).or_default() += 1;
+        Slot {
+            dispatcher: self.clone(),
+            host,
+        }
+    }
+
+    /// One attempt; `_slot` holds its place among those under way until it is recorded.
+    async fn attempt(self: Arc<Self>, state: JobState, _slot: Slot) {
         let job = &state.job;
-        // The host's own limit first: a slow host queues its own jobs, not everyone's.
-        let host = self.host_limit(&job.url);
-        let (Ok(_host_permit), Ok(_permit)) = (
-            host.acquire_owned().await,
-            self.all.clone().acquire_owned().await,
-        ) else {
-            return;
-        };
         let n = state.attempts + 1;
         let started = now_us();
         let outcome = self.send(job).await;
@@ -212,7 +269,7 @@ impl Dispatcher {
     }
 
     /// Appends an attempt's record, retrying with backoff while the deliveries log cannot take
-    /// it. The job stays in flight meanwhile (and keeps its permits), so it is not sent again
+    /// it. The job stays in flight meanwhile (and keeps its slot), so it is not sent again
     /// before its outcome is recorded, and the dispatcher slows down instead of re-sending.
     /// Only a shutdown gives up, which leaves the job due after the restart (at least once).
     async fn record(&self, job_id: &str, record: DeliveryRecord) {
@@ -497,7 +554,7 @@ pub async fn apply_log(
         if until.is_some_and(|u| next >= u) || (until.is_none() && *stop.borrow()) {
             return Ok(());
         }
-        let batch = log.read(next, 1024).await?;
+        let batch = log.read(next, 1024, 4 << 20).await?;
         let Some(&(last, _)) = batch.last() else {
             tokio::select! {
                 _ = log.wait_for(next) => {}

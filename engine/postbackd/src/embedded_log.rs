@@ -257,8 +257,9 @@ impl EmbeddedEventLog {
 }
 
 impl Shared {
-    fn read(&self, from: u64, max: usize) -> Result<Vec<Record>, SeamError> {
+    fn read(&self, from: u64, max: usize, max_bytes: usize) -> Result<Vec<Record>, SeamError> {
         let end = self.durable_end.load(Ordering::Acquire);
+        let mut bytes = 0usize;
         let segments = self.segments.lock().map_err(|_| poisoned())?.clone();
         let Some(first) = segments.first() else {
             return Ok(Vec::new());
@@ -280,17 +281,28 @@ impl Shared {
                 .map_err(|e| io_err("seek", e))?;
             let mut at = if start_pos == 0 { seg.base } else { offset };
             let mut pos = start_pos;
+            let mut full = false;
             while at < seg_end && out.len() < max {
                 let payload = read_record(&mut reader)?
                     .ok_or_else(|| SeamError::Fatal(format!("segment {} ends early", seg.base)))?;
-                pos += (HEADER + payload.len()) as u64;
+                let len = payload.len();
                 if at >= offset {
+                    bytes = bytes.saturating_add(len);
+                    if bytes > max_bytes && !out.is_empty() {
+                        // Not taken: the cursor stays before it.
+                        full = true;
+                        break;
+                    }
                     out.push((at, payload));
                 }
+                pos += (HEADER + len) as u64;
                 at += 1;
             }
             offset = at;
             *self.cursor.lock().map_err(|_| poisoned())? = Some((at, idx, pos));
+            if full {
+                break;
+            }
             if at == seg_end && seg_end < end {
                 continue;
             }
@@ -688,10 +700,15 @@ impl EventLog for EmbeddedEventLog {
         })
     }
 
-    fn read(&self, from: u64, max: usize) -> BoxFuture<'_, Result<Vec<Record>, SeamError>> {
+    fn read(
+        &self,
+        from: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> BoxFuture<'_, Result<Vec<Record>, SeamError>> {
         let shared = self.shared.clone();
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || shared.read(from, max))
+            tokio::task::spawn_blocking(move || shared.read(from, max, max_bytes))
                 .await
                 .map_err(|e| SeamError::Fatal(format!("log reader panicked: {e}")))?
         })
@@ -774,7 +791,11 @@ mod tests {
             let log = small_segments(dir.path());
             match check {
                 0 => conformance::append_then_read(&log).await,
-                1 => conformance::records_are_kept_exactly(&log).await,
+                1 => {
+                    conformance::records_are_kept_exactly(&log).await;
+                    let dir = tempfile::tempdir().expect("tempdir");
+                    conformance::reads_stop_at_the_byte_limit(&small_segments(dir.path())).await;
+                }
                 2 => conformance::wait_for_wakes_on_append(&log).await,
                 3 => conformance::truncate_keeps_the_rest(&log).await,
                 _ => conformance::concurrent_appends_are_all_kept(&log).await,
@@ -790,7 +811,7 @@ mod tests {
     }
 
     async fn read_all(log: &EmbeddedEventLog) -> Vec<Record> {
-        log.read(0, usize::MAX).await.expect("read")
+        log.read(0, usize::MAX, usize::MAX).await.expect("read")
     }
 
     #[tokio::test]
@@ -912,7 +933,7 @@ mod tests {
         }
         let files = fs::read_dir(dir.path()).expect("list").count();
         assert!(files > 10, "small segments roll often ({files})");
-        let mid = log.read(95, 10).await.expect("read");
+        let mid = log.read(95, 10, usize::MAX).await.expect("read");
         assert_eq!(
             mid.iter().map(|(o, _)| *o).collect::<Vec<_>>(),
             (95..105).collect::<Vec<_>>()
@@ -925,7 +946,7 @@ mod tests {
         let log = small_segments(dir.path());
         assert_eq!(log.start(), start);
         assert_eq!(log.end(), 200);
-        let rest = log.read(0, 1000).await.expect("read");
+        let rest = log.read(0, 1000, usize::MAX).await.expect("read");
         assert_eq!(rest.first().map(|(o, _)| *o), Some(start));
         assert_eq!(rest.len() as u64, 200 - start);
     }

@@ -140,7 +140,7 @@ async fn load_catalog(log: &dyn EventLog) -> anyhow::Result<Catalog> {
     let mut catalog = Catalog::default();
     let mut from = log.start();
     loop {
-        let batch = log.read(from, 4096).await?;
+        let batch = log.read(from, 4096, 4 << 20).await?;
         let Some((last, _)) = batch.last() else { break };
         from = last + 1;
         for (offset, bytes) in batch {

@@ -60,7 +60,7 @@ pub async fn process_until(
     let mut processor = Processor::new(
         engine.config.platform_secure.clone(),
         0,
-        engine.config.processor_cache,
+        engine.config.processor_cache_bytes,
     );
     let mut buffers = simd_json::Buffers::new(4096);
     let mut next = engine
@@ -77,7 +77,11 @@ pub async fn process_until(
         }
         let records = engine
             .events
-            .read(next, engine.config.processor_batch)
+            .read(
+                next,
+                engine.config.processor_batch,
+                engine.config.processor_batch_bytes,
+            )
             .await?;
         let Some(&(last, _)) = records.last() else {
             tokio::select! {
@@ -206,7 +210,7 @@ pub async fn first_at_or_after(
     let (mut lo, mut hi) = (log.start(), end);
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
-        let at = match log.read(mid, 1).await?.first() {
+        let at = match log.read(mid, 1, usize::MAX).await?.first() {
             Some((_, bytes)) => time_of(bytes),
             None => i64::MAX,
         };

@@ -3,7 +3,7 @@
 //! The schema is `schemas/sqlite.sql`.
 
 use postback_core::delivery::{
-    Attempt, AttemptRow, DeliveryJob, DeliveryRecord, JobState, JobStatus,
+    Attempt, AttemptRow, DeliveryJob, DeliveryRecord, DueJobs, DueQuery, JobState, JobStatus,
 };
 use postback_core::params::Params;
 use postback_core::processor::{Lookups, Output, ServerPostbackRow};
@@ -727,25 +727,8 @@ impl Store for SqliteStore {
         self.with_writer(move |c| apply_deliveries(c, &consumer, &records, next).map_err(db_err))
     }
 
-    fn due_jobs(
-        &self,
-        now_us: i64,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<JobState>, SeamError>> {
-        self.with_writer(move |c| {
-            let mut stmt = c
-                .prepare_cached(&format!(
-                    "SELECT {JOB_COLUMNS} FROM delivery_jobs WHERE state = 'pending' AND next_at_us <= ?
-                     ORDER BY next_at_us, job_id LIMIT ?"
-                ))
-                .map_err(db_err)?;
-            let rows = stmt
-                .query_map(params![now_us, limit as i64], job_from_row)
-                .map_err(db_err)?
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .map_err(db_err)?;
-            Ok(rows)
-        })
+    fn due_jobs(&self, q: DueQuery) -> BoxFuture<'_, Result<DueJobs, SeamError>> {
+        self.with_writer(move |c| due_jobs(c, &q).map_err(db_err))
     }
 
     fn jobs(&self, ids: Vec<String>) -> BoxFuture<'_, Result<Vec<JobState>, SeamError>> {
@@ -815,6 +798,48 @@ impl Store for SqliteStore {
     }
 }
 
+/// Hosts in turn after `after_host`, wrapping around, each found by one index seek (a loose
+/// index scan over `dj_host_due`), then each host's soonest due jobs: the cost is per host
+/// visited, however many jobs a host has waiting.
+fn due_jobs(c: &Connection, q: &DueQuery) -> rusqlite::Result<DueJobs> {
+    let mut next_host = c.prepare_cached(
+        "SELECT MIN(host) FROM delivery_jobs WHERE state = 'pending' AND host > ?",
+    )?;
+    let mut soonest = c.prepare_cached(&format!(
+        "SELECT {JOB_COLUMNS} FROM delivery_jobs
+         WHERE state = 'pending' AND host = ? AND next_at_us <= ?
+         ORDER BY next_at_us, job_id LIMIT ?"
+    ))?;
+    let mut out = DueJobs {
+        jobs: Vec::new(),
+        last_host: q.after_host.clone(),
+    };
+    let mut cursor = q.after_host.clone();
+    let mut wrapped = false;
+    let mut visited = 0;
+    while out.jobs.len() < q.limit && visited < q.max_hosts {
+        let host: Option<String> = next_host.query_row([&cursor], |r| r.get(0))?;
+        let host = match host {
+            Some(h) if !(wrapped && h > q.after_host) => h,
+            Some(_) => break, // back where this call began
+            None if wrapped || cursor.is_empty() => break,
+            None => {
+                wrapped = true;
+                cursor.clear();
+                continue;
+            }
+        };
+        let jobs = soonest
+            .query_map(params![host, q.now_us, q.per_host as i64], job_from_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        out.jobs.extend(jobs);
+        out.last_host = host.clone();
+        cursor = host;
+        visited += 1;
+    }
+    Ok(out)
+}
+
 const JOB_COLUMNS: &str = "job, state, attempts, round_base, next_at_us";
 
 fn job_from_row(r: &Row<'_>) -> rusqlite::Result<JobState> {
@@ -868,9 +893,9 @@ fn apply_deliveries(
     let tx = conn.transaction()?;
     {
         let mut insert_job = tx.prepare_cached(
-            "INSERT OR IGNORE INTO delivery_jobs (job_id, at_us, pid, offer_id, goal_lc, conv_status, job,
-               state, attempts, round_base, next_at_us)
-             VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', 0, 0, ?)",
+            "INSERT OR IGNORE INTO delivery_jobs (job_id, at_us, host, pid, offer_id, goal_lc,
+               conv_status, job, state, attempts, round_base, next_at_us)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, 0, ?)",
         )?;
         let mut insert_attempt = tx.prepare_cached(
             "INSERT OR IGNORE INTO delivery_attempts (job_id, attempt, at_us, http_code, error, state, next_at_us)
@@ -889,6 +914,7 @@ fn apply_deliveries(
                     insert_job.execute(params![
                         j.job_id,
                         j.at_us,
+                        j.host(),
                         j.pid as i64,
                         j.offer_id as i64,
                         j.goal.to_lowercase(),
@@ -953,6 +979,8 @@ mod tests {
         suite::expiry_removes_old_rows_everywhere(&s).await;
         let (_d, s) = open();
         suite::deliveries(&s).await;
+        let (_d, s) = open();
+        suite::due_jobs_are_fair_across_hosts(&s).await;
         let (_d, s) = open();
         suite::snapshots_pin_a_growing_listing(&s).await;
     }

@@ -428,6 +428,44 @@ async fn a_hanging_host_does_not_hold_up_others() {
     drop(server); // in-flight hanging attempts would take the full timeout to drain
 }
 
+/// Due jobs are taken fairly across hosts: a dead affiliate with more due jobs than one read
+/// of the due list holds (hundreds) does not keep another affiliate's first attempt waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_with_hundreds_of_due_jobs_does_not_delay_another() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(dir.path(), true, 60_000).await;
+    let api = Api::new(server.addr());
+    let hanging = Affiliate::start().await;
+    let healthy = Affiliate::start().await;
+    setup_offer(&api).await;
+    let url = hanging.url("/hang?t={transactionid}");
+    setting(&api, &[("partner_id", "1"), ("url", &url)]).await;
+    let url = healthy.url("/ok?t={transactionid}");
+    setting(&api, &[("partner_id", "2"), ("url", &url)]).await;
+    let to_hanging = api.click(1, 1, "").await;
+    for i in 0..700 {
+        api.postback(&format!("clickid={to_hanging}&goal=sale&action_id=H{i}"))
+            .await;
+    }
+    let to_healthy = api.click(1, 2, "").await;
+    api.postback(&format!("clickid={to_healthy}&goal=sale&action_id=OK"))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while healthy.count("/ok", "t=OK") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the healthy host's postback waited behind the dead host's ({} attempts there)",
+            hanging.count("/hang", "")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        hanging.count("/hang", "") <= 2,
+        "the dead host holds only its own slots"
+    );
+    drop(server); // hanging attempts would take their full timeout to drain
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn internal_targets_are_refused_unless_allowed() {
     let dir = tempfile::tempdir().expect("tempdir");

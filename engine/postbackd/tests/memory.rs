@@ -1,0 +1,143 @@
+//! Memory is bounded in bytes, not entries: a flood of clicks with huge subs and headers (the
+//! kind anyone can send, no key needed) keeps the engine's resident memory within its budgets.
+
+mod common;
+
+use common::{today, Api, KEY};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Engine {
+    child: Child,
+    api: Api,
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const MIB: u64 = 1 << 20;
+
+async fn spawn(dir: &std::path::Path, budgets: &[(&str, u64)]) -> Engine {
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_postbackd"));
+    cmd.args(["serve", "--listen", &addr.to_string(), "--api-key", KEY])
+        .arg("--data-dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in budgets {
+        cmd.env(k, v.to_string());
+    }
+    let child = cmd.spawn().expect("spawn postbackd");
+    let api = Api::new(addr);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = api.http.get(format!("{}/ready", api.base)).send().await {
+            if r.status() == 200 {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "postbackd did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Engine { child, api }
+}
+
+/// The process's peak resident memory (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmHWM")
+        * 1024
+}
+
+/// Sends `n` clicks of about 48 KiB each (eight 4 KiB subs, and an 8 KiB user agent and
+/// referrer), 16 at a time, then a postback, and waits until that postback is processed (so
+/// every click before it was). Returns the peak resident memory growth over the flood.
+async fn flood(engine: &Engine, n: usize) -> u64 {
+    let api = &engine.api;
+    api.admin_post(
+        "/3.0/admin/offer",
+        &[
+            ("title", "O"),
+            ("url", "https://x.example/?c={clickid}&s={sub1}"),
+        ],
+    )
+    .await;
+    let before = peak_rss(engine.child.id());
+    let sub = "s".repeat(4096);
+    let subs: String = (1..=8).map(|i| format!("&sub{i}={sub}")).collect();
+    let big_header = "h".repeat(8192);
+    let workers: Vec<_> = (0..16)
+        .map(|w| {
+            let (http, base, subs, header) = (
+                api.http.clone(),
+                api.base.clone(),
+                subs.clone(),
+                big_header.clone(),
+            );
+            tokio::spawn(async move {
+                for i in (w..n).step_by(16) {
+                    let r = http
+                        .get(format!("{base}/click?offer_id=1&pid={i}{subs}"))
+                        .header("user-agent", &header)
+                        .header("referer", &header)
+                        .send()
+                        .await
+                        .expect("click");
+                    assert_eq!(r.status(), 302);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.expect("worker");
+    }
+    api.postback("clickid=000000000000000000000000&n=last")
+        .await;
+    let d = today();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, body) = api
+            .get_json(&format!(
+                "/3.0/stats/serverpostbacks?date_from={d}&date_to={d}"
+            ))
+            .await;
+        if body["pagination"]["total_count"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the flood was not processed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    peak_rss(engine.child.id()).saturating_sub(before)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_huge_clicks_stays_within_the_memory_budget() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let budgets = [
+        ("POSTBACKD_PROCESSOR_CACHE_BYTES", 16 * MIB),
+        ("POSTBACKD_PROCESSOR_BATCH_BYTES", 4 * MIB),
+        ("POSTBACKD_REQUEST_MEMORY_BYTES", 8 * MIB),
+    ];
+    let engine = spawn(dir.path(), &budgets).await;
+    // 4,000 clicks carry about 190 MiB: far more than the budgets, which the growth of the
+    // peak must stay near (the budgets, SQLite's page caches, buffers and allocator slack).
+    let grown = flood(&engine, 4_000).await;
+    eprintln!("peak resident memory grew by {} MiB", grown / MIB);
+    assert!(
+        grown < 96 * MIB,
+        "peak resident memory grew by {} MiB over a flood of 190 MiB",
+        grown / MIB
+    );
+}
