@@ -260,6 +260,18 @@ pub async fn filters_search_and_paging(store: &dyn Store) {
         .await,
         0
     );
+    // Short terms mean the same: a substring of `key=value`, so `=c` and `g=` match the pairs.
+    for (term, n) in [("=c", 30), ("g=x", 30), ("d=c", 30), ("=c1", 11), ("9y", 3)] {
+        assert_eq!(
+            count(ServerPostbackQuery {
+                search: Some(term.into()),
+                ..query(0, 1000)
+            })
+            .await,
+            n,
+            "search {term:?}"
+        );
+    }
     let page = store
         .server_postbacks(ServerPostbackQuery {
             offset: 25,

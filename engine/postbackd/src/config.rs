@@ -47,6 +47,8 @@ pub struct Config {
     pub processor_cache_bytes: usize,
     /// Seconds a client has to send its request headers and body.
     pub request_timeout_secs: u64,
+    /// Milliseconds a stats query may run before it is stopped and refused (400).
+    pub query_timeout_ms: u64,
     /// Milliseconds an append to the log may take (a stalled disk) before the request is
     /// answered 503; what was refused is never stored afterwards.
     pub append_timeout_ms: u64,
@@ -89,6 +91,7 @@ impl Default for Config {
             processor_cache_bytes: 64 << 20,
             request_timeout_secs: 10,
             append_timeout_ms: 5000,
+            query_timeout_ms: 10_000,
             allow_private_postback_targets: false,
             delivery_max_attempts: 8,
             delivery_base_delay_ms: 10_000,
@@ -214,6 +217,7 @@ impl Config {
                 "REQUEST_TIMEOUT_SECS" => {
                     self.request_timeout_secs = value.parse().map_err(|e| bad(&e))?
                 }
+                "QUERY_TIMEOUT_MS" => self.query_timeout_ms = value.parse().map_err(|e| bad(&e))?,
                 "APPEND_TIMEOUT_MS" => {
                     self.append_timeout_ms = value.parse().map_err(|e| bad(&e))?
                 }

@@ -74,7 +74,9 @@ impl Engine {
         let deliveries =
             EmbeddedEventLog::open(&dir.join("deliveries"), options(faults.deliveries))
                 .context("opening the deliveries log")?;
-        let store = SqliteStore::open(&dir.join("store.sqlite")).context("opening the store")?;
+        let store = SqliteStore::open(&dir.join("store.sqlite"))
+            .context("opening the store")?
+            .with_query_budget(Duration::from_millis(config.query_timeout_ms));
         let catalog = load_catalog(&catalog_log).await?;
         let seed: [u8; 8] = rand::random();
         Ok(Arc::new(Self {

@@ -36,6 +36,25 @@ pub enum SchemaState {
 pub struct SqliteStore {
     writer: Arc<Mutex<Connection>>,
     readers: Arc<Vec<Mutex<Connection>>>,
+    /// The time budget of a stats query.
+    query_budget: std::time::Duration,
+}
+
+/// How many SQLite VM steps run between checks of a query's budget and cancellation.
+const PROGRESS_STEPS: i32 = 1000;
+
+/// Why a query was interrupted.
+const RUNNING: u8 = 0;
+const OVER_BUDGET: u8 = 1;
+const CANCELLED: u8 = 2;
+
+/// Cancels the query of a dropped future (the client went away, or shutdown).
+struct CancelOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
 }
 
 /// SQLite's errors by what the caller should do: retry (busy, disk full, I/O), refuse the
@@ -117,7 +136,15 @@ impl SqliteStore {
         Ok(Self {
             writer: Arc::new(Mutex::new(writer)),
             readers: Arc::new(readers),
+            query_budget: std::time::Duration::from_secs(10),
         })
+    }
+
+    /// Sets the time budget of stats queries: a query that takes longer is stopped and
+    /// refused (`Rejected`, with advice to narrow it).
+    pub fn with_query_budget(mut self, budget: std::time::Duration) -> Self {
+        self.query_budget = budget;
+        self
     }
 
     /// Runs `f` on the writer connection off the async threads.
@@ -133,19 +160,58 @@ impl SqliteStore {
         })
     }
 
-    /// Runs `f` on a free reader connection (or waits for the first).
+    /// Runs `f` on a free reader connection (or waits for the first), within the query budget;
+    /// dropping the returned future (the client went away) stops the query.
     fn with_reader<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, SeamError> + Send + 'static,
     ) -> BoxFuture<'_, Result<T, SeamError>> {
+        let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        self.run_reader(f, cancelled)
+    }
+
+    fn run_reader<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, SeamError> + Send + 'static,
+        cancelled: Arc<std::sync::atomic::AtomicBool>,
+    ) -> BoxFuture<'_, Result<T, SeamError>> {
+        use std::sync::atomic::{AtomicU8, Ordering};
         let readers = self.readers.clone();
+        let budget = self.query_budget;
+        let guard = CancelOnDrop(cancelled.clone());
         Box::pin(async move {
+            let _guard = guard;
             tokio::task::spawn_blocking(move || {
-                let guard = readers
+                let conn = readers
                     .iter()
                     .find_map(|r| r.try_lock().ok())
                     .map_or_else(|| readers[0].lock().map_err(lock_err), Ok)?;
-                f(&guard)
+                let deadline = std::time::Instant::now() + budget;
+                let why = Arc::new(AtomicU8::new(RUNNING));
+                let stop = why.clone();
+                conn.progress_handler(
+                    PROGRESS_STEPS,
+                    Some(move || {
+                        if cancelled.load(Ordering::Acquire) {
+                            stop.store(CANCELLED, Ordering::Release);
+                        } else if std::time::Instant::now() >= deadline {
+                            stop.store(OVER_BUDGET, Ordering::Release);
+                        }
+                        stop.load(Ordering::Acquire) != RUNNING
+                    }),
+                );
+                let result = f(&conn);
+                conn.progress_handler(PROGRESS_STEPS, None::<fn() -> bool>);
+                match why.load(Ordering::Acquire) {
+                    OVER_BUDGET if result.is_err() => Err(SeamError::Rejected(format!(
+                        "the query took longer than its time budget of {budget:?}; \
+                         narrow the date range or add filters"
+                    ))),
+                    CANCELLED if result.is_err() => {
+                        Err(SeamError::Unavailable("query cancelled".into()))
+                    }
+                    _ => result,
+                }
             })
             .await
             .map_err(|e| SeamError::Fatal(format!("store task panicked: {e}")))?
@@ -592,10 +658,13 @@ impl Store for SqliteStore {
                         [Value::Text(fts_phrase(&s))],
                     );
                 } else {
-                    // Too short for trigrams: scan the rows the other filters leave.
+                    // Too short for trigrams: scan the rows the other filters leave, over the same
+                    // `key=value` text the index holds.
                     f.add(
-                        "(instr(lower(get_pairs), lower(?)) > 0 OR instr(lower(post_pairs), lower(?)) > 0)",
-                        [Value::Text(s.clone()), Value::Text(s)],
+                        "EXISTS (SELECT 1 FROM (SELECT value FROM json_each(get_pairs)
+                           UNION ALL SELECT value FROM json_each(post_pairs)) p
+                           WHERE instr(lower((p.value ->> 0) || '=' || (p.value ->> 1)), lower(?)) > 0)",
+                        [Value::Text(s)],
                     );
                 }
             }
@@ -983,6 +1052,109 @@ mod tests {
         suite::due_jobs_are_fair_across_hosts(&s).await;
         let (_d, s) = open();
         suite::snapshots_pin_a_growing_listing(&s).await;
+    }
+
+    /// Enough rows that counting them takes many SQLite VM steps.
+    async fn filled(store: &SqliteStore) {
+        let rows = (0..3000)
+            .map(|i| {
+                let mut row = postback_row(i);
+                row.get = postback_core::params::parse_form(format!("n={i}").as_bytes());
+                row
+            })
+            .collect();
+        let output = Output {
+            postbacks: rows,
+            ..Default::default()
+        };
+        store.write("p", output, 1).await.expect("write");
+    }
+
+    fn postback_row(i: i64) -> ServerPostbackRow {
+        ServerPostbackRow {
+            id: format!("{i:024x}"),
+            at_us: 1_000 + i,
+            server: String::new(),
+            method: "GET".into(),
+            get: Params::default(),
+            post: Params::default(),
+            pixel: false,
+            response_status: 1,
+            error: String::new(),
+            clickid: String::new(),
+            action_id: String::new(),
+            goal: String::new(),
+            status: 0,
+            offer_id: 1,
+            pid: 1,
+            advertiser_id: String::new(),
+            conversion_id: String::new(),
+            delta: None,
+            ip: String::new(),
+        }
+    }
+
+    fn broad() -> ServerPostbackQuery {
+        ServerPostbackQuery {
+            from_us: 0,
+            to_us: i64::MAX,
+            search: Some("=1".into()),
+            limit: 10,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_query_over_its_time_budget_is_stopped_and_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.sqlite");
+        let store = SqliteStore::open(&path).expect("opens");
+        filled(&store).await;
+        assert!(store.server_postbacks(broad()).await.is_ok());
+        let hurried = SqliteStore::open(&path)
+            .expect("opens")
+            .with_query_budget(std::time::Duration::ZERO);
+        match hurried.server_postbacks(broad()).await {
+            Err(SeamError::Rejected(why)) => assert!(why.contains("time budget"), "{why}"),
+            other => panic!("not stopped: {other:?}"),
+        }
+        // The connection is fine afterwards.
+        assert_eq!(
+            store.server_postbacks(broad()).await.expect("query").total,
+            1111
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_query_stops() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("s.sqlite")).expect("opens");
+        filled(&store).await;
+        let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let q = broad();
+        let result = store
+            .run_reader(
+                move |c| {
+                    query_page(
+                        c,
+                        &POSTBACK_LISTING,
+                        Filter::default(),
+                        (0, q.limit, None),
+                        postback_from_row,
+                    )
+                    .map_err(db_err)
+                },
+                cancelled,
+            )
+            .await;
+        assert!(
+            matches!(result, Err(SeamError::Unavailable(_))),
+            "{result:?}"
+        );
+        // Dropping a query's future is what cancels it.
+        let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        drop(CancelOnDrop(flag.clone()));
+        assert!(flag.load(std::sync::atomic::Ordering::Acquire));
     }
 
     #[tokio::test]
