@@ -37,6 +37,7 @@ pub enum Reject {
     OfferDisabled,
     GoalNotFound,
     InvalidStatus,
+    InvalidSum,
     ConversionExists,
     StatusNotPending,
 }
@@ -52,6 +53,7 @@ impl Reject {
             Reject::OfferDisabled => "Offer disabled",
             Reject::GoalNotFound => "Goal not found",
             Reject::InvalidStatus => "Invalid status",
+            Reject::InvalidSum => "Invalid sum",
             Reject::ConversionExists => "Conversion exists",
             Reject::StatusNotPending => "Conversion status is not pending",
         }
@@ -152,11 +154,17 @@ impl ParsedPostback {
     pub fn secure(&self) -> Option<&str> {
         self.field("secure", "afsecure")
     }
-    pub fn sum(&self) -> f64 {
-        self.field("sum", "afprice")
-            .and_then(|s| s.trim().parse::<f64>().ok())
-            .filter(|v| v.is_finite())
-            .unwrap_or(0.0)
+    /// The order sum: 0 when not passed; `None` when passed but not a number from 0 to
+    /// [`MAX_SUM`] (a negative, infinite or absurd sum would make negative or absurd payouts).
+    pub fn sum(&self) -> Option<f64> {
+        match self.field("sum", "afprice") {
+            None => Some(0.0),
+            Some(s) => s
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite() && (0.0..=MAX_SUM).contains(v)),
+        }
     }
     pub fn text(&self, name: &str) -> String {
         self.param(name).unwrap_or("").to_string()
@@ -172,6 +180,9 @@ impl ParsedPostback {
             .collect()
     }
 }
+
+/// The largest order sum taken (in any currency: a trillion dong is about 40 million dollars).
+pub const MAX_SUM: f64 = 1e12;
 
 /// What makes two postbacks the same conversion: (offer, goal, action id), where the action
 /// id defaults to the click id.
@@ -310,6 +321,9 @@ pub fn judge<'c>(
             None => return reject(verdict, Reject::InvalidStatus),
         },
     };
+    let Some(sum) = pb.sum() else {
+        return reject(verdict, Reject::InvalidSum);
+    };
     let status = passed_status
         .or(payment.status)
         .unwrap_or(offer.default_status);
@@ -334,7 +348,6 @@ pub fn judge<'c>(
         return verdict;
     }
 
-    let sum = pb.sum();
     let (payouts, revenue) = payment.amounts(sum);
     verdict.outcome = Outcome::Created(Conversion {
         id: String::new(), // assigned by the processor from the log position

@@ -333,6 +333,36 @@ fn invalid_status_values_are_rejected() {
     }
 }
 
+#[test]
+fn sums_out_of_range_are_rejected() {
+    let c = catalog();
+    for s in [
+        "-1", "-0.01", "NaN", "inf", "-inf", "1e13", "1e309", "abc", "12,50",
+    ] {
+        let v = run(&c, "", &pb(&format!("clickid={CLICK}&sum={s}")), None);
+        assert_eq!(rejected(&v), "Invalid sum", "sum={s}");
+    }
+    for (s, want) in [("", 0.0), ("0", 0.0), (" 12.5 ", 12.5), ("1e12", 1e12)] {
+        let v = run(&c, "", &pb(&format!("clickid={CLICK}&sum={s}")), None);
+        assert_eq!(created(&v).sum, want, "sum={s:?}");
+    }
+    let v = run(&c, "", &pb(&format!("clickid={CLICK}")), None);
+    assert_eq!(created(&v).sum, 0.0, "no sum is a sum of 0");
+}
+
+/// A repeated parameter: the first value is the one processed.
+#[test]
+fn the_first_of_repeated_parameters_is_processed() {
+    let c = catalog();
+    let v = run(
+        &c,
+        "",
+        &pb(&format!("clickid={CLICK}&action_id=first&action_id=second")),
+        None,
+    );
+    assert_eq!(created(&v).action_id, "first");
+}
+
 fn existing(status: u8) -> Conversion {
     let c = catalog();
     let v = run(
@@ -427,8 +457,8 @@ fn post_bodies_are_read_as_form_or_json() {
     e.set_body(format!(r#"{{"click_id":"{CLICK}","sum":12.5}}"#).as_bytes());
     let p = ParsedPostback::parse(&e);
     assert_eq!(p.clickid(), Some(CLICK));
-    assert_eq!(p.sum(), 12.5);
+    assert_eq!(p.sum(), Some(12.5));
     // A query parameter wins over the body.
     e.query = "sum=1".into();
-    assert_eq!(ParsedPostback::parse(&e).sum(), 1.0);
+    assert_eq!(ParsedPostback::parse(&e).sum(), Some(1.0));
 }

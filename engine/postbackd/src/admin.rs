@@ -247,8 +247,8 @@ fn parse_number(field: &str, v: Option<&str>) -> Result<f64, ApiError> {
         Some(v) => v
             .parse::<f64>()
             .ok()
-            .filter(|n| n.is_finite() && *n >= 0.0)
-            .ok_or_else(|| bad(format!("{field} must be a non-negative number"))),
+            .filter(|n| n.is_finite() && (0.0..=postback_core::rules::MAX_SUM).contains(n))
+            .ok_or_else(|| bad(format!("{field} must be a number from 0 to 1e12"))),
     }
 }
 

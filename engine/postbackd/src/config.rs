@@ -78,7 +78,7 @@ impl Default for Config {
             api_key: String::new(),
             platform_secure: String::new(),
             retention_days: 92,
-            max_request_bytes: 64 * 1024,
+            max_request_bytes: 32 * 1024,
             trust_forwarded_for: false,
             trusted_proxies: Vec::new(),
             max_api_body_bytes: 1 << 20,
@@ -277,7 +277,7 @@ mod tests {
         assert_eq!(c.listen.port(), 9000, "file over default");
         assert_eq!(c.retention_days, 10, "environment over file");
         assert_eq!(c.api_key, "flag", "flag over file");
-        assert_eq!(c.max_request_bytes, 64 * 1024, "default kept");
+        assert_eq!(c.max_request_bytes, 32 * 1024, "default kept");
     }
 
     #[test]

@@ -232,14 +232,17 @@ async fn server_postbacks(engine: &Arc<Engine>, p: &Params) -> Result<Response<B
     ))
 }
 
-/// Parameters as PHP shows them: an object (the last of repeated keys wins), or `[]` if none.
+/// Parameters as an object, or `[]` if none (as PHP shows an empty one). Of a repeated key
+/// the first value is shown: it is the one the rules processed (`Params::get`). Every value is
+/// kept in the log and found by `search`.
 fn params_value(p: &Params) -> Value {
     if p.is_empty() {
         return json!([]);
     }
     let mut m = Map::new();
     for (k, v) in p.iter() {
-        m.insert(k.to_string(), Value::String(v.to_string()));
+        m.entry(k.to_string())
+            .or_insert_with(|| Value::String(v.to_string()));
     }
     Value::Object(m)
 }

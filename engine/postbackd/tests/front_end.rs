@@ -81,12 +81,12 @@ async fn bodies_are_not_read_before_the_route_and_the_key_are_known() {
 async fn requests_in_flight_share_a_memory_budget() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = start(dir.path(), |c| {
-        c.request_memory_bytes = 128 * 1024;
+        c.request_memory_bytes = 64 * 1024;
     })
     .await;
     let addr = server.addr();
-    // Two postbacks that promise 60 KiB each and hold them: the budget is spent.
-    let head = "POST /postback HTTP/1.1\r\nHost: a\r\nContent-Length: 61440\r\n\r\nclickid=x";
+    // Two postbacks that promise 30 KB each and hold them: most of the budget is spent.
+    let head = "POST /postback HTTP/1.1\r\nHost: a\r\nContent-Length: 30000\r\n\r\nclickid=x";
     let held: Vec<TcpStream> = (0..2).map(|_| send_head(addr, head)).collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let api = Api::new(addr);
