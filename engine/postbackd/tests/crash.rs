@@ -9,56 +9,22 @@ use common::{today, Api, KEY};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-struct Engine {
-    child: Child,
-    api: Api,
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> std::net::SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
-}
+type Engine = common::binary::Process;
 
 async fn spawn(dir: &Path) -> Engine {
     spawn_with(dir, &[]).await
 }
 
 async fn spawn_with(dir: &Path, extra: &[&str]) -> Engine {
-    let addr = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_postbackd"))
-        .args(["serve", "--listen", &addr.to_string(), "--api-key", KEY])
-        .args(extra)
-        .env("POSTBACKD_DELIVERY_BASE_DELAY_MS", "100")
-        .env("POSTBACKD_DELIVERY_TIMEOUT_MS", "2000")
-        .arg("--data-dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn postbackd");
-    let api = Api::new(addr);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = api.http.get(format!("{}/ready", api.base)).send().await {
-            if r.status() == 200 {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "postbackd did not become ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Engine { child, api }
+    let env = [
+        ("POSTBACKD_DELIVERY_BASE_DELAY_MS", "100".to_string()),
+        ("POSTBACKD_DELIVERY_TIMEOUT_MS", "2000".to_string()),
+    ];
+    common::binary::spawn(dir, extra, &env).await
 }
 
 /// Every row of a stats endpoint, page by page, in the snapshot of the first page: the
@@ -87,18 +53,7 @@ async fn all_rows(api: &Api, endpoint: &str, key: &str) -> Vec<Value> {
 }
 
 async fn setup(api: &Api) -> String {
-    api.admin_post(
-        "/3.0/admin/offer",
-        &[
-            ("title", "O"),
-            ("url", "https://x.example/?clickid={clickid}"),
-            ("payments[0][total]", "1"),
-        ],
-    )
-    .await;
-    api.admin_post("/3.0/admin/partner", &[("email", "a@example.com")])
-        .await;
-    api.click(1, 1, "").await
+    common::offer_and_click(api).await
 }
 
 const FLAGS: [&str; 1] = ["--allow-private-postback-targets"];

@@ -3,51 +3,16 @@
 
 mod common;
 
-use common::{today, Api, KEY};
-use std::process::{Child, Command, Stdio};
+use common::today;
 use std::time::{Duration, Instant};
 
-struct Engine {
-    child: Child,
-    api: Api,
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+type Engine = common::binary::Process;
 
 const MIB: u64 = 1 << 20;
 
 async fn spawn(dir: &std::path::Path, budgets: &[(&str, u64)]) -> Engine {
-    let addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr")
-    };
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_postbackd"));
-    cmd.args(["serve", "--listen", &addr.to_string(), "--api-key", KEY])
-        .arg("--data-dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    for (k, v) in budgets {
-        cmd.env(k, v.to_string());
-    }
-    let child = cmd.spawn().expect("spawn postbackd");
-    let api = Api::new(addr);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = api.http.get(format!("{}/ready", api.base)).send().await {
-            if r.status() == 200 {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "postbackd did not become ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Engine { child, api }
+    let env: Vec<(&str, String)> = budgets.iter().map(|(k, v)| (*k, v.to_string())).collect();
+    common::binary::spawn(dir, &[], &env).await
 }
 
 /// The process's peak resident memory (VmHWM), in bytes.

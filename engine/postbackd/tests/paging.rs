@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{today, Api, KEY};
+use common::{offer_and_click, today, Api, KEY};
 use postbackd::{Config, Server};
 use serde_json::Value;
 use std::collections::HashSet;
@@ -17,18 +17,6 @@ async fn start(dir: &std::path::Path) -> Server {
         ..Config::default()
     };
     Server::start(config, None).await.expect("starts")
-}
-
-async fn offer_and_click(api: &Api) -> String {
-    api.admin_post(
-        "/3.0/admin/offer",
-        &[
-            ("title", "O"),
-            ("url", "https://x.example/?clickid={clickid}"),
-        ],
-    )
-    .await;
-    api.click(1, 1, "").await
 }
 
 async fn convert(api: &Api, click: &str, actions: std::ops::Range<usize>) {

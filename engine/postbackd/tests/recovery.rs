@@ -6,7 +6,7 @@
 mod common;
 
 use common::affiliate::Affiliate;
-use common::{today, Api, KEY};
+use common::{offer_and_click, today, Api, KEY};
 use postbackd::embedded_log::Faults;
 use postbackd::engine::InjectedFaults;
 use postbackd::{Config, Server};
@@ -30,20 +30,6 @@ async fn start(
     Server::start_with(config, None, faults)
         .await
         .expect("starts")
-}
-
-async fn offer_and_click(api: &Api) -> String {
-    api.admin_post(
-        "/3.0/admin/offer",
-        &[
-            ("title", "O"),
-            ("url", "https://x.example/?clickid={clickid}"),
-        ],
-    )
-    .await;
-    api.admin_post("/3.0/admin/partner", &[("email", "a@example.com")])
-        .await;
-    api.click(1, 1, "").await
 }
 
 /// The status and body of a postback that may be refused.

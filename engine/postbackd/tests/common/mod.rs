@@ -5,6 +5,7 @@ use serde_json::Value;
 use std::time::{Duration, Instant};
 
 pub mod affiliate;
+pub mod binary;
 
 pub const KEY: &str = "test-key";
 
@@ -110,6 +111,22 @@ impl Api {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// An offer (id 1, paying 1 for goal 1), a partner (id 1), and a click on both.
+pub async fn offer_and_click(api: &Api) -> String {
+    api.admin_post(
+        "/3.0/admin/offer",
+        &[
+            ("title", "O"),
+            ("url", "https://x.example/?clickid={clickid}"),
+            ("payments[0][total]", "1"),
+        ],
+    )
+    .await;
+    api.admin_post("/3.0/admin/partner", &[("email", "a@example.com")])
+        .await;
+    api.click(1, 1, "").await
 }
 
 pub fn today() -> String {
