@@ -12,10 +12,14 @@ PRAGMA journal_mode = WAL;
 -- roll back, and with them the consumer position, so the processor simply redoes them.
 PRAGMA synchronous = NORMAL;
 
+-- Each consumer's next offset in each partition of the log it reads, written in the same
+-- transaction as the rows derived from the records before it.
 CREATE TABLE IF NOT EXISTS positions (
-    consumer TEXT PRIMARY KEY,
-    next_offset INTEGER NOT NULL
-);
+    consumer TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    next_offset INTEGER NOT NULL,
+    PRIMARY KEY (consumer, partition)
+) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS clicks (
     click_id TEXT PRIMARY KEY,

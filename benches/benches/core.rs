@@ -6,6 +6,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use postback_core::catalog::*;
 use postback_core::event::{ClickEvent, Event, PostbackEvent};
 use postback_core::ids::IdGenerator;
+use postback_core::log::Position;
 use postback_core::processor::{parse, Lookups, Parsed, Processor};
 use std::hint::black_box;
 
@@ -49,7 +50,14 @@ fn catalog() -> Catalog {
 }
 
 /// A batch as the processor sees it: `n` clicks, then a postback for each (unique action ids).
-fn batch(n: usize) -> Vec<(u64, Parsed)> {
+fn position(i: usize) -> Position {
+    Position {
+        partition: 0,
+        offset: i as u64,
+    }
+}
+
+fn batch(n: usize) -> Vec<(Position, Parsed)> {
     let ids = IdGenerator::new([1, 2, 3, 4, 5], 0);
     let mut events = Vec::new();
     let clicks: Vec<String> = (0..n).map(|_| ids.next(1_700_000_000).to_hex()).collect();
@@ -83,7 +91,7 @@ fn batch(n: usize) -> Vec<(u64, Parsed)> {
     events
         .iter()
         .enumerate()
-        .map(|(i, e)| (i as u64, parse(e)))
+        .map(|(i, e)| (position(i), parse(e)))
         .collect()
 }
 
@@ -115,7 +123,7 @@ fn benches(c: &mut Criterion) {
     let parsed = batch(n);
     g.bench_function("batch of 1000 clicks + 1000 postbacks", |b| {
         b.iter_batched(
-            || Processor::new(String::new(), 0, 64 << 20),
+            || Processor::new(String::new(), 64 << 20),
             |mut p| p.apply(&catalog, black_box(&parsed), Lookups::default()),
             BatchSize::SmallInput,
         )
@@ -136,12 +144,12 @@ fn benches(c: &mut Criterion) {
         .collect();
     g.bench_function("parse + judge 1000 postbacks", |b| {
         b.iter_batched(
-            || Processor::new(String::new(), 0, 64 << 20),
+            || Processor::new(String::new(), 64 << 20),
             |mut p| {
-                let batch: Vec<(u64, Parsed)> = raw
+                let batch: Vec<(Position, Parsed)> = raw
                     .iter()
                     .enumerate()
-                    .map(|(i, e)| (i as u64, parse(e)))
+                    .map(|(i, e)| (position(i), parse(e)))
                     .collect();
                 p.apply(&catalog, &batch, Lookups::default())
             },

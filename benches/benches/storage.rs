@@ -3,9 +3,10 @@
 //! `cargo bench -p postback-benches --bench storage`
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use postback_core::log::{EventLog, Keyed, Position};
 use postback_core::params::parse_form;
 use postback_core::processor::{Output, ServerPostbackRow};
-use postback_core::seams::{EventLog, ServerPostbackQuery, Store};
+use postback_core::seams::{ServerPostbackQuery, Store};
 use postbackd::embedded_log::{EmbeddedEventLog, LogOptions};
 use postbackd::sqlite_store::SqliteStore;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,13 +47,13 @@ fn benches(c: &mut Criterion) {
     let mut g = c.benchmark_group("event log");
     g.sample_size(20);
     let log = std::sync::Arc::new(
-        EmbeddedEventLog::open(&dir.path().join("log"), LogOptions::default()).expect("log"),
+        EmbeddedEventLog::open(&dir.path().join("log"), 1, LogOptions::default()).expect("log"),
     );
     let record = vec![b'x'; 400];
     g.throughput(Throughput::Elements(1));
     g.bench_function("one append of 400 B, fsync'd", |b| {
         b.iter(|| {
-            rt.block_on(log.append(vec![record.clone()]))
+            rt.block_on(log.append(vec![Keyed::new("k", record.clone())]))
                 .expect("append")
         })
     });
@@ -65,7 +66,11 @@ fn benches(c: &mut Criterion) {
                     let mut tasks = tokio::task::JoinSet::new();
                     for _ in 0..256 {
                         let (log, record) = (log.clone(), record.clone());
-                        tasks.spawn(async move { log.append(vec![record]).await.expect("append") });
+                        tasks.spawn(async move {
+                            log.append(vec![Keyed::new("k", record)])
+                                .await
+                                .expect("append")
+                        });
                     }
                     while tasks.join_next().await.is_some() {}
                 })
@@ -86,8 +91,15 @@ fn benches(c: &mut Criterion) {
                 postbacks: (start..start + 1000).map(row).collect(),
                 ..Default::default()
             };
-            rt.block_on(store.write("bench", out, start + 1000))
-                .expect("write");
+            rt.block_on(store.write(
+                "bench",
+                out,
+                vec![Position {
+                    partition: 0,
+                    offset: start + 1000,
+                }],
+            ))
+            .expect("write");
         })
     });
     // Fill to 200k rows for the queries.
@@ -97,8 +109,15 @@ fn benches(c: &mut Criterion) {
             postbacks: (start..start + 1000).map(row).collect(),
             ..Default::default()
         };
-        rt.block_on(store.write("bench", out, start + 1000))
-            .expect("write");
+        rt.block_on(store.write(
+            "bench",
+            out,
+            vec![Position {
+                partition: 0,
+                offset: start + 1000,
+            }],
+        ))
+        .expect("write");
     }
     let day = ServerPostbackQuery {
         from_us: 1_700_000_000_000_000,

@@ -2,6 +2,7 @@
 //! `stats_query DIR ROWS`: fills `DIR/store.sqlite` to ROWS rows (kept between runs), then
 //! times 200 queries of each kind and prints p50/p95 in milliseconds.
 
+use postback_core::log::Position;
 use postback_core::params::parse_form;
 use postback_core::processor::{Output, ServerPostbackRow};
 use postback_core::seams::{ServerPostbackQuery, Store};
@@ -65,7 +66,7 @@ async fn main() -> anyhow_free::Result {
         .unwrap_or(10_000_000);
     std::fs::create_dir_all(&dir)?;
     let store = SqliteStore::open(&dir.join("store.sqlite")).map_err(|e| e.to_string())?;
-    let mut have = store.position("fill").await.map_err(|e| e.to_string())?;
+    let mut have = store.position("fill", 0).await.map_err(|e| e.to_string())?;
     let started = Instant::now();
     while have < rows {
         let end = (have + 20_000).min(rows);
@@ -74,7 +75,14 @@ async fn main() -> anyhow_free::Result {
             ..Default::default()
         };
         store
-            .write("fill", out, end)
+            .write(
+                "fill",
+                out,
+                vec![Position {
+                    partition: 0,
+                    offset: end,
+                }],
+            )
             .await
             .map_err(|e| e.to_string())?;
         have = end;

@@ -17,6 +17,8 @@ pub mod catalog;
 pub mod delivery;
 pub mod event;
 pub mod ids;
+pub mod keys;
+pub mod log;
 pub mod macros;
 pub mod memory_store;
 pub mod params;

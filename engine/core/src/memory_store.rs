@@ -2,6 +2,8 @@
 //! right, so that the other stores can be held to it by the conformance suite.
 
 use crate::delivery::{AttemptRow, DeliveryRecord, DueJobs, DueQuery, JobState, JobStatus};
+use crate::keys::Partition;
+use crate::log::Position;
 use crate::processor::{Lookups, Output, ServerPostbackRow};
 use crate::rules::{Click, Conversion};
 use crate::seams::{
@@ -17,7 +19,7 @@ pub struct MemoryStore {
 
 #[derive(Default)]
 struct Inner {
-    positions: HashMap<String, u64>,
+    positions: HashMap<(String, Partition), u64>,
     clicks: HashMap<String, Click>,
     /// Listed rows carry the write sequence number they were inserted at: it is the snapshot
     /// they belong to, and it breaks ties of time as the other stores do.
@@ -73,11 +75,15 @@ fn matches_search(row: &ServerPostbackRow, needle: &str) -> bool {
 }
 
 impl Store for MemoryStore {
-    fn position(&self, consumer: &str) -> BoxFuture<'_, Result<u64, SeamError>> {
+    fn position(
+        &self,
+        consumer: &str,
+        partition: Partition,
+    ) -> BoxFuture<'_, Result<u64, SeamError>> {
         ready(Ok(self
             .lock()
             .positions
-            .get(consumer)
+            .get(&(consumer.to_string(), partition))
             .copied()
             .unwrap_or(0)))
     }
@@ -108,7 +114,7 @@ impl Store for MemoryStore {
         &self,
         consumer: &str,
         output: Output,
-        next: u64,
+        next: Vec<Position>,
     ) -> BoxFuture<'_, Result<(), SeamError>> {
         let mut inner = self.lock();
         for c in output.clicks {
@@ -134,7 +140,11 @@ impl Store for MemoryStore {
                 }
             }
         }
-        inner.positions.insert(consumer.to_string(), next);
+        for p in next {
+            inner
+                .positions
+                .insert((consumer.to_string(), p.partition), p.offset);
+        }
         ready(Ok(()))
     }
 
@@ -240,7 +250,7 @@ impl Store for MemoryStore {
         &self,
         consumer: &str,
         records: Vec<DeliveryRecord>,
-        next: u64,
+        next: Vec<Position>,
     ) -> BoxFuture<'_, Result<(), SeamError>> {
         let mut inner = self.lock();
         for record in records {
@@ -284,7 +294,11 @@ impl Store for MemoryStore {
                 }
             }
         }
-        inner.positions.insert(consumer.to_string(), next);
+        for p in next {
+            inner
+                .positions
+                .insert((consumer.to_string(), p.partition), p.offset);
+        }
         ready(Ok(()))
     }
 

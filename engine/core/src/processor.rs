@@ -10,6 +10,7 @@ use crate::catalog::Catalog;
 use crate::delivery::{jobs_for, DeliveryJob};
 use crate::event::Event;
 use crate::ids::{IdTag, ObjectId};
+use crate::log::Position;
 use crate::params::Params;
 use crate::rules::{conversion_key, judge, Click, Context, Conversion, Outcome, ParsedPostback};
 use std::collections::HashMap;
@@ -106,6 +107,11 @@ impl Weight for Conversion {
                 .map(|s| s.len() + 24)
                 .sum::<usize>()
     }
+}
+
+/// The partition byte of the ids derived from a position (logs have at most 256 partitions).
+fn position_byte(position: &Position) -> u8 {
+    u8::try_from(position.partition).unwrap_or(u8::MAX)
 }
 
 /// One row of the server-postback log.
@@ -235,17 +241,15 @@ impl<V: Weight> Recent<V> {
 
 pub struct Processor {
     platform_secure: String,
-    partition: u8,
     clicks: Recent<Click>,
     conversions: Recent<Conversion>,
 }
 
 impl Processor {
     /// `cache_bytes` bounds the memory of the clicks and conversions held (together).
-    pub fn new(platform_secure: String, partition: u8, cache_bytes: usize) -> Self {
+    pub fn new(platform_secure: String, cache_bytes: usize) -> Self {
         Self {
             platform_secure,
-            partition,
             clicks: Recent::new(cache_bytes / 2),
             conversions: Recent::new(cache_bytes / 2),
         }
@@ -258,7 +262,7 @@ impl Processor {
     }
 
     /// Click ids the batch's postbacks name that are neither held nor clicked in the batch.
-    pub fn missing_clicks(&self, batch: &[(u64, Parsed)]) -> Vec<String> {
+    pub fn missing_clicks(&self, batch: &[(Position, Parsed)]) -> Vec<String> {
         let in_batch: std::collections::HashSet<&str> = batch
             .iter()
             .filter_map(|(_, p)| match p {
@@ -285,7 +289,7 @@ impl Processor {
     pub fn missing_conversions(
         &self,
         catalog: &Catalog,
-        batch: &[(u64, Parsed)],
+        batch: &[(Position, Parsed)],
         lookups: &Lookups,
     ) -> Vec<String> {
         let mut batch_clicks: HashMap<&str, &Click> = HashMap::new();
@@ -330,7 +334,7 @@ impl Processor {
     pub fn apply(
         &mut self,
         catalog: &Catalog,
-        batch: &[(u64, Parsed)],
+        batch: &[(Position, Parsed)],
         lookups: Lookups,
     ) -> Output {
         let ctx = Context {
@@ -338,7 +342,8 @@ impl Processor {
             platform_secure: &self.platform_secure,
         };
         let mut out = Output::default();
-        for (offset, p) in batch {
+        for (position, p) in batch {
+            let (partition, offset) = (position_byte(position), position.offset);
             match p {
                 Parsed::Click(c) => {
                     self.clicks.insert(c.click_id.clone(), c.clone());
@@ -357,7 +362,7 @@ impl Processor {
                     });
                     let secs = u32::try_from(pb.at_us.div_euclid(1_000_000)).unwrap_or(0);
                     let mut row = ServerPostbackRow {
-                        id: ObjectId::derived(IdTag::ServerPostback, secs, self.partition, *offset)
+                        id: ObjectId::derived(IdTag::ServerPostback, secs, partition, offset)
                             .to_hex(),
                         at_us: pb.at_us,
                         server: pb.server.clone(),
@@ -390,9 +395,8 @@ impl Processor {
                             None
                         }
                         Outcome::Created(mut c) => {
-                            c.id =
-                                ObjectId::derived(IdTag::Conversion, secs, self.partition, *offset)
-                                    .to_hex();
+                            c.id = ObjectId::derived(IdTag::Conversion, secs, partition, offset)
+                                .to_hex();
                             Some(ConversionChange {
                                 created: true,
                                 conversion: c,
@@ -409,12 +413,7 @@ impl Processor {
                             .offer_at(change.conversion.offer_id, pb.at_us)
                             .map_or("", |o| o.title.as_str());
                         out.jobs.extend(jobs_for(
-                            &change,
-                            catalog,
-                            offer_name,
-                            pb.pixel,
-                            self.partition,
-                            *offset,
+                            &change, catalog, offer_name, pb.pixel, partition, offset,
                         ));
                         self.conversions
                             .insert(change.conversion.key.clone(), change.conversion.clone());

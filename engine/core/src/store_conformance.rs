@@ -2,12 +2,21 @@
 //! later ClickHouse. Each check starts from an empty store.
 
 use crate::delivery::{Attempt, DeliveryJob, DeliveryRecord, DueQuery, JobStatus};
+use crate::log::Position;
 use crate::params::{parse_form, Params};
 use crate::processor::{ConversionChange, Output, ServerPostbackRow};
 use crate::rules::{Click, Conversion};
 use crate::seams::{AttemptQuery, ConversionQuery, ServerPostbackQuery, Store};
 
 const DAY: i64 = 86_400_000_000;
+
+/// A consumer's next position in partition 0.
+fn upto(offset: u64) -> Vec<Position> {
+    vec![Position {
+        partition: 0,
+        offset,
+    }]
+}
 
 fn click(id: &str, at_us: i64) -> Click {
     Click {
@@ -91,7 +100,7 @@ fn query(from_us: i64, to_us: i64) -> ServerPostbackQuery {
 
 /// Rewriting a batch adds nothing; the position moves with the batch; later states win.
 pub async fn writes_are_idempotent_and_move_the_position(store: &dyn Store) {
-    assert_eq!(store.position("p").await.expect("position"), 0);
+    assert_eq!(store.position("p", 0).await.expect("position"), 0);
     let out = Output {
         jobs: vec![],
         clicks: vec![click("c1", 10)],
@@ -107,9 +116,33 @@ pub async fn writes_are_idempotent_and_move_the_position(store: &dyn Store) {
             conversion: conversion("v1", "k1", 2, 20),
         }],
     };
-    store.write("p", out.clone(), 7).await.expect("write");
-    store.write("p", out, 7).await.expect("rewrite");
-    assert_eq!(store.position("p").await.expect("position"), 7);
+    store.write("p", out.clone(), upto(7)).await.expect("write");
+    store.write("p", out, upto(7)).await.expect("rewrite");
+    assert_eq!(store.position("p", 0).await.expect("position"), 7);
+    // Positions are kept per partition.
+    let spread = vec![
+        Position {
+            partition: 3,
+            offset: 40,
+        },
+        Position {
+            partition: 5,
+            offset: 2,
+        },
+    ];
+    store
+        .write("p", Output::default(), spread)
+        .await
+        .expect("write");
+    assert_eq!(store.position("p", 3).await.expect("position"), 40);
+    assert_eq!(store.position("p", 5).await.expect("position"), 2);
+    assert_eq!(store.position("p", 0).await.expect("position"), 7, "kept");
+    assert_eq!(store.position("p", 1).await.expect("position"), 0);
+    assert_eq!(
+        store.position("q", 3).await.expect("position"),
+        0,
+        "per consumer"
+    );
     let page = store.server_postbacks(query(0, 100)).await.expect("query");
     assert_eq!(page.total, 1, "a rewritten batch adds nothing");
     let found = store
@@ -134,7 +167,7 @@ pub async fn writes_are_idempotent_and_move_the_position(store: &dyn Store) {
         }],
         ..Default::default()
     };
-    store.write("p", update, 8).await.expect("write");
+    store.write("p", update, upto(8)).await.expect("write");
     let convs = store
         .conversions(ConversionQuery {
             from_us: 0,
@@ -166,7 +199,7 @@ pub async fn filters_search_and_paging(store: &dyn Store) {
                 postbacks: rows,
                 ..Default::default()
             },
-            30,
+            upto(30),
         )
         .await
         .expect("write");
@@ -305,7 +338,7 @@ pub async fn expiry_removes_old_rows_everywhere(store: &dyn Store) {
             },
         ],
     };
-    store.write("p", out, 4).await.expect("write");
+    store.write("p", out, upto(4)).await.expect("write");
     let removed = store.expire(10 * DAY).await.expect("expire");
     assert_eq!(removed, 3);
     let all = query(0, 1000 * DAY);
@@ -368,7 +401,7 @@ pub async fn conversion_filters(store: &dyn Store) {
                 changes,
                 ..Default::default()
             },
-            12,
+            upto(12),
         )
         .await
         .expect("write");
@@ -544,7 +577,7 @@ pub async fn due_jobs_are_fair_across_hosts(store: &dyn Store) {
     records.push(at("c0", "c.example", 5_000)); // pending, not yet due
     records.push(at("d0", "user@d.example:8080", 10));
     store
-        .apply_deliveries("d", records, 53)
+        .apply_deliveries("d", records, upto(53))
         .await
         .expect("apply");
     let query = |after: &str, limit: usize, max_hosts: usize| DueQuery {
@@ -593,14 +626,14 @@ pub async fn deliveries(store: &dyn Store) {
         attempt("j2", 1, 131, 404, JobStatus::Failed, None),
     ];
     store
-        .apply_deliveries("d", records.clone(), 6)
+        .apply_deliveries("d", records.clone(), upto(6))
         .await
         .expect("apply");
     store
-        .apply_deliveries("d", records, 6)
+        .apply_deliveries("d", records, upto(6))
         .await
         .expect("apply again");
-    assert_eq!(store.position("d").await.expect("position"), 6);
+    assert_eq!(store.position("d", 0).await.expect("position"), 6);
     let due = due_now(store, 150).await;
     assert_eq!(
         due.iter()
@@ -690,7 +723,7 @@ pub async fn deliveries(store: &dyn Store) {
                 job_id: "j2".into(),
                 at_us: 140,
             }],
-            7,
+            upto(7),
         )
         .await
         .expect("resend");
@@ -707,7 +740,7 @@ pub async fn deliveries(store: &dyn Store) {
         .apply_deliveries(
             "d",
             vec![attempt("j2", 2, 150, 200, JobStatus::Delivered, None)],
-            8,
+            upto(8),
         )
         .await
         .expect("apply");
@@ -737,7 +770,7 @@ pub async fn snapshots_pin_a_growing_listing(store: &dyn Store) {
             .collect(),
         ..Default::default()
     };
-    store.write("p", first, 10).await.expect("write");
+    store.write("p", first, upto(10)).await.expect("write");
     let jobs = |from: usize, to: usize| {
         (from..to)
             .flat_map(|i| {
@@ -750,7 +783,7 @@ pub async fn snapshots_pin_a_growing_listing(store: &dyn Store) {
             .collect::<Vec<_>>()
     };
     store
-        .apply_deliveries("d", jobs(0, 10), 20)
+        .apply_deliveries("d", jobs(0, 10), upto(20))
         .await
         .expect("apply");
     let pq = |offset, snapshot| ServerPostbackQuery {
@@ -797,9 +830,9 @@ pub async fn snapshots_pin_a_growing_listing(store: &dyn Store) {
             .collect(),
         ..Default::default()
     };
-    store.write("p", more, 15).await.expect("write");
+    store.write("p", more, upto(15)).await.expect("write");
     store
-        .apply_deliveries("d", jobs(10, 15), 30)
+        .apply_deliveries("d", jobs(10, 15), upto(30))
         .await
         .expect("apply");
 

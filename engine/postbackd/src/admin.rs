@@ -639,7 +639,7 @@ async fn resend(engine: &Engine, p: &Params) -> Result<Response<Body>, ApiError>
                 job_id: id.clone(),
                 at_us,
             };
-            serde_json::to_vec(&r).unwrap_or_default()
+            postback_core::log::Keyed::new(id.clone(), serde_json::to_vec(&r).unwrap_or_default())
         })
         .collect();
     engine.deliveries.append(records).await?;

@@ -39,6 +39,9 @@ pub struct Config {
     /// A second address serving only `/metrics`, without the key (for a scraper on a private
     /// network). On the main address `/metrics` needs the key.
     pub metrics_listen: Option<SocketAddr>,
+    /// Partitions of the events and deliveries logs (fixed when a log is created; at most 256).
+    /// Clicks and postbacks are placed by click id, so each partition is processed in order.
+    pub partitions: u32,
     /// How many log records the processor takes at once.
     pub processor_batch: usize,
     /// How many bytes of log records the processor takes at once (at least one record).
@@ -86,6 +89,7 @@ impl Default for Config {
             max_connections: 4096,
             api_key_in_query: true,
             metrics_listen: None,
+            partitions: 1,
             processor_batch: 2048,
             processor_batch_bytes: 8 << 20,
             processor_cache_bytes: 64 << 20,
@@ -157,6 +161,9 @@ impl Config {
             config.allow_private_postback_targets = true;
         }
         config.trusted_proxy_nets()?;
+        if !(1..=256).contains(&config.partitions) {
+            anyhow::bail!("partitions must be from 1 to 256");
+        }
         Ok(config)
     }
 
@@ -207,6 +214,7 @@ impl Config {
                 "MAX_CONNECTIONS" => self.max_connections = value.parse().map_err(|e| bad(&e))?,
                 "API_KEY_IN_QUERY" => self.api_key_in_query = value.parse().map_err(|e| bad(&e))?,
                 "METRICS_LISTEN" => self.metrics_listen = Some(value.parse().map_err(|e| bad(&e))?),
+                "PARTITIONS" => self.partitions = value.parse().map_err(|e| bad(&e))?,
                 "PROCESSOR_BATCH" => self.processor_batch = value.parse().map_err(|e| bad(&e))?,
                 "PROCESSOR_BATCH_BYTES" => {
                     self.processor_batch_bytes = value.parse().map_err(|e| bad(&e))?

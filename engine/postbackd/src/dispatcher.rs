@@ -21,8 +21,10 @@ use postback_core::delivery::{
     Attempt, AttemptResult, DeliveryJob, DeliveryRecord, DueQuery, JobState, JobStatus, Next,
     RetryPolicy,
 };
+use postback_core::keys::Partition;
+use postback_core::log::{any_of, Keyed, Position, Record};
 use postback_core::seams::SeamError;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -103,12 +105,12 @@ pub async fn run(engine: Arc<Engine>, config: DeliveryConfig, mut stop: watch::R
         stop: stop.clone(),
     });
     let mut attempts = tokio::task::JoinSet::new();
-    let mut next = None;
+    let mut next = BTreeMap::new();
     let mut backoff = Duration::from_millis(100);
     while !*stop.borrow() {
         if let Err(e) = d.step(&mut next, &mut attempts).await {
             tracing::error!(error = %e, "dispatcher step failed; retrying");
-            next = None;
+            next.clear();
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = stop.changed() => break,
@@ -118,10 +120,14 @@ pub async fn run(engine: Arc<Engine>, config: DeliveryConfig, mut stop: watch::R
         }
         backoff = Duration::from_millis(100);
         while attempts.try_join_next().is_some() {}
-        let log_end = next.unwrap_or(0);
+        let log = &d.engine.deliveries;
+        let waits = next
+            .iter()
+            .map(|(p, from)| log.wait_for(*p, *from))
+            .collect();
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-            _ = d.engine.deliveries.wait_for(log_end) => {}
+            _ = any_of(waits) => {}
             _ = stop.changed() => break,
         }
     }
@@ -136,35 +142,20 @@ impl Dispatcher {
     /// Applies what the deliveries log has, then starts the attempts that are due.
     async fn step(
         self: &Arc<Self>,
-        next: &mut Option<u64>,
+        next: &mut BTreeMap<Partition, u64>,
         attempts: &mut tokio::task::JoinSet<()>,
     ) -> Result<(), SeamError> {
-        let log = &self.engine.deliveries;
-        let mut pos = match *next {
-            Some(p) => p,
-            None => self.engine.store.position(CONSUMER).await?.max(log.start()),
-        };
-        loop {
-            let batch = log.read(pos, 1024, 4 << 20).await?;
-            let Some(&(last, _)) = batch.last() else {
-                break;
-            };
-            let records = decode(&batch);
-            self.engine
-                .store
-                .apply_deliveries(CONSUMER, records.clone(), last + 1)
-                .await?;
+        apply_new(&self.engine, next, None, |records| {
             let mut in_flight = self.lock_in_flight();
-            for r in &records {
+            for r in records {
                 if let DeliveryRecord::Attempt(a) = r {
                     if in_flight.get(&a.job_id).is_some_and(|n| *n <= a.attempt) {
                         in_flight.remove(&a.job_id);
                     }
                 }
             }
-            pos = last + 1;
-        }
-        *next = Some(pos);
+        })
+        .await?;
         if self.engine.deliveries.health().is_some() {
             // Attempts could not be recorded: start none until the log has recovered.
             return Ok(());
@@ -274,10 +265,11 @@ impl Dispatcher {
     /// Only a shutdown gives up, which leaves the job due after the restart (at least once).
     async fn record(&self, job_id: &str, record: DeliveryRecord) {
         let bytes = serde_json::to_vec(&record).unwrap_or_default();
+        let keyed = Keyed::new(job_id, bytes);
         let mut backoff = Duration::from_millis(100);
         let mut stop = self.stop.clone();
         loop {
-            match self.engine.deliveries.append(vec![bytes.clone()]).await {
+            match self.engine.deliveries.append(vec![keyed.clone()]).await {
                 Ok(_) => return,
                 Err(e) => {
                     tracing::warn!(job = %job_id, error = %e,
@@ -540,45 +532,66 @@ impl tower_service::Service<Uri> for PeerChecked {
     }
 }
 
-/// Applies the deliveries log from the stored position, until `stop` or (with `until`) that
-/// offset. `applied` sees each batch once it is in the store.
-pub async fn apply_log(
+/// Applies what the deliveries log holds past `next` (each partition's next offset, read from
+/// the store the first time) to the store, with the new positions; `until` bounds each
+/// partition (a replay stops at the ends it was given). `applied` sees each batch once it is
+/// in the store.
+async fn apply_new(
     engine: &Engine,
-    stop: &mut watch::Receiver<bool>,
-    until: Option<u64>,
+    next: &mut BTreeMap<Partition, u64>,
+    until: Option<&BTreeMap<Partition, u64>>,
     mut applied: impl FnMut(&[DeliveryRecord]),
 ) -> Result<(), SeamError> {
     let log = &engine.deliveries;
-    let mut next = engine.store.position(CONSUMER).await?.max(log.start());
-    loop {
-        if until.is_some_and(|u| next >= u) || (until.is_none() && *stop.borrow()) {
-            return Ok(());
-        }
-        let batch = log.read(next, 1024, 4 << 20).await?;
-        let Some(&(last, _)) = batch.last() else {
-            tokio::select! {
-                _ = log.wait_for(next) => {}
-                _ = stop.changed() => {}
+    for p in 0..log.partitions() {
+        let mut pos = match next.get(&p) {
+            Some(pos) => *pos,
+            None => {
+                let start = log.bounds(p).await?.0;
+                engine.store.position(CONSUMER, p).await?.max(start)
             }
-            continue;
         };
-        let records = decode(&batch);
-        engine
-            .store
-            .apply_deliveries(CONSUMER, records.clone(), last + 1)
-            .await?;
-        applied(&records);
-        next = last + 1;
+        let end = until.and_then(|u| u.get(&p).copied()).unwrap_or(u64::MAX);
+        while pos < end {
+            let batch = log.read(p, pos, 1024, 4 << 20).await?;
+            let Some(last) = batch.last().map(|r| r.offset) else {
+                break;
+            };
+            let records = decode(&batch);
+            let at = vec![Position {
+                partition: p,
+                offset: last + 1,
+            }];
+            engine
+                .store
+                .apply_deliveries(CONSUMER, records.clone(), at)
+                .await?;
+            applied(&records);
+            pos = last + 1;
+        }
+        next.insert(p, pos);
     }
+    Ok(())
 }
 
-fn decode(batch: &[postback_core::seams::Record]) -> Vec<DeliveryRecord> {
+/// Applies the deliveries log, as it is now, to the store (a replay's second half).
+pub async fn apply_log(engine: &Engine) -> Result<(), SeamError> {
+    let log = &engine.deliveries;
+    let mut ends = BTreeMap::new();
+    for p in 0..log.partitions() {
+        ends.insert(p, log.bounds(p).await?.1);
+    }
+    apply_new(engine, &mut BTreeMap::new(), Some(&ends), |_| {}).await
+}
+
+fn decode(batch: &[Record]) -> Vec<DeliveryRecord> {
     batch
         .iter()
-        .filter_map(|(offset, bytes)| match serde_json::from_slice(bytes) {
-            Ok(r) => Some(r),
+        .filter_map(|r| match serde_json::from_slice(&r.payload) {
+            Ok(d) => Some(d),
             Err(e) => {
-                tracing::error!(offset, error = %e, "skipping an undecodable delivery record");
+                let position = r.position();
+                tracing::error!(?position, error = %e, "skipping an undecodable delivery record");
                 None
             }
         })

@@ -20,16 +20,21 @@
 //! an error. A stalled disk therefore answers 503 in bounded time and never stores afterwards
 //! what it refused. The same holds for an append future that is dropped.
 
-use postback_core::seams::{BoxFuture, EventLog, Record, SeamError};
+use postback_core::keys::{partition_of, Partition};
+use postback_core::log::{EventLog, Keyed, LocalGroups, Position, Record, Sleeper, Subscription};
+use postback_core::seams::{BoxFuture, SeamError};
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{oneshot, watch};
 
 const HEADER: usize = 8;
+
+/// A record of one partition with its offset.
+type Entry = (u64, Vec<u8>);
 /// Larger records are refused: the front end's own limits are far below this.
 pub const MAX_RECORD: usize = 16 << 20;
 /// How often a failed log tries to recover when nothing else wakes it.
@@ -45,6 +50,8 @@ pub struct LogOptions {
     pub append_timeout: Duration,
     /// Failures to inject, for tests of the recovery (a real disk cannot fail on demand).
     pub faults: Option<Arc<Faults>>,
+    /// Sealed segments last written longer ago than this are removed (`None`: kept forever).
+    pub retention: Option<Duration>,
 }
 
 impl Default for LogOptions {
@@ -54,6 +61,7 @@ impl Default for LogOptions {
             fsync: true,
             append_timeout: Duration::from_secs(5),
             faults: None,
+            retention: None,
         }
     }
 }
@@ -154,8 +162,8 @@ impl Drop for Abandon {
     }
 }
 
-/// The embedded implementation of [`EventLog`].
-pub struct EmbeddedEventLog {
+/// One partition of the embedded log: a directory of segments with its own writer thread.
+struct PartitionLog {
     shared: Arc<Shared>,
     requests: Mutex<Option<mpsc::Sender<AppendRequest>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -171,8 +179,8 @@ fn segment_path(dir: &Path, base: u64) -> PathBuf {
     dir.join(format!("{base:020}.log"))
 }
 
-impl EmbeddedEventLog {
-    /// Opens (or creates) the log in `dir`, recovering from a torn tail.
+impl PartitionLog {
+    /// Opens (or creates) the partition in `dir`, recovering from a torn tail.
     pub fn open(dir: &Path, options: LogOptions) -> Result<Self, SeamError> {
         fs::create_dir_all(dir).map_err(|e| io_err("create log dir", e))?;
         let mut segments: Vec<Segment> = fs::read_dir(dir)
@@ -257,7 +265,7 @@ impl EmbeddedEventLog {
 }
 
 impl Shared {
-    fn read(&self, from: u64, max: usize, max_bytes: usize) -> Result<Vec<Record>, SeamError> {
+    fn read(&self, from: u64, max: usize, max_bytes: usize) -> Result<Vec<Entry>, SeamError> {
         let end = self.durable_end.load(Ordering::Acquire);
         let mut bytes = 0usize;
         let segments = self.segments.lock().map_err(|_| poisoned())?.clone();
@@ -316,7 +324,7 @@ impl Shared {
     }
 }
 
-impl Drop for EmbeddedEventLog {
+impl Drop for PartitionLog {
     fn drop(&mut self) {
         self.stop_writer();
     }
@@ -662,7 +670,7 @@ fn answer_all(group: Vec<AppendRequest>, why: &str) {
     }
 }
 
-impl EventLog for EmbeddedEventLog {
+impl PartitionLog {
     fn append(&self, records: Vec<Vec<u8>>) -> BoxFuture<'_, Result<Vec<u64>, SeamError>> {
         Box::pin(async move {
             if let Some(big) = records.iter().find(|r| r.len() > MAX_RECORD) {
@@ -705,7 +713,7 @@ impl EventLog for EmbeddedEventLog {
         from: u64,
         max: usize,
         max_bytes: usize,
-    ) -> BoxFuture<'_, Result<Vec<Record>, SeamError>> {
+    ) -> BoxFuture<'_, Result<Vec<Entry>, SeamError>> {
         let shared = self.shared.clone();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || shared.read(from, max, max_bytes))
@@ -761,19 +769,285 @@ impl EventLog for EmbeddedEventLog {
     fn close(&self) {
         self.stop_writer();
     }
+
+    /// Removes the oldest sealed segments last written before `cutoff` (never the last one):
+    /// retention by age, a segment at a time, as Kafka does.
+    fn expire(&self, cutoff: SystemTime) -> Result<u64, SeamError> {
+        let keep_from = {
+            let segments = self.shared.segments.lock().map_err(|_| poisoned())?;
+            let mut keep_from = segments.first().map_or(0, |s| s.base);
+            for pair in segments.windows(2) {
+                let written = fs::metadata(&pair[0].path)
+                    .and_then(|m| m.modified())
+                    .map_err(|e| io_err("stat segment", e))?;
+                if written >= cutoff {
+                    break;
+                }
+                keep_from = pair[1].base;
+            }
+            keep_from
+        };
+        if keep_from > self.start() {
+            block_on_ready(self.truncate_before(keep_from))?;
+        }
+        Ok(self.start())
+    }
+}
+
+/// Runs a future that never waits (the segment list is behind a plain mutex).
+fn block_on_ready<T>(f: BoxFuture<'_, T>) -> T {
+    let mut f = f;
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    loop {
+        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+    }
+}
+
+/// The embedded implementation of [`EventLog`]: a directory with one [`PartitionLog`] per
+/// partition (`p0`, `p1`, ...; the count is kept in the file `partitions` and never changes),
+/// consumer groups within this process, and retention by segment age on its own thread.
+pub struct EmbeddedEventLog {
+    partitions: Arc<Vec<PartitionLog>>,
+    groups: LocalGroups,
+    housekeeper: Mutex<Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
+}
+
+/// How often retention looks for expired segments.
+const RETENTION_INTERVAL: Duration = Duration::from_secs(600);
+
+impl EmbeddedEventLog {
+    /// Opens (or creates) the log in `dir` with `partitions` partitions. A log written before
+    /// partitions existed (segments directly in `dir`) becomes partition 0 of one.
+    pub fn open(dir: &Path, partitions: Partition, options: LogOptions) -> Result<Self, SeamError> {
+        fs::create_dir_all(dir).map_err(|e| io_err("create log dir", e))?;
+        let count = partition_count(dir, partitions.max(1))?;
+        let parts = (0..count)
+            .map(|p| PartitionLog::open(&dir.join(format!("p{p}")), options.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let partitions = Arc::new(parts);
+        let housekeeper = match options.retention {
+            Some(retention) => {
+                let (tx, rx) = mpsc::channel::<()>();
+                let parts = partitions.clone();
+                let handle = std::thread::Builder::new()
+                    .name("event-log-retention".into())
+                    .spawn(move || loop {
+                        if let Some(cutoff) = SystemTime::now().checked_sub(retention) {
+                            for (p, log) in parts.iter().enumerate() {
+                                match log.expire(cutoff) {
+                                    Ok(start) => tracing::debug!(partition = p, start, "retention pass"),
+                                    Err(e) => tracing::warn!(partition = p, error = %e, "retention pass failed"),
+                                }
+                            }
+                        }
+                        match rx.recv_timeout(RETENTION_INTERVAL) {
+                            Err(mpsc::RecvTimeoutError::Timeout) => {}
+                            _ => return,
+                        }
+                    })
+                    .map_err(|e| io_err("start log retention", e))?;
+                Some((tx, handle))
+            }
+            None => None,
+        };
+        let sleep: Sleeper = Arc::new(|d| Box::pin(tokio::time::sleep(d)));
+        Ok(Self {
+            partitions,
+            groups: LocalGroups::new(sleep),
+            housekeeper: Mutex::new(housekeeper),
+        })
+    }
+
+    fn partition(&self, partition: Partition) -> Result<&PartitionLog, SeamError> {
+        self.partitions
+            .get(partition as usize)
+            .ok_or_else(|| SeamError::Rejected(format!("no partition {partition}")))
+    }
+
+    /// Removes the sealed segments of every partition last written before `cutoff` (retention
+    /// does this by itself when the log was opened with one; tests call it directly).
+    pub fn expire(&self, cutoff: SystemTime) -> Result<(), SeamError> {
+        for p in self.partitions.iter() {
+            p.expire(cutoff)?;
+        }
+        Ok(())
+    }
+}
+
+/// The partition count of the log in `dir`, written there when the log is created.
+fn partition_count(dir: &Path, wanted: Partition) -> Result<Partition, SeamError> {
+    let file = dir.join("partitions");
+    if let Ok(text) = fs::read_to_string(&file) {
+        let count: Partition = text
+            .trim()
+            .parse()
+            .map_err(|_| SeamError::Fatal(format!("{} is not a number", file.display())))?;
+        if count != wanted {
+            return Err(SeamError::Fatal(format!(
+                "the log in {} has {count} partitions and cannot change to {wanted} \
+                 (records are placed by key modulo the count)",
+                dir.display()
+            )));
+        }
+        return Ok(count);
+    }
+    // Segments directly in `dir`: a log from before partitions, which is partition 0 of one.
+    let old: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(|e| io_err("list log dir", e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    let count = if old.is_empty() { wanted } else { 1 };
+    if !old.is_empty() {
+        if wanted != 1 {
+            return Err(SeamError::Fatal(format!(
+                "the log in {} has one partition and cannot change to {wanted}",
+                dir.display()
+            )));
+        }
+        let p0 = dir.join("p0");
+        fs::create_dir_all(&p0).map_err(|e| io_err("create partition dir", e))?;
+        for path in old {
+            if let Some(name) = path.file_name() {
+                fs::rename(&path, p0.join(name)).map_err(|e| io_err("move segment", e))?;
+            }
+        }
+        sync_dir(&p0)?;
+    }
+    let tmp = dir.join("partitions.tmp");
+    fs::write(&tmp, count.to_string()).map_err(|e| io_err("write partitions", e))?;
+    File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io_err("fsync partitions", e))?;
+    fs::rename(&tmp, &file).map_err(|e| io_err("write partitions", e))?;
+    sync_dir(dir)?;
+    Ok(count)
+}
+
+impl Drop for EmbeddedEventLog {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl EventLog for EmbeddedEventLog {
+    fn partitions(&self) -> Partition {
+        self.partitions.len() as Partition
+    }
+
+    fn append(&self, records: Vec<Keyed>) -> BoxFuture<'_, Result<Vec<Position>, SeamError>> {
+        Box::pin(async move {
+            let n = self.partitions();
+            // Each partition's records go to its writer in one request (one group commit).
+            let mut by_partition: Vec<Vec<(usize, Vec<u8>)>> = vec![Vec::new(); n as usize];
+            let count = records.len();
+            for (i, r) in records.into_iter().enumerate() {
+                by_partition[partition_of(&r.key, n) as usize].push((i, r.payload));
+            }
+            let mut out = vec![
+                Position {
+                    partition: 0,
+                    offset: 0,
+                };
+                count
+            ];
+            let appends = by_partition
+                .into_iter()
+                .enumerate()
+                .filter(|(_, rs)| !rs.is_empty())
+                .map(|(p, rs)| {
+                    let (index, payloads): (Vec<usize>, Vec<Vec<u8>>) = rs.into_iter().unzip();
+                    let log = &self.partitions[p];
+                    async move { (p as Partition, index, log.append(payloads).await) }
+                });
+            for (partition, index, result) in postback_core::log::join_all(appends).await {
+                for (i, offset) in index.into_iter().zip(result?) {
+                    out[i] = Position { partition, offset };
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn read(
+        &self,
+        partition: Partition,
+        from: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> BoxFuture<'_, Result<Vec<Record>, SeamError>> {
+        Box::pin(async move {
+            let entries = self
+                .partition(partition)?
+                .read(from, max_records, max_bytes)
+                .await?;
+            Ok(entries
+                .into_iter()
+                .map(|(offset, payload)| Record {
+                    partition,
+                    offset,
+                    payload,
+                })
+                .collect())
+        })
+    }
+
+    fn bounds(&self, partition: Partition) -> BoxFuture<'_, Result<(u64, u64), SeamError>> {
+        let bounds = self.partition(partition).map(|p| (p.start(), p.end()));
+        Box::pin(std::future::ready(bounds))
+    }
+
+    fn wait_for(&self, partition: Partition, from: u64) -> BoxFuture<'_, ()> {
+        match self.partitions.get(partition as usize) {
+            Some(p) => p.wait_for(from),
+            None => Box::pin(std::future::pending()),
+        }
+    }
+
+    fn subscribe(
+        self: Arc<Self>,
+        group: &str,
+    ) -> BoxFuture<'static, Result<Box<dyn Subscription>, SeamError>> {
+        let subscription = self.groups.clone().subscribe(self, group);
+        Box::pin(std::future::ready(Ok(subscription)))
+    }
+
+    fn health(&self) -> Option<String> {
+        self.partitions
+            .iter()
+            .enumerate()
+            .find_map(|(i, p)| p.health().map(|why| format!("partition {i}: {why}")))
+    }
+
+    fn close(&self) {
+        for p in self.partitions.iter() {
+            p.close();
+        }
+        let housekeeper = self
+            .housekeeper
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some((tx, handle)) = housekeeper {
+            drop(tx);
+            let _ = handle.join();
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use postback_core::seams::conformance;
+    use postback_core::log::conformance;
 
-    fn open(dir: &Path) -> EmbeddedEventLog {
-        EmbeddedEventLog::open(dir, LogOptions::default()).expect("opens")
+    fn open(dir: &Path) -> PartitionLog {
+        PartitionLog::open(dir, LogOptions::default()).expect("opens")
     }
 
-    fn small_segments(dir: &Path) -> EmbeddedEventLog {
-        EmbeddedEventLog::open(
+    fn small_segments(dir: &Path) -> PartitionLog {
+        PartitionLog::open(
             dir,
             LogOptions {
                 segment_bytes: 100,
@@ -783,34 +1057,142 @@ mod tests {
         .expect("opens")
     }
 
-    #[tokio::test]
-    async fn conforms() {
-        for check in 0..5 {
-            let dir = tempfile::tempdir().expect("tempdir");
-            // Small segments, so that truncation and reads cross segment boundaries.
-            let log = small_segments(dir.path());
-            match check {
-                0 => conformance::append_then_read(&log).await,
-                1 => {
-                    conformance::records_are_kept_exactly(&log).await;
-                    let dir = tempfile::tempdir().expect("tempdir");
-                    conformance::reads_stop_at_the_byte_limit(&small_segments(dir.path())).await;
-                }
-                2 => conformance::wait_for_wakes_on_append(&log).await,
-                3 => conformance::truncate_keeps_the_rest(&log).await,
-                _ => conformance::concurrent_appends_are_all_kept(&log).await,
-            }
-        }
+    /// A partitioned log with small segments, so that reads cross segment boundaries.
+    fn partitioned(dir: &Path, partitions: Partition) -> Arc<dyn EventLog> {
+        let options = LogOptions {
+            segment_bytes: 100,
+            ..LogOptions::default()
+        };
+        Arc::new(EmbeddedEventLog::open(dir, partitions, options).expect("opens"))
     }
 
-    async fn append_n(log: &EmbeddedEventLog, from: usize, n: usize) {
+    #[tokio::test]
+    async fn conforms() {
+        let wait = Duration::from_millis(50);
+        let dir = |_: ()| tempfile::tempdir().expect("tempdir");
+        let d = dir(());
+        conformance::append_then_read(partitioned(d.path(), 3)).await;
+        let d = dir(());
+        conformance::records_are_kept_exactly(partitioned(d.path(), 1)).await;
+        let d = dir(());
+        conformance::reads_stop_at_the_byte_limit(partitioned(d.path(), 1)).await;
+        let d = dir(());
+        conformance::wait_for_wakes_on_append(partitioned(d.path(), 1)).await;
+        let d = dir(());
+        conformance::concurrent_appends_are_all_kept(partitioned(d.path(), 1)).await;
+        let d = dir(());
+        conformance::a_member_reads_every_partition_once(partitioned(d.path(), 3), wait).await;
+        let d = dir(());
+        conformance::a_group_shares_and_hands_over_partitions(partitioned(d.path(), 4), wait).await;
+    }
+
+    #[tokio::test]
+    async fn partitions_keep_their_records_and_their_count() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let log = partitioned(dir.path(), 4);
+            let records = (0..40)
+                .map(|i| Keyed::new(format!("{i:024x}"), format!("r{i}").into_bytes()))
+                .collect();
+            log.append(records).await.expect("append");
+            log.close();
+        }
+        let log = partitioned(dir.path(), 4);
+        let mut total = 0;
+        for p in 0..4 {
+            let got = log.read(p, 0, 100, usize::MAX).await.expect("read");
+            for r in &got {
+                let i: usize = std::str::from_utf8(&r.payload[1..])
+                    .expect("utf8")
+                    .parse()
+                    .expect("n");
+                assert_eq!(
+                    partition_of(&format!("{i:024x}"), 4),
+                    p,
+                    "kept in its partition"
+                );
+            }
+            total += got.len();
+        }
+        assert_eq!(total, 40);
+        log.close();
+        let other = EmbeddedEventLog::open(dir.path(), 8, LogOptions::default());
+        assert!(
+            matches!(other, Err(SeamError::Fatal(ref m)) if m.contains("cannot change")),
+            "the count is fixed"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_log_from_before_partitions_becomes_partition_zero() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let old = open(dir.path());
+            append_n(&old, 0, 5).await;
+            old.close();
+        }
+        let log = partitioned(dir.path(), 1);
+        let got = log.read(0, 0, 100, usize::MAX).await.expect("read");
+        assert_eq!(got.len(), 5);
+        assert_eq!(got[4].payload, b"record-4".to_vec());
+        assert!(dir.path().join("p0").is_dir());
+    }
+
+    #[tokio::test]
+    async fn retention_removes_old_segments_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = EmbeddedEventLog::open(
+            dir.path(),
+            1,
+            LogOptions {
+                segment_bytes: 100,
+                ..LogOptions::default()
+            },
+        )
+        .expect("opens");
+        for i in 0..20 {
+            let records = (0..5)
+                .map(|j| Keyed::new("k", format!("record-{}", i * 5 + j).into_bytes()))
+                .collect();
+            log.append(records).await.expect("append");
+        }
+        let p0 = dir.path().join("p0");
+        let mut segments: Vec<PathBuf> = fs::read_dir(&p0)
+            .expect("list")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        segments.sort();
+        assert!(segments.len() > 4);
+        // The first half of the segments were last written two days ago.
+        let old = SystemTime::now() - Duration::from_secs(2 * 86_400);
+        let half = segments.len() / 2;
+        for path in &segments[..half] {
+            File::options()
+                .write(true)
+                .open(path)
+                .and_then(|f| f.set_modified(old))
+                .expect("set mtime");
+        }
+        log.expire(SystemTime::now() - Duration::from_secs(86_400))
+            .expect("expire");
+        let left = fs::read_dir(&p0).expect("list").count();
+        assert_eq!(left, segments.len() - half, "the old segments went");
+        let (start, end) = log.bounds(0).await.expect("bounds");
+        assert_eq!(end, 100);
+        let rest = log.read(0, 0, 1000, usize::MAX).await.expect("read");
+        assert_eq!(rest.first().map(|r| r.offset), Some(start));
+        assert_eq!(rest.len() as u64, 100 - start, "the rest is whole");
+        log.close();
+    }
+
+    async fn append_n(log: &PartitionLog, from: usize, n: usize) {
         let records = (from..from + n)
             .map(|i| format!("record-{i}").into_bytes())
             .collect();
         log.append(records).await.expect("append");
     }
 
-    async fn read_all(log: &EmbeddedEventLog) -> Vec<Record> {
+    async fn read_all(log: &PartitionLog) -> Vec<Entry> {
         log.read(0, usize::MAX, usize::MAX).await.expect("read")
     }
 
@@ -951,13 +1333,9 @@ mod tests {
         assert_eq!(rest.len() as u64, 200 - start);
     }
 
-    fn with_faults(
-        dir: &Path,
-        segment_bytes: u64,
-        timeout_ms: u64,
-    ) -> (EmbeddedEventLog, Arc<Faults>) {
+    fn with_faults(dir: &Path, segment_bytes: u64, timeout_ms: u64) -> (PartitionLog, Arc<Faults>) {
         let faults = Arc::new(Faults::default());
-        let log = EmbeddedEventLog::open(
+        let log = PartitionLog::open(
             dir,
             LogOptions {
                 segment_bytes,
@@ -971,7 +1349,7 @@ mod tests {
     }
 
     /// Waits (bounded) until the log reports itself healthy again.
-    async fn recovered(log: &EmbeddedEventLog) {
+    async fn recovered(log: &PartitionLog) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while log.health().is_some() {
             assert!(
@@ -1002,7 +1380,7 @@ mod tests {
         fault(&faults, false);
         recovered(&log).await;
         append_n(&log, 5, 3).await;
-        let check = |all: Vec<Record>| {
+        let check = |all: Vec<Entry>| {
             assert_eq!(all.len(), 8);
             for (i, (offset, payload)) in all.iter().enumerate() {
                 assert_eq!(*offset, i as u64);
@@ -1014,8 +1392,8 @@ mod tests {
         check(read_all(&small_or(dir.path(), segment_bytes)).await);
     }
 
-    fn small_or(dir: &Path, segment_bytes: u64) -> EmbeddedEventLog {
-        EmbeddedEventLog::open(
+    fn small_or(dir: &Path, segment_bytes: u64) -> PartitionLog {
+        PartitionLog::open(
             dir,
             LogOptions {
                 segment_bytes,

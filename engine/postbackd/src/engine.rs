@@ -9,7 +9,8 @@ use anyhow::Context as _;
 use metrics_exporter_prometheus::PrometheusHandle;
 use postback_core::catalog::{Catalog, CatalogEvent};
 use postback_core::ids::IdGenerator;
-use postback_core::seams::{EventLog, Store};
+use postback_core::log::{EventLog, Keyed};
+use postback_core::seams::Store;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,18 +63,30 @@ impl Engine {
         let dir = config.data_dir.clone();
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let api_key = resolve_api_key(&config.api_key, &dir)?;
-        let options = |faults: Option<Arc<Faults>>| LogOptions {
+        let retention = Duration::from_secs(u64::from(config.retention_days) * 86_400);
+        let options = |faults: Option<Arc<Faults>>, retention: Option<Duration>| LogOptions {
             append_timeout: Duration::from_millis(config.append_timeout_ms.max(1)),
             faults,
+            retention,
             ..LogOptions::default()
         };
-        let events = EmbeddedEventLog::open(&dir.join("events"), options(faults.events))
-            .context("opening the event log")?;
-        let catalog_log = EmbeddedEventLog::open(&dir.join("catalog"), options(None))
+        let partitions = config.partitions;
+        let events = EmbeddedEventLog::open(
+            &dir.join("events"),
+            partitions,
+            options(faults.events, Some(retention)),
+        )
+        .context("opening the event log")?;
+        // One partition: catalog changes are applied in the order they were made. Never
+        // expired: the catalog is small and replays need all of it.
+        let catalog_log = EmbeddedEventLog::open(&dir.join("catalog"), 1, options(None, None))
             .context("opening the catalog log")?;
-        let deliveries =
-            EmbeddedEventLog::open(&dir.join("deliveries"), options(faults.deliveries))
-                .context("opening the deliveries log")?;
+        let deliveries = EmbeddedEventLog::open(
+            &dir.join("deliveries"),
+            partitions,
+            options(faults.deliveries, Some(retention)),
+        )
+        .context("opening the deliveries log")?;
         let store = SqliteStore::open(&dir.join("store.sqlite"))
             .context("opening the store")?
             .with_query_budget(Duration::from_millis(config.query_timeout_ms));
@@ -108,8 +121,11 @@ impl Engine {
         &self,
         event: CatalogEvent,
     ) -> Result<(), postback_core::seams::SeamError> {
-        let bytes = serde_json::to_vec(&event).unwrap_or_default();
-        self.catalog_log.append(vec![bytes]).await?;
+        let bytes = serde_json::to_vec(&event)
+            .map_err(|e| postback_core::seams::SeamError::Fatal(format!("encoding: {e}")))?;
+        self.catalog_log
+            .append(vec![Keyed::new(CATALOG_KEY, bytes)])
+            .await?;
         self.catalog_write().apply(event);
         Ok(())
     }
@@ -138,17 +154,26 @@ impl Engine {
     }
 }
 
+/// Every catalog change has this key: one partition keeps them in order.
+const CATALOG_KEY: &str = "catalog";
+
 async fn load_catalog(log: &dyn EventLog) -> anyhow::Result<Catalog> {
     let mut catalog = Catalog::default();
-    let mut from = log.start();
-    loop {
-        let batch = log.read(from, 4096, 4 << 20).await?;
-        let Some((last, _)) = batch.last() else { break };
-        from = last + 1;
-        for (offset, bytes) in batch {
-            let event: CatalogEvent = serde_json::from_slice(&bytes)
-                .with_context(|| format!("catalog record {offset} does not decode"))?;
-            catalog.apply(event);
+    for p in 0..log.partitions() {
+        let mut from = log.bounds(p).await?.0;
+        loop {
+            let batch = log.read(p, from, 4096, 4 << 20).await?;
+            let Some(last) = batch.last().map(|r| r.offset) else {
+                break;
+            };
+            from = last + 1;
+            for r in batch {
+                let event: CatalogEvent =
+                    serde_json::from_slice(&r.payload).with_context(|| {
+                        format!("catalog record {:?} does not decode", r.position())
+                    })?;
+                catalog.apply(event);
+            }
         }
     }
     Ok(catalog)
@@ -300,16 +325,13 @@ pub async fn replay(config: Config) -> anyhow::Result<u64> {
         }
     }
     let engine = Engine::open(config, None, InjectedFaults::default()).await?;
-    let end = engine.events.end();
-    let (_stop_tx, mut stop) = watch::channel(false);
-    pipeline::process_until(&engine, &mut stop, Some(end), false).await?;
-    let deliveries_end = engine.deliveries.end();
-    crate::dispatcher::apply_log(&engine, &mut stop, Some(deliveries_end), |_| {}).await?;
+    let processed = pipeline::process_to_end(&engine).await?;
+    crate::dispatcher::apply_log(&engine).await?;
     engine.events.close();
     engine.catalog_log.close();
     engine.deliveries.close();
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", old.display()));
     }
-    Ok(end - engine.events.start())
+    Ok(processed)
 }

@@ -1,25 +1,33 @@
 //! The stream processor's runtime and the housekeeping tasks. The decisions are
 //! `postback_core::processor`'s; this module moves data between the log and the store.
 //!
-//! Effectively once: the store writes a batch's rows and the next log position in one
-//! transaction, and every row id comes from a log position. After a crash the processor
-//! resumes at the stored position; a batch that was written but whose position did not move
-//! cannot happen, and one that was half-done was not written at all.
+//! The processor is a member of the consumer group `processor` of the events log: it processes
+//! the partitions the group gives it. On an assignment it starts each partition at the position
+//! the store holds for it; on a revocation it forgets what it held in memory (the batch before
+//! was already stored and committed: it commits before it polls again).
+//!
+//! Effectively once: the store writes a batch's rows and the next positions of its partitions
+//! in one transaction, and every row id comes from a log position. After a crash the processor
+//! resumes at the stored positions; a batch that was half-done was not written at all, and one
+//! that is redone writes the same rows.
 
 use crate::engine::Engine;
 use postback_core::delivery::DeliveryRecord;
 use postback_core::event::Event;
+use postback_core::keys::Partition;
+use postback_core::log::{Keyed, Polled, Position, Record};
 use postback_core::processor::{self, Lookups, Parsed, Processor};
-use postback_core::seams::{EventLog, SeamError};
+use postback_core::seams::SeamError;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// The consumer name under which the processor keeps its log position.
+/// The consumer group of the processors, and the name their positions are stored under.
 pub const CONSUMER: &str = "processor";
 
 /// Runs until `stop` turns true, finishing the batch at hand first. A backend that is
-/// unavailable is retried with backoff, from the stored position; a fatal error (a damaged log
+/// unavailable is retried with backoff, from the stored positions; a fatal error (a damaged log
 /// or store, or a bug) stops the processor: ingestion goes on, and nothing is lost, but the
 /// stats stay behind until an operator restarts the engine (`postbackd_processor_running` 0).
 pub async fn run_processor(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
@@ -27,7 +35,7 @@ pub async fn run_processor(engine: Arc<Engine>, mut stop: watch::Receiver<bool>)
     let running = metrics::gauge!("postbackd_processor_running");
     running.set(1.0);
     while !*stop.borrow() {
-        match process_until(&engine, &mut stop, None, true).await {
+        match consume(&engine, &mut stop).await {
             Ok(()) => return,
             Err(e @ SeamError::Fatal(_)) => {
                 tracing::error!(error = %e, "processor stopped; restart the engine once fixed");
@@ -35,7 +43,7 @@ pub async fn run_processor(engine: Arc<Engine>, mut stop: watch::Receiver<bool>)
                 return;
             }
             Err(e) => {
-                tracing::error!(error = %e, "processor failed; retrying from the stored position");
+                tracing::error!(error = %e, "processor failed; retrying from the stored positions");
                 metrics::counter!("postbackd_processor_errors_total").increment(1);
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -47,67 +55,128 @@ pub async fn run_processor(engine: Arc<Engine>, mut stop: watch::Receiver<bool>)
     }
 }
 
-/// Processes the log from the stored position: until `stop`, or, with `until`, until that
-/// offset has been processed. With `emit_jobs`, the affiliate postbacks the batch triggers are
-/// appended to the deliveries log before the batch is stored, so none is lost in a crash; a
-/// redone batch appends the same job ids again and the dispatcher keeps each once.
-pub async fn process_until(
-    engine: &Engine,
-    stop: &mut watch::Receiver<bool>,
-    until: Option<u64>,
-    emit_jobs: bool,
-) -> Result<(), SeamError> {
-    let mut processor = Processor::new(
-        engine.config.platform_secure.clone(),
-        0,
-        engine.config.processor_cache_bytes,
-    );
-    let mut buffers = simd_json::Buffers::new(4096);
-    let mut next = engine
-        .store
-        .position(CONSUMER)
-        .await?
-        .max(engine.events.start());
+/// Processes the partitions the group gives this member, until `stop`.
+async fn consume(engine: &Arc<Engine>, stop: &mut watch::Receiver<bool>) -> Result<(), SeamError> {
+    let mut sub = engine.events.clone().subscribe(CONSUMER).await?;
+    let mut batch = Batcher::new(engine, true);
+    let rebalances = metrics::counter!("postbackd_processor_rebalances_total");
     loop {
-        if until.is_some_and(|u| next >= u) {
+        if *stop.borrow() {
             return Ok(());
         }
-        if until.is_none() && *stop.borrow() {
-            return Ok(());
-        }
-        let records = engine
-            .events
-            .read(
-                next,
+        // A poll is cancel-safe: stopping here loses nothing.
+        let polled = tokio::select! {
+            polled = sub.poll(
                 engine.config.processor_batch,
                 engine.config.processor_batch_bytes,
-            )
-            .await?;
-        let Some(&(last, _)) = records.last() else {
-            tokio::select! {
-                _ = engine.events.wait_for(next) => {}
-                _ = stop.changed() => {}
-            }
-            continue;
+                Duration::from_millis(500),
+            ) => polled?,
+            _ = stop.changed() => continue,
         };
+        match polled {
+            Polled::Idle => {}
+            Polled::Assigned(partitions) => {
+                rebalances.increment(1);
+                for p in partitions {
+                    let at = engine.store.position(CONSUMER, p).await?;
+                    tracing::info!(partition = p, at, "processing a partition");
+                    sub.start_at(p, at);
+                }
+            }
+            Polled::Revoked(partitions) => {
+                rebalances.increment(1);
+                tracing::info!(?partitions, "partitions moved to another processor");
+                batch.processor.forget();
+            }
+            Polled::Records(records) => {
+                let next = batch.process(records).await?;
+                sub.commit(next).await?;
+            }
+        }
+    }
+}
+
+/// Processes every partition of the log from the stored positions to its end as it is now,
+/// creating no delivery jobs (a replay reads them back from the deliveries log).
+pub async fn process_to_end(engine: &Arc<Engine>) -> Result<u64, SeamError> {
+    let mut batch = Batcher::new(engine, false);
+    let mut processed = 0;
+    for p in 0..engine.events.partitions() {
+        let (start, end) = engine.events.bounds(p).await?;
+        let mut next = engine.store.position(CONSUMER, p).await?.max(start);
+        while next < end {
+            let records = engine
+                .events
+                .read(
+                    p,
+                    next,
+                    engine.config.processor_batch,
+                    engine.config.processor_batch_bytes,
+                )
+                .await?;
+            let Some(last) = records.last() else { break };
+            next = last.offset + 1;
+            processed += records.len() as u64;
+            batch.process(records).await?;
+        }
+    }
+    Ok(processed)
+}
+
+/// Turns batches of log records into stored rows.
+struct Batcher<'e> {
+    engine: &'e Engine,
+    processor: Processor,
+    buffers: simd_json::Buffers,
+    /// Append the affiliate postbacks a batch triggers to the deliveries log.
+    emit_jobs: bool,
+}
+
+impl<'e> Batcher<'e> {
+    fn new(engine: &'e Engine, emit_jobs: bool) -> Self {
+        Self {
+            engine,
+            processor: Processor::new(
+                engine.config.platform_secure.clone(),
+                engine.config.processor_cache_bytes,
+            ),
+            buffers: simd_json::Buffers::new(4096),
+            emit_jobs,
+        }
+    }
+
+    /// Processes records (in order within each partition) and stores the result with the next
+    /// position of each partition; returns those positions. With `emit_jobs`, the affiliate
+    /// postbacks the batch triggers are appended to the deliveries log before the batch is
+    /// stored, so none is lost in a crash; a redone batch appends the same job ids again and
+    /// the dispatcher keeps each once.
+    async fn process(&mut self, records: Vec<Record>) -> Result<Vec<Position>, SeamError> {
+        let engine = self.engine;
+        let mut next: BTreeMap<Partition, u64> = BTreeMap::new();
         let count = records.len() as u64;
         // simd-json decodes our envelopes about 12% faster than serde_json (benches/core.rs);
         // it works in place, on the records the batch owns anyway.
-        let batch: Vec<(u64, Parsed)> = records
+        let batch: Vec<(Position, Parsed)> = records
             .into_iter()
-            .filter_map(|(offset, mut bytes)| {
-                match simd_json::serde::from_slice_with_buffers::<Event>(&mut bytes, &mut buffers) {
-                    Ok(event) => Some((offset, processor::parse(&event))),
+            .filter_map(|mut r| {
+                next.insert(r.partition, r.offset + 1);
+                let position = r.position();
+                match simd_json::serde::from_slice_with_buffers::<Event>(
+                    &mut r.payload,
+                    &mut self.buffers,
+                ) {
+                    Ok(event) => Some((position, processor::parse(&event))),
                     Err(e) => {
                         // Only this engine writes the log; a record it cannot read is a bug, kept
                         // in the log for a fixed version to replay.
-                        tracing::error!(offset, error = %e, "skipping an undecodable log record");
+                        tracing::error!(?position, error = %e, "skipping an undecodable log record");
                         metrics::counter!("postbackd_processor_undecodable_total").increment(1);
                         None
                     }
                 }
             })
             .collect();
+        let processor = &mut self.processor;
         let output = {
             let missing = processor.missing_clicks(&batch);
             let mut lookups = if missing.is_empty() {
@@ -126,27 +195,39 @@ pub async fn process_until(
             processor.apply(&catalog, &batch, lookups)
         };
         let postbacks = output.postbacks.len() as u64;
-        if emit_jobs && !output.jobs.is_empty() {
+        if self.emit_jobs && !output.jobs.is_empty() {
             let records = output
                 .jobs
                 .iter()
-                .map(|j| serde_json::to_vec(&DeliveryRecord::Job(j.clone())).unwrap_or_default())
-                .collect();
+                .map(|j| {
+                    let bytes = serde_json::to_vec(&DeliveryRecord::Job(j.clone()))
+                        .map_err(|e| SeamError::Fatal(format!("encoding a job: {e}")))?;
+                    Ok(Keyed::new(j.job_id.clone(), bytes))
+                })
+                .collect::<Result<Vec<_>, SeamError>>()?;
             engine.deliveries.append(records).await?;
         }
-        if let Err(e) = engine.store.write(CONSUMER, output, last + 1).await {
+        let positions: Vec<Position> = next
+            .into_iter()
+            .map(|(partition, offset)| Position { partition, offset })
+            .collect();
+        if let Err(e) = engine
+            .store
+            .write(CONSUMER, output, positions.clone())
+            .await
+        {
             // The cache may hold conversions the store does not: start afresh.
             processor.forget();
             return Err(e);
         }
         metrics::counter!("postbackd_processed_events_total").increment(count);
         metrics::counter!("postbackd_processed_postbacks_total").increment(postbacks);
-        metrics::gauge!("postbackd_processor_lag").set((engine.events.end() - (last + 1)) as f64);
-        next = last + 1;
+        Ok(positions)
     }
 }
 
-/// Deletes rows and log records past the retention once an hour (and at start).
+/// Deletes store rows past the retention once an hour (and at start). The logs expire their
+/// own records (the embedded log by segment age, Kafka by `retention.ms`).
 pub async fn run_retention(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
     loop {
         let cutoff = now_us() - i64::from(engine.config.retention_days) * 86_400 * 1_000_000;
@@ -154,9 +235,6 @@ pub async fn run_retention(engine: Arc<Engine>, mut stop: watch::Receiver<bool>)
             Ok(n) if n > 0 => tracing::info!(rows = n, "expired rows past the retention"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "retention pass failed; will retry"),
-        }
-        if let Err(e) = expire_log(&engine, cutoff).await {
-            tracing::warn!(error = %e, "log retention pass failed; will retry");
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
@@ -169,95 +247,4 @@ pub fn now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as i64)
-}
-
-/// Drops log records older than `cutoff_us` that the processor has consumed.
-/// Reads the time of a log record.
-type TimeOf = fn(&[u8]) -> i64;
-
-async fn expire_log(engine: &Engine, cutoff_us: i64) -> Result<(), SeamError> {
-    let event_time = |bytes: &[u8]| Event::from_json(bytes).map_or(i64::MAX, |e| e.at_us());
-    let delivery_time = |bytes: &[u8]| {
-        serde_json::from_slice::<DeliveryRecord>(bytes).map_or(i64::MAX, |r| r.at_us())
-    };
-    let logs: [(&dyn EventLog, &str, TimeOf); 2] = [
-        (engine.events.as_ref(), CONSUMER, event_time),
-        (
-            engine.deliveries.as_ref(),
-            crate::dispatcher::CONSUMER,
-            delivery_time,
-        ),
-    ];
-    for (log, consumer, time_of) in logs {
-        let consumed = engine.store.position(consumer).await?.min(log.end());
-        let first_kept = first_at_or_after(log, consumed, cutoff_us, time_of).await?;
-        if first_kept > log.start() {
-            let start = log.truncate_before(first_kept).await?;
-            tracing::info!(consumer, start, "expired log records past the retention");
-        }
-    }
-    Ok(())
-}
-
-/// The first offset before `end` whose record is at or after `cutoff_us` (or `end`), by binary
-/// search: records are appended in time order. Records without a time count as kept.
-pub async fn first_at_or_after(
-    log: &dyn EventLog,
-    end: u64,
-    cutoff_us: i64,
-    time_of: TimeOf,
-) -> Result<u64, SeamError> {
-    let (mut lo, mut hi) = (log.start(), end);
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        let at = match log.read(mid, 1, usize::MAX).await?.first() {
-            Some((_, bytes)) => time_of(bytes),
-            None => i64::MAX,
-        };
-        if at < cutoff_us {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
-    }
-    Ok(lo)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use postback_core::event::PostbackEvent;
-    use postback_core::seams::MemoryEventLog;
-
-    fn event(at_us: i64) -> Vec<u8> {
-        Event::Postback(PostbackEvent {
-            at_us,
-            ip: String::new(),
-            method: "GET".into(),
-            query: String::new(),
-            body: None,
-            body_hex: None,
-            content_type: String::new(),
-            pixel: None,
-        })
-        .to_json()
-    }
-
-    #[tokio::test]
-    async fn finds_the_first_event_inside_the_retention() {
-        let log = MemoryEventLog::new();
-        log.append((0..100).map(|i| event(i * 10)).collect())
-            .await
-            .expect("append");
-        let time = |b: &[u8]| Event::from_json(b).map_or(i64::MAX, |e| e.at_us());
-        let find = |end, cutoff| first_at_or_after(&log, end, cutoff, time);
-        assert_eq!(find(100, 0).await.expect("search"), 0);
-        assert_eq!(find(100, 455).await.expect("search"), 46);
-        assert_eq!(find(100, 460).await.expect("search"), 46);
-        assert_eq!(find(100, 5_000).await.expect("search"), 100);
-        // Never past what was consumed.
-        assert_eq!(find(30, 5_000).await.expect("search"), 30);
-        log.truncate_before(20).await.expect("truncate");
-        assert_eq!(find(100, 0).await.expect("search"), 20);
-    }
 }

@@ -5,6 +5,8 @@
 use postback_core::delivery::{
     Attempt, AttemptRow, DeliveryJob, DeliveryRecord, DueJobs, DueQuery, JobState, JobStatus,
 };
+use postback_core::keys::Partition;
+use postback_core::log::Position;
 use postback_core::params::Params;
 use postback_core::processor::{Lookups, Output, ServerPostbackRow};
 use postback_core::rules::{Click, Conversion};
@@ -12,7 +14,7 @@ use postback_core::seams::{
     AttemptQuery, BoxFuture, ConversionQuery, Page, SeamError, ServerPostbackQuery, Store,
 };
 use rusqlite::types::Value;
-use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row, Transaction};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -238,11 +240,23 @@ fn search_text(row: &ServerPostbackRow) -> String {
     s
 }
 
+/// A consumer's next positions, in the transaction that stores what came before them.
+fn save_positions(tx: &Transaction<'_>, consumer: &str, next: &[Position]) -> rusqlite::Result<()> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO positions (consumer, partition, next_offset) VALUES (?, ?, ?)
+         ON CONFLICT (consumer, partition) DO UPDATE SET next_offset = excluded.next_offset",
+    )?;
+    for p in next {
+        stmt.execute(params![consumer, p.partition, p.offset as i64])?;
+    }
+    Ok(())
+}
+
 fn write_output(
     conn: &mut Connection,
     consumer: &str,
     out: &Output,
-    next: u64,
+    next: &[Position],
 ) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     {
@@ -346,11 +360,7 @@ fn write_output(
                 c.click_us,
             ])?;
         }
-        tx.execute(
-            "INSERT INTO positions (consumer, next_offset) VALUES (?, ?)
-             ON CONFLICT (consumer) DO UPDATE SET next_offset = excluded.next_offset",
-            params![consumer, next as i64],
-        )?;
+        save_positions(&tx, consumer, next)?;
     }
     tx.commit()
 }
@@ -570,12 +580,16 @@ fn select_in<T>(
 }
 
 impl Store for SqliteStore {
-    fn position(&self, consumer: &str) -> BoxFuture<'_, Result<u64, SeamError>> {
+    fn position(
+        &self,
+        consumer: &str,
+        partition: Partition,
+    ) -> BoxFuture<'_, Result<u64, SeamError>> {
         let consumer = consumer.to_string();
         self.with_writer(move |c| {
             c.query_row(
-                "SELECT next_offset FROM positions WHERE consumer = ?",
-                [consumer],
+                "SELECT next_offset FROM positions WHERE consumer = ? AND partition = ?",
+                params![consumer, partition],
                 |r| r.get::<_, i64>(0),
             )
             .optional()
@@ -620,10 +634,10 @@ impl Store for SqliteStore {
         &self,
         consumer: &str,
         output: Output,
-        next: u64,
+        next: Vec<Position>,
     ) -> BoxFuture<'_, Result<(), SeamError>> {
         let consumer = consumer.to_string();
-        self.with_writer(move |c| write_output(c, &consumer, &output, next).map_err(db_err))
+        self.with_writer(move |c| write_output(c, &consumer, &output, &next).map_err(db_err))
     }
 
     fn server_postbacks(
@@ -790,10 +804,10 @@ impl Store for SqliteStore {
         &self,
         consumer: &str,
         records: Vec<DeliveryRecord>,
-        next: u64,
+        next: Vec<Position>,
     ) -> BoxFuture<'_, Result<(), SeamError>> {
         let consumer = consumer.to_string();
-        self.with_writer(move |c| apply_deliveries(c, &consumer, &records, next).map_err(db_err))
+        self.with_writer(move |c| apply_deliveries(c, &consumer, &records, &next).map_err(db_err))
     }
 
     fn due_jobs(&self, q: DueQuery) -> BoxFuture<'_, Result<DueJobs, SeamError>> {
@@ -957,7 +971,7 @@ fn apply_deliveries(
     conn: &mut Connection,
     consumer: &str,
     records: &[DeliveryRecord],
-    next: u64,
+    next: &[Position],
 ) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     {
@@ -1016,11 +1030,7 @@ fn apply_deliveries(
                 }
             }
         }
-        tx.execute(
-            "INSERT INTO positions (consumer, next_offset) VALUES (?, ?)
-             ON CONFLICT (consumer) DO UPDATE SET next_offset = excluded.next_offset",
-            params![consumer, next as i64],
-        )?;
+        save_positions(&tx, consumer, next)?;
     }
     tx.commit()
 }
@@ -1067,7 +1077,11 @@ mod tests {
             postbacks: rows,
             ..Default::default()
         };
-        store.write("p", output, 1).await.expect("write");
+        let at = vec![Position {
+            partition: 0,
+            offset: 1,
+        }];
+        store.write("p", output, at).await.expect("write");
     }
 
     fn postback_row(i: i64) -> ServerPostbackRow {
@@ -1166,6 +1180,6 @@ mod tests {
         )
         .await;
         let again = SqliteStore::open(&path).expect("reopens");
-        assert_eq!(again.position("p").await.expect("position"), 8);
+        assert_eq!(again.position("p", 0).await.expect("position"), 8);
     }
 }

@@ -10,6 +10,7 @@ use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, LOCATION, SET_COOK
 use hyper::{Method, Response, StatusCode};
 use postback_core::catalog::OfferStatus;
 use postback_core::event::{ClickEvent, Event, PixelContext, PostbackEvent};
+use postback_core::log::Keyed;
 use postback_core::params::parse_form;
 use std::sync::Arc;
 
@@ -22,7 +23,7 @@ const COOKIE_MAX_AGE: u32 = 92 * 86_400;
 async fn append(engine: &Engine, event: &Event) -> Result<(), ApiError> {
     engine
         .events
-        .append(vec![event.to_json()])
+        .append(vec![Keyed::new(event.key(), event.to_json())])
         .await
         .map(|_| ())
         .map_err(|e| {

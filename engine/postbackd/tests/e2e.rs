@@ -582,3 +582,68 @@ async fn state_survives_a_restart() {
     assert_eq!(body["postbacks"][0]["error"], "Conversion exists");
     server.shutdown().await;
 }
+
+/// With the events log in several partitions, clicks and their postbacks meet in theirs: every
+/// rule gives the same answers, and a restart picks every partition up where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_partitions_give_the_same_answers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = |dir: &std::path::Path| Config {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        data_dir: dir.to_path_buf(),
+        api_key: KEY.into(),
+        partitions: 4,
+        ..Config::default()
+    };
+    let server = Server::start(config(dir.path()), None)
+        .await
+        .expect("starts");
+    let api = Api::new(server.addr());
+    let click0 = common::offer_and_click(&api).await;
+    let mut clicks = vec![click0];
+    for _ in 0..11 {
+        clicks.push(api.click(1, 1, "").await);
+    }
+    for (i, click) in clicks.iter().enumerate() {
+        api.postback(&format!("clickid={click}&action_id=a{i}"))
+            .await;
+        api.postback(&format!("clickid={click}&action_id=a{i}"))
+            .await;
+    }
+    let body = api.wait_for_postbacks(24).await;
+    let errors: Vec<&str> = body["postbacks"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| r["error"].as_str().expect("error"))
+        .collect();
+    assert_eq!(errors.iter().filter(|e| e.is_empty()).count(), 12);
+    assert_eq!(
+        errors.iter().filter(|e| **e == "Conversion exists").count(),
+        12
+    );
+    server.shutdown().await;
+    let parts = std::fs::read_to_string(dir.path().join("events").join("partitions"))
+        .expect("partition count");
+    assert_eq!(parts.trim(), "4");
+
+    let server = Server::start(config(dir.path()), None)
+        .await
+        .expect("restarts");
+    let api = Api::new(server.addr());
+    for (i, click) in clicks.iter().enumerate() {
+        api.postback(&format!("clickid={click}&action_id=a{i}&status=1"))
+            .await;
+    }
+    let body = api.wait_for_postbacks(36).await;
+    let exists = body["postbacks"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter(|r| r["error"] == "Conversion exists")
+        .count();
+    assert_eq!(exists, 24, "the conversions were found after the restart");
+    let (_, conversions) = api.get_json("/3.0/stats/conversions").await;
+    assert_eq!(conversions["pagination"]["total_count"], 12);
+    server.shutdown().await;
+}
