@@ -33,7 +33,7 @@ fetch() {
   </dependencies>
 </project>
 EOF
-  mvn -B -q -f "$CACHE/pom.xml" dependency:copy-dependencies -DoutputDirectory="$CACHE/lib" >&2
+  mvn -B -q -Dstyle.color=never -f "$CACHE/pom.xml" dependency:copy-dependencies -DoutputDirectory="$CACHE/lib" >&2
   touch "$CACHE/.complete"
 }
 

@@ -1,0 +1,762 @@
+//! # postback-kafka
+//!
+//! The postback engine's event log on Apache Kafka, through `rdkafka` (librdkafka): the
+//! `EventLog` seam of `postback-core` with one topic per log.
+//!
+//! - **Appends** go through one idempotent producer (`acks=all`, `enable.idempotence`, up to
+//!   five requests in flight per connection, `linger.ms=1`, LZ4) to the partition the core's
+//!   partitioner gives the key (the same murmur2 Kafka's clients use). An append returns only
+//!   once the broker acknowledged every record; one that is not acknowledged within the
+//!   deadline (`message.timeout.ms`) fails `Unavailable`, so the front end answers 503, never a
+//!   200 and a loss. (A record whose acknowledgement was lost may still be stored: at least
+//!   once, and the processors' deterministic ids make a duplicate harmless.)
+//! - **Reads by partition** (the catalog, the dispatcher, replays) use a consumer outside any
+//!   group, assigned one partition at a time.
+//! - **Groups**: a member is a consumer in a group with the cooperative-sticky assignor and no
+//!   automatic commits, polled on its own thread. A revocation waits, inside librdkafka's
+//!   rebalance callback, until the member has stored and committed what it polled of the
+//!   partitions it loses, so a partition moves only after its last batch is done.
+//! - **Health**: a thread asks the cluster for metadata every second; while it does not
+//!   answer, `health()` says so (`/ready` answers 503) and clears by itself when it does.
+//!
+//! It is not: a place for retention (topics carry `retention.ms`), nor for offsets the engine
+//! trusts: the store's positions are the truth, and committed offsets follow them.
+
+use postback_core::keys::{partition_of, Partition};
+use postback_core::log::{EventLog, Keyed, Polled, Position, Record, Subscription};
+use postback_core::seams::{BoxFuture, SeamError};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::util::Timeout;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// How to reach the cluster, and the settings of the engine's topics.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port]`.
+    pub brokers: String,
+    /// Topics are named `<prefix>.<log>`; consumer groups `<prefix>.<group>`.
+    pub prefix: String,
+    /// How long a record may wait for the broker's acknowledgement before its append fails.
+    pub append_timeout: Duration,
+    /// Replication factor of new topics; `None`: the broker's `default.replication.factor`.
+    pub replication: Option<i32>,
+    /// Session timeout of group members: how soon a dead member's partitions move.
+    pub session_timeout: Duration,
+}
+
+impl KafkaConfig {
+    /// Parses `kafka://host:port[,host:port]/prefix` (the prefix defaults to `postbackd`).
+    pub fn from_url(url: &str) -> Result<Self, String> {
+        let rest = url
+            .strip_prefix("kafka://")
+            .ok_or_else(|| format!("{url}: a Kafka log URL starts with kafka://"))?;
+        let (brokers, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if brokers.is_empty() {
+            return Err(format!("{url}: no broker address"));
+        }
+        let prefix = if prefix.is_empty() {
+            "postbackd"
+        } else {
+            prefix
+        };
+        if !prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return Err(format!(
+                "{url}: the topic prefix may hold letters, digits, '.', '_' and '-'"
+            ));
+        }
+        Ok(Self {
+            brokers: brokers.to_string(),
+            prefix: prefix.to_string(),
+            append_timeout: Duration::from_secs(5),
+            replication: None,
+            session_timeout: Duration::from_secs(6),
+        })
+    }
+
+    fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            // A broker that went away is retried within a second, not ten (librdkafka's
+            // default backoff), so a restarted broker is noticed quickly.
+            .set("reconnect.backoff.max.ms", "1000")
+            .set("log_level", "4");
+        c
+    }
+}
+
+/// A connection to the cluster, shared by the engine's logs: one producer, and the health
+/// probe.
+pub struct Kafka {
+    config: KafkaConfig,
+    producer: FutureProducer,
+    failure: Arc<Mutex<Option<String>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Kafka {
+    /// Connects (librdkafka connects lazily; the health probe tells whether it can).
+    pub fn connect(config: KafkaConfig) -> Result<Arc<Self>, SeamError> {
+        let timeout_ms = config.append_timeout.as_millis().max(1).to_string();
+        let producer: FutureProducer = config
+            .client()
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("max.in.flight.requests.per.connection", "5")
+            .set("linger.ms", "1")
+            .set("compression.type", "lz4")
+            .set("message.timeout.ms", &timeout_ms)
+            .set("request.timeout.ms", &timeout_ms)
+            .create()
+            .map_err(|e| SeamError::Fatal(format!("kafka producer: {e}")))?;
+        let kafka = Arc::new(Self {
+            config,
+            producer,
+            failure: Arc::new(Mutex::new(None)),
+            stop: Arc::new(AtomicBool::new(false)),
+        });
+        kafka.start_health_probe()?;
+        Ok(kafka)
+    }
+
+    fn start_health_probe(self: &Arc<Self>) -> Result<(), SeamError> {
+        let probe: BaseConsumer = self
+            .config
+            .client()
+            .create()
+            .map_err(|e| SeamError::Fatal(format!("kafka client: {e}")))?;
+        let (failure, stop) = (self.failure.clone(), self.stop.clone());
+        std::thread::Builder::new()
+            .name("kafka-health".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    let result = probe.fetch_metadata(None, Duration::from_secs(1));
+                    let now = match result {
+                        Ok(m) if !m.brokers().is_empty() => None,
+                        Ok(_) => Some("the cluster lists no brokers".to_string()),
+                        Err(e) => Some(format!("the Kafka cluster does not answer: {e}")),
+                    };
+                    let mut f = failure.lock().unwrap_or_else(|e| e.into_inner());
+                    if f.is_some() != now.is_some() {
+                        match &now {
+                            Some(why) => tracing::warn!(%why, "kafka unreachable"),
+                            None => tracing::info!("kafka reachable again"),
+                        }
+                    }
+                    *f = now;
+                    drop(f);
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            })
+            .map_err(|e| SeamError::Fatal(format!("start kafka health probe: {e}")))?;
+        Ok(())
+    }
+
+    fn health(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The log of topic `<prefix>.<name>`, created with `partitions` partitions if it is
+    /// missing (an existing topic keeps its own count) and `retention` (`None`: forever).
+    pub async fn log(
+        self: &Arc<Self>,
+        name: &str,
+        partitions: Partition,
+        retention: Option<Duration>,
+    ) -> Result<Arc<KafkaEventLog>, SeamError> {
+        let topic = format!("{}.{name}", self.config.prefix);
+        let admin: AdminClient<DefaultClientContext> = self
+            .config
+            .client()
+            .create()
+            .map_err(|e| SeamError::Fatal(format!("kafka admin: {e}")))?;
+        let retention_ms = retention.map_or("-1".to_string(), |r| r.as_millis().to_string());
+        let replication = TopicReplication::Fixed(self.config.replication.unwrap_or(-1));
+        let new = NewTopic::new(&topic, partitions as i32, replication)
+            .set("retention.ms", &retention_ms)
+            .set("cleanup.policy", "delete");
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results = admin
+            .create_topics([&new], &options)
+            .await
+            .map_err(|e| unavailable("creating topics", &e))?;
+        for r in results {
+            match r {
+                Ok(_) => tracing::info!(%topic, partitions, "created topic"),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((t, code)) => {
+                    return Err(SeamError::Unavailable(format!(
+                        "creating topic {t}: {code}"
+                    )))
+                }
+            }
+        }
+        // A new topic's partitions reach the metadata a moment after it is created.
+        let mut actual = 0;
+        for _ in 0..100 {
+            let metadata = admin
+                .inner()
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .map_err(|e| unavailable("reading topic metadata", &e))?;
+            actual = metadata
+                .topics()
+                .first()
+                .filter(|t| t.error().is_none())
+                .map_or(0, |t| t.partitions().len() as Partition);
+            if actual > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if actual == 0 {
+            return Err(SeamError::Unavailable(format!(
+                "topic {topic} has no partitions yet"
+            )));
+        }
+        if actual != partitions {
+            tracing::warn!(%topic, actual, configured = partitions,
+                "the topic exists with another partition count; using the topic's");
+        }
+        let reader: BaseConsumer = self
+            .config
+            .client()
+            .set("group.id", format!("{}.reader", self.config.prefix))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .map_err(|e| SeamError::Fatal(format!("kafka reader: {e}")))?;
+        Ok(Arc::new(KafkaEventLog {
+            kafka: self.clone(),
+            topic,
+            partitions: actual,
+            reader: Arc::new(Mutex::new(Reader {
+                consumer: reader,
+                at: None,
+            })),
+        }))
+    }
+}
+
+impl Drop for Kafka {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+fn unavailable(what: &str, e: &KafkaError) -> SeamError {
+    SeamError::Unavailable(format!("{what}: {e}"))
+}
+
+/// A produce error by kind: a record that can never be taken is `Rejected`; the rest (the
+/// broker down or slow, a full queue) `Unavailable`.
+fn produce_error(e: &KafkaError) -> SeamError {
+    match e.rdkafka_error_code() {
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidMessageSize
+            | RDKafkaErrorCode::InvalidMessage
+            | RDKafkaErrorCode::InvalidRecord
+            | RDKafkaErrorCode::MessageBatchTooLarge,
+        ) => SeamError::Rejected(format!("the broker refused the record: {e}")),
+        _ => unavailable("kafka append", e),
+    }
+}
+
+/// A consumer outside any group, assigned one partition at a time, and where it is.
+struct Reader {
+    consumer: BaseConsumer,
+    /// The partition assigned and the next offset it will return.
+    at: Option<(Partition, u64)>,
+}
+
+impl Reader {
+    fn read(
+        &mut self,
+        topic: &str,
+        partition: Partition,
+        from: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Record>, SeamError> {
+        if self.at != Some((partition, from)) {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(topic, partition as i32, Offset::Offset(from as i64))
+                .map_err(|e| unavailable("assigning a partition", &e))?;
+            self.consumer
+                .assign(&tpl)
+                .map_err(|e| unavailable("assigning a partition", &e))?;
+            self.at = Some((partition, from));
+        }
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while out.len() < max_records && Instant::now() < deadline {
+            match self.consumer.poll(Duration::from_millis(200)) {
+                None if out.is_empty() => continue,
+                None => break,
+                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                Some(Err(e)) => {
+                    self.at = None;
+                    return Err(unavailable("reading a partition", &e));
+                }
+                Some(Ok(m)) => {
+                    let offset = m.offset() as u64;
+                    if offset < from {
+                        continue;
+                    }
+                    let payload = m.payload().unwrap_or_default().to_vec();
+                    bytes = bytes.saturating_add(payload.len());
+                    if bytes > max_bytes && !out.is_empty() {
+                        // Not taken: read it again next time.
+                        self.at = None;
+                        break;
+                    }
+                    self.at = Some((partition, offset + 1));
+                    out.push(Record {
+                        partition,
+                        offset,
+                        payload,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The Kafka implementation of [`EventLog`]: one topic.
+pub struct KafkaEventLog {
+    kafka: Arc<Kafka>,
+    topic: String,
+    partitions: Partition,
+    reader: Arc<Mutex<Reader>>,
+}
+
+impl KafkaEventLog {
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+}
+
+/// Runs blocking librdkafka work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SeamError> + Send + 'static,
+) -> Result<T, SeamError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| SeamError::Fatal(format!("kafka task panicked: {e}")))?
+}
+
+impl EventLog for KafkaEventLog {
+    fn partitions(&self) -> Partition {
+        self.partitions
+    }
+
+    fn append(&self, records: Vec<Keyed>) -> BoxFuture<'_, Result<Vec<Position>, SeamError>> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let in_flight = metrics::gauge!("postbackd_kafka_in_flight");
+            in_flight.increment(records.len() as f64);
+            let sends = records.iter().map(|r| {
+                let partition = partition_of(&r.key, self.partitions);
+                let record = FutureRecord::to(&self.topic)
+                    .partition(partition as i32)
+                    .key(r.key.as_bytes())
+                    .payload(&r.payload);
+                let send = self.kafka.producer.send(record, Timeout::Never);
+                async move { (partition, send.await) }
+            });
+            let results = postback_core::log::join_all(sends).await;
+            in_flight.decrement(records.len() as f64);
+            metrics::histogram!("postbackd_kafka_produce_seconds")
+                .record(started.elapsed().as_secs_f64());
+            let mut out = Vec::with_capacity(results.len());
+            for (partition, result) in results {
+                match result {
+                    Ok(delivery) => out.push(Position {
+                        partition,
+                        offset: delivery.offset as u64,
+                    }),
+                    Err((e, _)) => {
+                        metrics::counter!("postbackd_kafka_produce_errors_total").increment(1);
+                        return Err(produce_error(&e));
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn read(
+        &self,
+        partition: Partition,
+        from: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> BoxFuture<'_, Result<Vec<Record>, SeamError>> {
+        let (reader, topic) = (self.reader.clone(), self.topic.clone());
+        Box::pin(blocking(move || {
+            reader.lock().unwrap_or_else(|e| e.into_inner()).read(
+                &topic,
+                partition,
+                from,
+                max_records,
+                max_bytes,
+            )
+        }))
+    }
+
+    fn bounds(&self, partition: Partition) -> BoxFuture<'_, Result<(u64, u64), SeamError>> {
+        let (reader, topic) = (self.reader.clone(), self.topic.clone());
+        Box::pin(blocking(move || {
+            let (low, high) = reader
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .consumer
+                .fetch_watermarks(&topic, partition as i32, Duration::from_secs(5))
+                .map_err(|e| unavailable("reading watermarks", &e))?;
+            Ok((low.max(0) as u64, high.max(0) as u64))
+        }))
+    }
+
+    fn wait_for(&self, partition: Partition, from: u64) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            // Kafka has no "tell me when", and this is a hint: look a few times, then return.
+            for _ in 0..10 {
+                if self
+                    .bounds(partition)
+                    .await
+                    .is_ok_and(|(_, end)| end > from)
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    }
+
+    fn subscribe(
+        self: Arc<Self>,
+        group: &str,
+    ) -> BoxFuture<'static, Result<Box<dyn Subscription>, SeamError>> {
+        let group = format!("{}.{group}", self.kafka.config.prefix);
+        Box::pin(async move {
+            let s = KafkaSubscription::join(&self.kafka.config, &self.topic, &group)?;
+            Ok(Box::new(s) as Box<dyn Subscription>)
+        })
+    }
+
+    fn health(&self) -> Option<String> {
+        self.kafka.health()
+    }
+
+    fn close(&self) {
+        let _ = self.kafka.producer.flush(Duration::from_secs(5));
+    }
+}
+
+/// What a group member's polling thread hands over, in the order it happened.
+enum GroupEvent {
+    Record(Record),
+    Assigned(Vec<Partition>),
+    /// The rebalance waits for the acknowledgement, which the member sends once it reached
+    /// this event (so everything before it was stored and committed).
+    Revoked(Vec<Partition>, std::sync::mpsc::Sender<()>),
+    Failed(String),
+}
+
+/// Forwards rebalances to the member, in order with the records.
+struct GroupContext {
+    events: mpsc::Sender<GroupEvent>,
+    topic: String,
+}
+
+impl ClientContext for GroupContext {
+    fn stats(&self, statistics: Statistics) {
+        if let Some(topic) = statistics.topics.get(&self.topic) {
+            for (p, stats) in &topic.partitions {
+                if *p >= 0 && stats.consumer_lag >= 0 {
+                    metrics::gauge!("postbackd_kafka_consumer_lag",
+                        "topic" => self.topic.clone(), "partition" => p.to_string())
+                    .set(stats.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
+
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<Partition> {
+    tpl.elements()
+        .iter()
+        .map(|e| e.partition() as Partition)
+        .collect()
+}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let partitions = partitions_of(tpl);
+            if partitions.is_empty() {
+                return;
+            }
+            metrics::counter!("postbackd_kafka_rebalances_total").increment(1);
+            let (ack, done) = std::sync::mpsc::channel();
+            if self
+                .events
+                .blocking_send(GroupEvent::Revoked(partitions, ack))
+                .is_ok()
+            {
+                // The member finishes and commits its batch first (bounded: a stuck member
+                // must not hold the group forever).
+                let _ = done.recv_timeout(Duration::from_secs(60));
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let partitions = partitions_of(tpl);
+            if !partitions.is_empty() {
+                metrics::counter!("postbackd_kafka_rebalances_total").increment(1);
+                let _ = self.events.blocking_send(GroupEvent::Assigned(partitions));
+            }
+        }
+    }
+}
+
+/// A member of a consumer group on Kafka.
+struct KafkaSubscription {
+    consumer: Arc<BaseConsumer<GroupContext>>,
+    topic: String,
+    events: mpsc::Receiver<GroupEvent>,
+    /// An event taken from the channel but not handed over yet (it ended a batch).
+    held: Option<GroupEvent>,
+    /// The next offset to hand over, per partition: records before it are not.
+    next: BTreeMap<Partition, u64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl KafkaSubscription {
+    fn join(config: &KafkaConfig, topic: &str, group: &str) -> Result<Self, SeamError> {
+        let (tx, rx) = mpsc::channel(8192);
+        let session = config.session_timeout.as_millis().to_string();
+        let heartbeat = (config.session_timeout.as_millis() / 6)
+            .max(100)
+            .to_string();
+        let consumer: BaseConsumer<GroupContext> = config
+            .client()
+            .set("group.id", group)
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", &session)
+            .set("heartbeat.interval.ms", &heartbeat)
+            .set("statistics.interval.ms", "5000")
+            .create_with_context(GroupContext {
+                events: tx.clone(),
+                topic: topic.to_string(),
+            })
+            .map_err(|e| SeamError::Fatal(format!("kafka consumer: {e}")))?;
+        consumer
+            .subscribe(&[topic])
+            .map_err(|e| unavailable("subscribing", &e))?;
+        let consumer = Arc::new(consumer);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, s) = (consumer.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("kafka-group".into())
+            .spawn(move || {
+                while !s.load(Ordering::Acquire) {
+                    let event = match c.poll(Duration::from_millis(100)) {
+                        None => continue,
+                        Some(Ok(m)) => GroupEvent::Record(Record {
+                            partition: m.partition() as Partition,
+                            offset: m.offset() as u64,
+                            payload: m.payload().unwrap_or_default().to_vec(),
+                        }),
+                        Some(Err(e)) => GroupEvent::Failed(e.to_string()),
+                    };
+                    if tx.blocking_send(event).is_err() {
+                        break;
+                    }
+                }
+                leave(&c);
+            })
+            .map_err(|e| SeamError::Fatal(format!("start kafka consumer thread: {e}")))?;
+        Ok(Self {
+            consumer,
+            topic: topic.to_string(),
+            events: rx,
+            held: None,
+            next: BTreeMap::new(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// Leaves the group before the consumer is closed: closing a cooperative consumer that still
+/// holds partitions can hang in librdkafka (confluentinc/librdkafka#4527), so unsubscribe and
+/// serve the revocation first (bounded).
+fn leave(consumer: &BaseConsumer<GroupContext>) {
+    consumer.unsubscribe();
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        let _ = consumer.poll(Duration::from_millis(100));
+        if consumer.assignment().is_ok_and(|a| a.count() == 0) {
+            return;
+        }
+    }
+}
+
+impl Drop for KafkaSubscription {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        // The thread may be waiting to hand over an event: let it.
+        self.events.close();
+        while self.events.try_recv().is_ok() {}
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Subscription for KafkaSubscription {
+    fn poll(
+        &mut self,
+        max_records: usize,
+        max_bytes: usize,
+        wait: Duration,
+    ) -> BoxFuture<'_, Result<Polled, SeamError>> {
+        Box::pin(async move {
+            let deadline = tokio::time::Instant::now() + wait;
+            let mut out: Vec<Record> = Vec::new();
+            let mut bytes = 0usize;
+            loop {
+                let event = match self.held.take() {
+                    Some(e) => e,
+                    None if out.is_empty() => {
+                        match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                            Ok(Some(e)) => e,
+                            Ok(None) => {
+                                return Err(SeamError::Unavailable("the consumer stopped".into()))
+                            }
+                            Err(_) => return Ok(Polled::Idle),
+                        }
+                    }
+                    None => match self.events.try_recv() {
+                        Ok(e) => e,
+                        Err(_) => return Ok(Polled::Records(out)),
+                    },
+                };
+                match event {
+                    GroupEvent::Record(r) => {
+                        let next = self.next.get(&r.partition).copied();
+                        // Not the member's (revoked meanwhile), or already handed over.
+                        if next.is_none_or(|n| r.offset < n) {
+                            continue;
+                        }
+                        self.next.insert(r.partition, r.offset + 1);
+                        bytes += r.payload.len();
+                        out.push(r);
+                        if out.len() >= max_records || bytes >= max_bytes {
+                            return Ok(Polled::Records(out));
+                        }
+                    }
+                    other if !out.is_empty() => {
+                        self.held = Some(other);
+                        return Ok(Polled::Records(out));
+                    }
+                    GroupEvent::Assigned(ps) => {
+                        for p in &ps {
+                            self.next.insert(*p, 0);
+                        }
+                        return Ok(Polled::Assigned(ps));
+                    }
+                    GroupEvent::Revoked(ps, ack) => {
+                        for p in &ps {
+                            self.next.remove(p);
+                        }
+                        // Everything polled before was stored and committed: let them go.
+                        let _ = ack.send(());
+                        return Ok(Polled::Revoked(ps));
+                    }
+                    GroupEvent::Failed(why) => {
+                        tracing::warn!(%why, "kafka consumer error");
+                        metrics::counter!("postbackd_kafka_consumer_errors_total").increment(1);
+                    }
+                }
+            }
+        })
+    }
+
+    fn start_at(&mut self, partition: Partition, offset: u64) {
+        if let Some(next) = self.next.get_mut(&partition) {
+            *next = offset;
+        }
+    }
+
+    fn commit(&mut self, positions: Vec<Position>) -> BoxFuture<'_, Result<(), SeamError>> {
+        let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
+        Box::pin(blocking(move || {
+            let mut tpl = TopicPartitionList::new();
+            for p in positions {
+                tpl.add_partition_offset(
+                    &topic,
+                    p.partition as i32,
+                    Offset::Offset(p.offset as i64),
+                )
+                .map_err(|e| unavailable("committing", &e))?;
+            }
+            match consumer.commit(&tpl, CommitMode::Sync) {
+                Ok(()) => Ok(()),
+                // The store holds the positions; a commit that did not land only means a
+                // member taking over re-reads a little, which the store positions skip.
+                Err(e) => {
+                    tracing::debug!(error = %e, "commit failed");
+                    Ok(())
+                }
+            }
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let c =
+            KafkaConfig::from_url("kafka://127.0.0.1:9092,127.0.0.1:9093/pb.test").expect("url");
+        assert_eq!(c.brokers, "127.0.0.1:9092,127.0.0.1:9093");
+        assert_eq!(c.prefix, "pb.test");
+        assert_eq!(
+            KafkaConfig::from_url("kafka://h:1").expect("url").prefix,
+            "postbackd"
+        );
+        assert!(KafkaConfig::from_url("kafka:///x").is_err());
+        assert!(KafkaConfig::from_url("file:///x").is_err());
+        assert!(KafkaConfig::from_url("kafka://h:1/bad prefix").is_err());
+    }
+}
