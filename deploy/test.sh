@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: formatting, lints, then every test.
-# Services and tools the tests need are installed and started here (the embedded mode needs no
-# service; the Kafka, ClickHouse and browser suites will add theirs). Python 3 is needed for
-# the API fuzzer (schemathesis, installed from PyPI into target/py).
+# Services and tools the tests need are installed and started here: a Kafka broker (KRaft, from
+# Maven Central with the machine's Java and Maven: deploy/kafka.sh) for the Kafka suites, and
+# the API fuzzer (schemathesis, from PyPI into target/py; needs Python 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,16 +23,38 @@ passed=$(awk '/^test result:/ {p += $4} END {print p + 0}' "$results")
 failed=$(awk '/^test result:/ {f += $6} END {print f + 0}' "$results")
 rm -f "$results"
 
+# The Kafka event log, against a real broker: the log conformance suite, the HTTP suites with
+# the engine's logs on Kafka, and the broker stopped for 20 s under load.
+echo "== Kafka suites"
+kafka_dir=$(mktemp -d)
+kafka_port=19192
+cleanup() {
+  bash deploy/kafka.sh stop "$kafka_dir" || true
+  rm -rf "$kafka_dir"
+  if [ -n "${fuzz_pid:-}" ]; then kill "$fuzz_pid" 2>/dev/null || true; fi
+  if [ -n "${fuzz_data:-}" ]; then rm -rf "$fuzz_data"; fi
+}
+trap cleanup EXIT
+bash deploy/kafka.sh start "$kafka_dir" "$kafka_port"
+kafka_results=$(mktemp)
+POSTBACKD_TEST_KAFKA=127.0.0.1:$kafka_port POSTBACKD_TEST_KAFKA_DIR=$kafka_dir \
+  cargo test --locked -p postback-kafka -p postbackd --test conformance --test e2e --test paging \
+  --test delivery --test kafka_outage -- --include-ignored 2>&1 | tee "$kafka_results"
+passed=$((passed + $(awk '/^test result:/ {p += $4} END {print p + 0}' "$kafka_results")))
+failed=$((failed + $(awk '/^test result:/ {f += $6} END {print f + 0}' "$kafka_results")))
+rm -f "$kafka_results"
+bash deploy/kafka.sh stop "$kafka_dir"
+
 # The HTTP API, fuzzed from its OpenAPI description: no input may produce a server error.
 echo "== schemathesis against schemas/openapi.yaml"
 python3 -m venv target/py >/dev/null
 target/py/bin/pip install --quiet --disable-pip-version-check schemathesis==4.32.5
-data=$(mktemp -d)
+fuzz_data=$(mktemp -d)
+data=$fuzz_data
 port=18555
 "${CARGO_TARGET_DIR:-target}/debug/postbackd" serve --listen 127.0.0.1:$port --data-dir "$data" \
   --api-key fuzz >"$data/log" 2>&1 &
-pid=$!
-trap 'kill $pid 2>/dev/null || true; rm -rf "$data"' EXIT
+fuzz_pid=$!
 ready=0
 for _ in $(seq 1 100); do
   if curl -sf http://127.0.0.1:$port/ready >/dev/null; then ready=1; break; fi

@@ -104,6 +104,9 @@ impl KafkaConfig {
 pub struct Kafka {
     config: KafkaConfig,
     producer: FutureProducer,
+    /// For watermarks and metadata: a client with no fetch of its own, whose requests never
+    /// queue behind a consumer's long poll on the same connection.
+    meta: Arc<BaseConsumer>,
     failure: Arc<Mutex<Option<String>>>,
     stop: Arc<AtomicBool>,
 }
@@ -123,9 +126,14 @@ impl Kafka {
             .set("request.timeout.ms", &timeout_ms)
             .create()
             .map_err(|e| SeamError::Fatal(format!("kafka producer: {e}")))?;
+        let meta: BaseConsumer = config
+            .client()
+            .create()
+            .map_err(|e| SeamError::Fatal(format!("kafka client: {e}")))?;
         let kafka = Arc::new(Self {
             config,
             producer,
+            meta: Arc::new(meta),
             failure: Arc::new(Mutex::new(None)),
             stop: Arc::new(AtomicBool::new(false)),
         });
@@ -134,16 +142,14 @@ impl Kafka {
     }
 
     fn start_health_probe(self: &Arc<Self>) -> Result<(), SeamError> {
-        let probe: BaseConsumer = self
-            .config
-            .client()
-            .create()
-            .map_err(|e| SeamError::Fatal(format!("kafka client: {e}")))?;
+        let probe = self.meta.clone();
         let (failure, stop) = (self.failure.clone(), self.stop.clone());
         std::thread::Builder::new()
             .name("kafka-health".into())
             .spawn(move || {
                 while !stop.load(Ordering::Acquire) {
+                    // Serve the client's events (connection errors queue up otherwise).
+                    while probe.poll(Duration::ZERO).is_some() {}
                     let result = probe.fetch_metadata(None, Duration::from_secs(1));
                     let now = match result {
                         Ok(m) if !m.brokers().is_empty() => None,
@@ -241,6 +247,8 @@ impl Kafka {
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
             .set("auto.offset.reset", "earliest")
+            // Reads are of records known to be there: no long poll.
+            .set("fetch.wait.max.ms", "10")
             .create()
             .map_err(|e| SeamError::Fatal(format!("kafka reader: {e}")))?;
         Ok(Arc::new(KafkaEventLog {
@@ -249,6 +257,7 @@ impl Kafka {
             partitions: actual,
             reader: Arc::new(Mutex::new(Reader {
                 consumer: reader,
+                meta: self.meta.clone(),
                 at: None,
             })),
         }))
@@ -283,6 +292,7 @@ fn produce_error(e: &KafkaError) -> SeamError {
 /// A consumer outside any group, assigned one partition at a time, and where it is.
 struct Reader {
     consumer: BaseConsumer,
+    meta: Arc<BaseConsumer>,
     /// The partition assigned and the next offset it will return.
     at: Option<(Partition, u64)>,
 }
@@ -296,6 +306,15 @@ impl Reader {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<Vec<Record>, SeamError> {
+        // Nothing past `from`: answer at once rather than wait for records that are not there.
+        let (_, high) = self
+            .meta
+            .fetch_watermarks(topic, partition as i32, Duration::from_secs(5))
+            .map_err(|e| unavailable("reading watermarks", &e))?;
+        let end = high.max(0) as u64;
+        if from >= end {
+            return Ok(Vec::new());
+        }
         if self.at != Some((partition, from)) {
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition_offset(topic, partition as i32, Offset::Offset(from as i64))
@@ -308,18 +327,21 @@ impl Reader {
         let mut out = Vec::new();
         let mut bytes = 0usize;
         let deadline = Instant::now() + Duration::from_secs(5);
-        while out.len() < max_records && Instant::now() < deadline {
+        let mut next = from;
+        while out.len() < max_records && next < end && Instant::now() < deadline {
             match self.consumer.poll(Duration::from_millis(200)) {
                 None if out.is_empty() => continue,
                 None => break,
-                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                Some(Err(KafkaError::PartitionEOF(p))) if p == partition as i32 => break,
+                Some(Err(KafkaError::PartitionEOF(_))) => continue,
                 Some(Err(e)) => {
                     self.at = None;
                     return Err(unavailable("reading a partition", &e));
                 }
                 Some(Ok(m)) => {
                     let offset = m.offset() as u64;
-                    if offset < from {
+                    // Fetched for the partition assigned before, or before `from`: not ours.
+                    if m.partition() != partition as i32 || offset < next {
                         continue;
                     }
                     let payload = m.payload().unwrap_or_default().to_vec();
@@ -330,6 +352,7 @@ impl Reader {
                         break;
                     }
                     self.at = Some((partition, offset + 1));
+                    next = offset + 1;
                     out.push(Record {
                         partition,
                         offset,
@@ -425,12 +448,9 @@ impl EventLog for KafkaEventLog {
     }
 
     fn bounds(&self, partition: Partition) -> BoxFuture<'_, Result<(u64, u64), SeamError>> {
-        let (reader, topic) = (self.reader.clone(), self.topic.clone());
+        let (meta, topic) = (self.kafka.meta.clone(), self.topic.clone());
         Box::pin(blocking(move || {
-            let (low, high) = reader
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .consumer
+            let (low, high) = meta
                 .fetch_watermarks(&topic, partition as i32, Duration::from_secs(5))
                 .map_err(|e| unavailable("reading watermarks", &e))?;
             Ok((low.max(0) as u64, high.max(0) as u64))

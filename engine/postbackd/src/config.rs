@@ -13,6 +13,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Where the event log, the catalog and the embedded store live.
     pub data_dir: PathBuf,
+    /// The event logs: empty or `file://DIR` for the embedded log (in the data directory, or
+    /// DIR), `kafka://HOST:PORT[,HOST:PORT]/PREFIX` for topics `PREFIX.events`,
+    /// `PREFIX.catalog` and `PREFIX.deliveries` on a Kafka cluster.
+    pub log: String,
     /// The key for everything under `/3.0/`. Empty: generated once and kept in the data dir.
     pub api_key: String,
     /// The platform-level secure code every postback must carry. Empty: none.
@@ -41,7 +45,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Partitions of the events and deliveries logs (fixed when a log is created; at most 256).
     /// Clicks and postbacks are placed by click id, so each partition is processed in order.
-    pub partitions: u32,
+    /// Default: 1 for the embedded log, 12 for Kafka.
+    pub partitions: Option<u32>,
     /// How many log records the processor takes at once.
     pub processor_batch: usize,
     /// How many bytes of log records the processor takes at once (at least one record).
@@ -78,6 +83,7 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("./data"),
+            log: String::new(),
             api_key: String::new(),
             platform_secure: String::new(),
             retention_days: 92,
@@ -89,7 +95,7 @@ impl Default for Config {
             max_connections: 4096,
             api_key_in_query: true,
             metrics_listen: None,
-            partitions: 1,
+            partitions: None,
             processor_batch: 2048,
             processor_batch_bytes: 8 << 20,
             processor_cache_bytes: 64 << 20,
@@ -113,11 +119,22 @@ impl Default for Config {
 pub struct Overrides {
     pub listen: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
+    pub log: Option<String>,
     pub api_key: Option<String>,
     pub allow_private_postback_targets: bool,
 }
 
 impl Config {
+    /// Partitions of the events and deliveries logs: as configured, or the backend's default.
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+            .unwrap_or(if self.log.starts_with("kafka://") {
+                12
+            } else {
+                1
+            })
+    }
+
     /// The dispatcher's settings.
     pub fn delivery(&self) -> crate::dispatcher::DeliveryConfig {
         crate::dispatcher::DeliveryConfig {
@@ -161,7 +178,10 @@ impl Config {
             config.allow_private_postback_targets = true;
         }
         config.trusted_proxy_nets()?;
-        if !(1..=256).contains(&config.partitions) {
+        if let Some(v) = &flags.log {
+            config.log = v.clone();
+        }
+        if !(1..=256).contains(&config.partitions()) {
             anyhow::bail!("partitions must be from 1 to 256");
         }
         Ok(config)
@@ -214,7 +234,8 @@ impl Config {
                 "MAX_CONNECTIONS" => self.max_connections = value.parse().map_err(|e| bad(&e))?,
                 "API_KEY_IN_QUERY" => self.api_key_in_query = value.parse().map_err(|e| bad(&e))?,
                 "METRICS_LISTEN" => self.metrics_listen = Some(value.parse().map_err(|e| bad(&e))?),
-                "PARTITIONS" => self.partitions = value.parse().map_err(|e| bad(&e))?,
+                "PARTITIONS" => self.partitions = Some(value.parse().map_err(|e| bad(&e))?),
+                "LOG" => self.log = value.clone(),
                 "PROCESSOR_BATCH" => self.processor_batch = value.parse().map_err(|e| bad(&e))?,
                 "PROCESSOR_BATCH_BYTES" => {
                     self.processor_batch_bytes = value.parse().map_err(|e| bad(&e))?
@@ -253,8 +274,6 @@ impl Config {
                 "DELIVERY_CONCURRENCY" => {
                     self.delivery_concurrency = value.parse().map_err(|e| bad(&e))?
                 }
-                // Not ours: RUST_LOG and the like are read elsewhere.
-                _ if name == "LOG" => {}
                 _ => anyhow::bail!("unknown setting {key}"),
             }
         }

@@ -2,7 +2,6 @@
 //! start the processor and the HTTP server; and the shutdown sequence that undoes it.
 
 use crate::config::Config;
-use crate::embedded_log::{EmbeddedEventLog, Faults, LogOptions};
 use crate::pipeline;
 use crate::sqlite_store::{SchemaState, SqliteStore, SCHEMA_VERSION};
 use anyhow::Context as _;
@@ -46,12 +45,7 @@ pub struct Engine {
     pub targets: Arc<crate::guard::TargetGuard>,
 }
 
-/// Failures to inject into the embedded logs, for tests of recovery.
-#[derive(Default, Clone)]
-pub struct InjectedFaults {
-    pub events: Option<Arc<Faults>>,
-    pub deliveries: Option<Arc<Faults>>,
-}
+pub use crate::backends::InjectedFaults;
 
 impl Engine {
     /// Opens the data directory: the logs, the store, and the catalog as the log has it.
@@ -63,40 +57,17 @@ impl Engine {
         let dir = config.data_dir.clone();
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let api_key = resolve_api_key(&config.api_key, &dir)?;
-        let retention = Duration::from_secs(u64::from(config.retention_days) * 86_400);
-        let options = |faults: Option<Arc<Faults>>, retention: Option<Duration>| LogOptions {
-            append_timeout: Duration::from_millis(config.append_timeout_ms.max(1)),
-            faults,
-            retention,
-            ..LogOptions::default()
-        };
-        let partitions = config.partitions;
-        let events = EmbeddedEventLog::open(
-            &dir.join("events"),
-            partitions,
-            options(faults.events, Some(retention)),
-        )
-        .context("opening the event log")?;
-        // One partition: catalog changes are applied in the order they were made. Never
-        // expired: the catalog is small and replays need all of it.
-        let catalog_log = EmbeddedEventLog::open(&dir.join("catalog"), 1, options(None, None))
-            .context("opening the catalog log")?;
-        let deliveries = EmbeddedEventLog::open(
-            &dir.join("deliveries"),
-            partitions,
-            options(faults.deliveries, Some(retention)),
-        )
-        .context("opening the deliveries log")?;
+        let logs = crate::backends::open_logs(&config, faults).await?;
         let store = SqliteStore::open(&dir.join("store.sqlite"))
             .context("opening the store")?
             .with_query_budget(Duration::from_millis(config.query_timeout_ms));
-        let catalog = load_catalog(&catalog_log).await?;
+        let catalog = load_catalog(logs.catalog.as_ref()).await?;
         let seed: [u8; 8] = rand::random();
         Ok(Arc::new(Self {
             api_key,
-            events: Arc::new(events),
-            catalog_log: Arc::new(catalog_log),
-            deliveries: Arc::new(deliveries),
+            events: logs.events,
+            catalog_log: logs.catalog,
+            deliveries: logs.deliveries,
             store: Arc::new(store),
             catalog: RwLock::new(catalog),
             catalog_writer: tokio::sync::Mutex::new(()),

@@ -7,6 +7,7 @@
 //! `postback-core`, which this crate drives. See `engine/ARCHITECTURE.md` for the map.
 
 pub mod admin;
+pub mod backends;
 pub mod config;
 pub mod dispatcher;
 pub mod embedded_log;

@@ -24,6 +24,10 @@ struct Common {
     /// Data directory: event log, catalog, store, generated API key.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// The event logs: file://DIR (embedded, the default: in the data directory) or
+    /// kafka://HOST:PORT[,HOST:PORT]/PREFIX.
+    #[arg(long)]
+    log: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -74,6 +78,7 @@ fn main() -> anyhow::Result<()> {
             let flags = Overrides {
                 listen,
                 data_dir: common.data_dir,
+                log: common.log,
                 api_key,
                 allow_private_postback_targets,
             };
@@ -85,6 +90,7 @@ fn main() -> anyhow::Result<()> {
         Command::Replay { common } => {
             let flags = Overrides {
                 data_dir: common.data_dir,
+                log: common.log,
                 ..Default::default()
             };
             let config = Config::load(common.config.as_deref(), &env, &flags)?;

@@ -13,6 +13,7 @@ async fn start(dir: &std::path::Path) -> Server {
     let config = Config {
         listen: "127.0.0.1:0".parse().expect("addr"),
         data_dir: dir.to_path_buf(),
+        log: common::test_log(dir),
         api_key: KEY.into(),
         ..Config::default()
     };

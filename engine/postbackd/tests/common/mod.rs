@@ -129,6 +129,25 @@ pub async fn offer_and_click(api: &Api) -> String {
     api.click(1, 1, "").await
 }
 
+/// The `log` of a test engine in `dir`: the embedded log, or, when the test command started a
+/// Kafka broker (`POSTBACKD_TEST_KAFKA=host:port`), topics of their own on it (named after
+/// the data directory, so a restarted engine finds its topics again).
+pub fn test_log(dir: &std::path::Path) -> String {
+    match std::env::var("POSTBACKD_TEST_KAFKA") {
+        Ok(broker) if !broker.is_empty() => {
+            let name: String = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+                .chars()
+                .filter(char::is_ascii_alphanumeric)
+                .collect();
+            format!("kafka://{broker}/t{name}")
+        }
+        _ => String::new(),
+    }
+}
+
 pub fn today() -> String {
     let now_us = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

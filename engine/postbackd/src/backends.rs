@@ -1,0 +1,159 @@
+//! The one place where backends are chosen, by the URL of the configuration's `log`: the
+//! embedded log (`file://DIR`, or nothing: the data directory) or Kafka
+//! (`kafka://HOST:PORT[,HOST:PORT]/PREFIX`). The rest of the engine only sees the seams.
+
+use crate::config::Config;
+use crate::embedded_log::{EmbeddedEventLog, Faults, LogOptions};
+use anyhow::Context as _;
+use postback_core::log::EventLog;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The engine's three logs.
+pub struct Logs {
+    /// Clicks and postbacks.
+    pub events: Arc<dyn EventLog>,
+    /// Catalog changes: one partition, never expired (replays need all of it).
+    pub catalog: Arc<dyn EventLog>,
+    /// Affiliate-postback jobs and the outcome of each attempt.
+    pub deliveries: Arc<dyn EventLog>,
+}
+
+/// Failures to inject into the embedded logs, for tests of recovery.
+#[derive(Default, Clone)]
+pub struct InjectedFaults {
+    pub events: Option<Arc<Faults>>,
+    pub deliveries: Option<Arc<Faults>>,
+}
+
+/// Where the logs are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogUrl {
+    File(PathBuf),
+    Kafka(String),
+}
+
+impl LogUrl {
+    pub fn parse(config: &Config) -> anyhow::Result<Self> {
+        let url = config.log.trim();
+        if url.is_empty() {
+            return Ok(LogUrl::File(config.data_dir.clone()));
+        }
+        if let Some(dir) = url.strip_prefix("file://") {
+            let dir = if dir.is_empty() {
+                config.data_dir.clone()
+            } else {
+                PathBuf::from(dir)
+            };
+            return Ok(LogUrl::File(dir));
+        }
+        if url.starts_with("kafka://") {
+            return Ok(LogUrl::Kafka(url.to_string()));
+        }
+        anyhow::bail!("log: {url:?} is neither file://DIR nor kafka://HOST:PORT/PREFIX")
+    }
+}
+
+/// Opens (or creates) the logs the configuration names.
+pub async fn open_logs(config: &Config, faults: InjectedFaults) -> anyhow::Result<Logs> {
+    let retention = Duration::from_secs(u64::from(config.retention_days) * 86_400);
+    let append_timeout = Duration::from_millis(config.append_timeout_ms.max(1));
+    let partitions = config.partitions();
+    match LogUrl::parse(config)? {
+        LogUrl::File(dir) => {
+            let options = |faults: Option<Arc<Faults>>, retention: Option<Duration>| LogOptions {
+                append_timeout,
+                faults,
+                retention,
+                ..LogOptions::default()
+            };
+            let open = |name: &str, partitions, options| {
+                EmbeddedEventLog::open(&dir.join(name), partitions, options)
+                    .with_context(|| format!("opening the {name} log in {}", dir.display()))
+            };
+            Ok(Logs {
+                events: Arc::new(open(
+                    "events",
+                    partitions,
+                    options(faults.events, Some(retention)),
+                )?),
+                catalog: Arc::new(open("catalog", 1, options(None, None))?),
+                deliveries: Arc::new(open(
+                    "deliveries",
+                    partitions,
+                    options(faults.deliveries, Some(retention)),
+                )?),
+            })
+        }
+        LogUrl::Kafka(url) => open_kafka(&url, partitions, retention, append_timeout).await,
+    }
+}
+
+#[cfg(feature = "kafka")]
+async fn open_kafka(
+    url: &str,
+    partitions: u32,
+    retention: Duration,
+    append_timeout: Duration,
+) -> anyhow::Result<Logs> {
+    let mut config = postback_kafka::KafkaConfig::from_url(url).map_err(anyhow::Error::msg)?;
+    config.append_timeout = append_timeout;
+    let kafka = postback_kafka::Kafka::connect(config).context("connecting to Kafka")?;
+    let topic = |name: &'static str, partitions, retention| {
+        let kafka = kafka.clone();
+        async move {
+            kafka
+                .log(name, partitions, retention)
+                .await
+                .with_context(|| format!("opening the {name} topic"))
+        }
+    };
+    Ok(Logs {
+        events: topic("events", partitions, Some(retention)).await?,
+        catalog: topic("catalog", 1, None).await?,
+        deliveries: topic("deliveries", partitions, Some(retention)).await?,
+    })
+}
+
+#[cfg(not(feature = "kafka"))]
+async fn open_kafka(
+    url: &str,
+    _partitions: u32,
+    _retention: Duration,
+    _append_timeout: Duration,
+) -> anyhow::Result<Logs> {
+    anyhow::bail!(
+        "log: {url}: the Kafka log is not enabled in this build (build postbackd with the \
+         `kafka` feature, which is on by default)"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_urls() {
+        let config = |log: &str| Config {
+            log: log.into(),
+            data_dir: "/d".into(),
+            ..Config::default()
+        };
+        assert_eq!(
+            LogUrl::parse(&config("")).expect("url"),
+            LogUrl::File("/d".into())
+        );
+        assert_eq!(
+            LogUrl::parse(&config("file:///var/log/pb")).expect("url"),
+            LogUrl::File("/var/log/pb".into())
+        );
+        assert_eq!(
+            LogUrl::parse(&config("kafka://k:9092/pb")).expect("url"),
+            LogUrl::Kafka("kafka://k:9092/pb".into())
+        );
+        assert!(LogUrl::parse(&config("redis://x")).is_err());
+        assert_eq!(config("kafka://k:9092").partitions(), 12);
+        assert_eq!(config("").partitions(), 1);
+    }
+}
