@@ -222,6 +222,12 @@ impl<'e> Batcher<'e> {
         }
         metrics::counter!("postbackd_processed_events_total").increment(count);
         metrics::counter!("postbackd_processed_postbacks_total").increment(postbacks);
+        for p in &positions {
+            if let Ok((_, end)) = engine.events.bounds(p.partition).await {
+                metrics::gauge!("postbackd_processor_lag", "partition" => p.partition.to_string())
+                    .set(end.saturating_sub(p.offset) as f64);
+            }
+        }
         Ok(positions)
     }
 }
