@@ -5,8 +5,12 @@
 # end-to-end lag at half the engine's peak (with --verify), and the stats query latencies over
 # a large log. Prints a table with the ratios. Loopback only.
 #
-#   bash benches/run.sh                 # the full run (about 15 minutes)
+#   bash benches/run.sh                 # the full run (about 20 minutes)
 #   QUICK=1 bash benches/run.sh         # shorter steps and a smaller log, for a first look
+#   ONLY="bare kafka" bash benches/run.sh   # some sections only (bare nginx engine e2e kafka stats)
+#
+# The kafka section starts a single-node broker (deploy/kafka.sh) and measures postbackd with
+# its logs on Kafka (acks=all): the ingest peak, and the end-to-end lag at half of it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,9 +27,16 @@ if ! command -v nginx >/dev/null; then
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
+ONLY=${ONLY:-bare nginx engine e2e kafka stats}
+want() { [[ " $ONLY " == *" $1 "* ]]; }
+
 work=$(mktemp -d)
 pids=()
-cleanup() { for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+cleanup() {
+  for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done
+  [ -d "$work/kafka" ] && bash deploy/kafka.sh stop "$work/kafka" >/dev/null 2>&1
+  rm -rf "$work"
+}
 trap cleanup EXIT
 
 wait_port() { for _ in $(seq 1 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 did not open" >&2; return 1; }
@@ -42,12 +53,17 @@ r=[x for x in json.load(open('$work/$1.json')) if x['achieved_rps']>=0.95*x['rat
 print('%.1f' % r[-1]['latency']['p99'] if r else '?')"
 }
 
+bare= bare_p99= bare_mem= nginx= nginx_p99= nginx_mem= pbd= pbd_p99= pbd_mem= clicks= clicks_p99=
+e2e= half= kafka= kafka_p99= kafka_mem= kafka_e2e= kafka_half=
+if want bare; then
 echo "== bare hyper" >&2
 "$BIN/bare_hyper" 127.0.0.1:18081 >/dev/null & pids+=($!); bare_pid=$!
 wait_port 18081
 bare=$(ramp bare http://127.0.0.1:18081 postback); bare_p99=$(p99_at_peak bare); bare_mem=$(peak_mem_mib $bare_pid)
 kill $bare_pid
+fi
 
+if want nginx; then
 echo "== nginx (return 204, access log on)" >&2
 mkdir -p "$work/nginx"
 cat > "$work/nginx.conf" <<CONF
@@ -67,7 +83,9 @@ wait_port 18082
 nginx=$(ramp nginx http://127.0.0.1:18082 postback); nginx_p99=$(p99_at_peak nginx)
 nginx_mem=$(ps -o rss= --ppid $nginx_pid | awk '{s+=$1} END {printf "%.0f", s/1024}')
 kill $nginx_pid
+fi
 
+if want engine; then
 echo "== postbackd (embedded, fsync'd group commit)" >&2
 "$BIN/postbackd" serve --listen 127.0.0.1:18083 --data-dir "$work/engine" --api-key bench >/dev/null 2>&1 & pids+=($!); pbd_pid=$!
 wait_port 18083
@@ -75,21 +93,47 @@ pbd=$(ramp pbd http://127.0.0.1:18083 postback bench); pbd_p99=$(p99_at_peak pbd
 echo "== click redirects" >&2
 clicks=$(ramp clicks http://127.0.0.1:18083 click bench); clicks_p99=$(p99_at_peak clicks)
 kill $pbd_pid; wait $pbd_pid 2>/dev/null || true
+fi
 
-echo "== end to end at half the peak, full mix, verified" >&2
-"$BIN/postbackd" serve --listen 127.0.0.1:18084 --data-dir "$work/engine2" --api-key bench >/dev/null 2>&1 & pids+=($!); e2e_pid=$!
-wait_port 18084
-half=$(python3 -c "print(max(100, int(float('${pbd:-0}')/2)))")
-"$BIN/pbload" --target http://127.0.0.1:18084 --api-key bench --scenario full --rate "$half" --duration 20 \
-  --verify --quiet --json "$work/e2e.json" | tee "$work/e2e.txt" >&2 || true
-e2e=$(python3 -c "
-import json; r=json.load(open('$work/e2e.json'))[0]; l=r.get('e2e_lag') or {}; v=r.get('verify') or {}
+# The end-to-end lag at half a peak, with the full mix and --verify: NAME PORT RATE [ARGS...]
+e2e_at() {
+  local name=$1 port=$2 rate=$3; shift 3
+  "$BIN/postbackd" serve --listen 127.0.0.1:$port --data-dir "$work/$name" --api-key bench "$@" >/dev/null 2>&1 & pids+=($!)
+  local pid=$!
+  wait_port $port
+  "$BIN/pbload" --target http://127.0.0.1:$port --api-key bench --scenario full --rate "$rate" --duration 20 \
+    --verify --quiet --json "$work/$name.json" | tee "$work/$name.txt" >&2 || true
+  kill $pid
+  python3 -c "
+import json; r=json.load(open('$work/$name.json'))[0]; l=r.get('e2e_lag') or {}; v=r.get('verify') or {}
 ok = v.get('expected',0)>0 and v.get('missing',1)==0 and v.get('duplicated',1)==0 and v.get('wrong_outcome',1)==0
-print('p50 %.0f ms, p99 %.0f ms (n=%d); verify %s' % (l.get('p50',0), l.get('p99',0), l.get('count',0), 'passed' if ok else 'FAILED'))")
-kill $e2e_pid
+print('p50 %.0f ms, p99 %.0f ms (n=%d); verify %s' % (l.get('p50',0), l.get('p99',0), l.get('count',0), 'passed' if ok else 'FAILED'))"
+}
 
+if want e2e; then
+echo "== end to end at half the peak, full mix, verified" >&2
+half=$(python3 -c "print(max(100, int(float('${pbd:-0}')/2)))")
+e2e=$(e2e_at engine2 18084 "$half")
+fi
+
+if want kafka; then
+echo "== postbackd on Kafka (acks=all)" >&2
+bash deploy/kafka.sh start "$work/kafka" 19292 >&2
+"$BIN/postbackd" serve --listen 127.0.0.1:18085 --data-dir "$work/engine-kafka" --api-key bench \
+  --log kafka://127.0.0.1:19292/bench >/dev/null 2>&1 & pids+=($!); kafka_pid=$!
+wait_port 18085
+kafka=$(ramp kafka http://127.0.0.1:18085 postback bench); kafka_p99=$(p99_at_peak kafka); kafka_mem=$(peak_mem_mib $kafka_pid)
+kill $kafka_pid; wait $kafka_pid 2>/dev/null || true
+echo "== end to end on Kafka at half its peak, full mix, verified" >&2
+kafka_half=$(python3 -c "print(max(100, int(float('${kafka:-0}')/2)))")
+kafka_e2e=$(e2e_at e2e-kafka 18086 "$kafka_half" --log kafka://127.0.0.1:19292/bench-e2e)
+bash deploy/kafka.sh stop "$work/kafka" >&2
+fi
+
+if want stats; then
 echo "== stats queries over $ROWS logged postbacks" >&2
 "$BIN/stats_query" "target/stats-bench-$ROWS" "$ROWS" | tee "$work/stats.txt" >&2
+fi
 
 ratio() { python3 -c "a,b=float('$1' or 0),float('$2' or 0); print('%.2fx' % (a/b) if b else '?')"; }
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
@@ -102,8 +146,12 @@ echo "| bare hyper, 200 without work | $bare | $bare_p99 ms | $bare_mem MiB | 1.
 echo "| nginx, 204 with access log | $nginx | $nginx_p99 ms | $nginx_mem MiB | $(ratio "$nginx" "$bare") of bare hyper |"
 echo "| postbackd postback ingest, embedded, durable | $pbd | $pbd_p99 ms | $pbd_mem MiB | $(ratio "$pbd" "$bare") of bare hyper, $(ratio "$pbd" "$nginx") of nginx |"
 echo "| postbackd click redirects | $clicks | $clicks_p99 ms | | $(ratio "$clicks" "$bare") of bare hyper |"
+echo "| postbackd postback ingest, Kafka acks=all | $kafka | $kafka_p99 ms | $kafka_mem MiB | $(ratio "$kafka" "$bare") of bare hyper |"
 echo
-echo "End to end (accepted → visible in the stats) at $half req/s, full mix: $e2e"
+echo "End to end (accepted → visible in the stats) at $half req/s, full mix, embedded: $e2e"
+echo "End to end at $kafka_half req/s, full mix, on Kafka: $kafka_e2e"
 echo
-echo "Stats queries (first page of 100, embedded store):"
-sed 's/^/    /' "$work/stats.txt"
+if [ -f "$work/stats.txt" ]; then
+  echo "Stats queries (first page of 100, embedded store):"
+  sed 's/^/    /' "$work/stats.txt"
+fi
