@@ -42,6 +42,11 @@ start() {
   fetch
   mkdir -p "$dir"
   dir=$(cd "$dir" && pwd)
+  # One broker per directory: a second one would share (and break) the first one's data.
+  if [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null; then
+    echo "kafka.sh: a broker already runs in $dir (pid $(cat "$dir/pid"))" >&2
+    exit 1
+  fi
   cat >"$dir/server.properties" <<EOF
 process.roles=broker,controller
 node.id=1

@@ -183,7 +183,10 @@ pub struct Lookups {
 /// A map that forgets its older half when full, by bytes: recent clicks and conversions stay
 /// in memory, older ones come from the store. Entries go into the current generation; once it
 /// holds half the budget it becomes the previous one and the old previous one is dropped, so
-/// the two together never hold much more than the budget.
+/// the two together never hold much more than the budget (plus one batch).
+///
+/// Generations turn only between batches (`settle`): a batch asks the store only for what it
+/// did not find in memory, so what it found must stay until the batch is done.
 #[derive(Debug)]
 struct Recent<V> {
     current: HashMap<String, V>,
@@ -212,14 +215,17 @@ impl<V: Weight> Recent<V> {
             self.previous.remove(&k);
             return;
         }
-        if self.current_bytes + bytes > self.budget / 2 {
-            self.previous = std::mem::take(&mut self.current);
-            self.current_bytes = 0;
-        }
         let key_bytes = k.len() + ENTRY_OVERHEAD;
         self.current_bytes += bytes;
         if let Some(old) = self.current.insert(k, v) {
             self.current_bytes = self.current_bytes.saturating_sub(key_bytes + old.weight());
+        }
+    }
+    /// Turns the generations if the current one holds its half of the budget.
+    fn settle(&mut self) {
+        if self.current_bytes > self.budget / 2 {
+            self.previous = std::mem::take(&mut self.current);
+            self.current_bytes = 0;
         }
     }
     fn clear(&mut self) {
@@ -423,6 +429,8 @@ impl Processor {
                 }
             }
         }
+        self.clicks.settle();
+        self.conversions.settle();
         out
     }
 }
@@ -459,12 +467,91 @@ mod tests {
         assert_eq!(truncate_at_char("aé", 2), "a");
     }
 
+    /// What a batch found in memory when it asked the store for the rest stays there until
+    /// the batch is done, however many new entries the batch adds: an eviction in between
+    /// would make a known click "not found" and a known conversion a second one.
+    #[test]
+    fn a_batch_keeps_what_it_found_in_memory() {
+        use crate::catalog::{CatalogEvent, Offer, OfferStatus, Payment, PaymentType};
+        let mut catalog = Catalog::default();
+        catalog.apply(CatalogEvent::Offer {
+            at_us: 0,
+            offer: Offer {
+                id: 1,
+                offer_id: "o".repeat(24),
+                title: "O".into(),
+                advertiser: String::new(),
+                url: "https://x.example/".into(),
+                status: OfferStatus::Active,
+                payments: vec![Payment {
+                    goal: "1".into(),
+                    total: 1.0,
+                    revenue: 1.0,
+                    currency: "USD".into(),
+                    kind: PaymentType::Fixed,
+                    status: None,
+                }],
+                default_status: 1,
+                secure: String::new(),
+                allowed_ip: Vec::new(),
+                hold_period: 0,
+            },
+        });
+        let at = |offset: u64| Position {
+            partition: 0,
+            offset,
+        };
+        let postback = |click: &Click, action: &str| {
+            Parsed::Postback(Box::new(crate::rules::ParsedPostback::parse(
+                &crate::event::PostbackEvent {
+                    at_us: 10,
+                    ip: String::new(),
+                    method: "GET".into(),
+                    query: format!("clickid={}&action_id={action}", click.click_id),
+                    body: None,
+                    body_hex: None,
+                    content_type: String::new(),
+                    pixel: None,
+                },
+            )))
+        };
+        let mut p = Processor::new(String::new(), 16 * 1024);
+        let first = click(1, 10);
+        let out = p.apply(
+            &catalog,
+            &[
+                (at(0), Parsed::Click(first.clone())),
+                (at(1), postback(&first, "A")),
+            ],
+            Lookups::default(),
+        );
+        assert!(out.postbacks[0].error.is_empty(), "{:?}", out.postbacks[0]);
+        // A batch that adds far more than the cache holds, then names the first click and
+        // conversion again.
+        let mut batch: Vec<(Position, Parsed)> = (2..200)
+            .map(|i| (at(i), Parsed::Click(click(i as usize, 100))))
+            .collect();
+        batch.push((at(200), postback(&first, "B")));
+        batch.push((at(201), postback(&first, "A")));
+        assert!(
+            p.missing_clicks(&batch).is_empty(),
+            "the first click is in memory"
+        );
+        let lookups = Lookups::default();
+        let asked = p.missing_conversions(&catalog, &batch, &lookups);
+        assert_eq!(asked, vec!["1|1|B".to_string()], "A is in memory");
+        let out = p.apply(&catalog, &batch, lookups);
+        let errors: Vec<&str> = out.postbacks.iter().map(|r| r.error.as_str()).collect();
+        assert_eq!(errors, vec!["", "Conversion exists"]);
+    }
+
     #[test]
     fn the_cache_stays_within_its_byte_budget() {
         let budget = 1 << 20;
         let mut recent: Recent<Click> = Recent::new(budget);
         for i in 0..10_000 {
             recent.insert(format!("{i:024x}"), click(i, 1000));
+            recent.settle();
             assert!(
                 recent.bytes() <= budget + 20_000,
                 "{} bytes",

@@ -240,7 +240,7 @@ impl Kafka {
             tracing::warn!(%topic, actual, configured = partitions,
                 "the topic exists with another partition count; using the topic's");
         }
-        let reader: BaseConsumer = self
+        let reader: BaseConsumer<ReaderContext> = self
             .config
             .client()
             .set("group.id", format!("{}.reader", self.config.prefix))
@@ -249,7 +249,7 @@ impl Kafka {
             .set("auto.offset.reset", "earliest")
             // Reads are of records known to be there: no long poll.
             .set("fetch.wait.max.ms", "10")
-            .create()
+            .create_with_context(ReaderContext)
             .map_err(|e| SeamError::Fatal(format!("kafka reader: {e}")))?;
         Ok(Arc::new(KafkaEventLog {
             kafka: self.clone(),
@@ -289,9 +289,23 @@ fn produce_error(e: &KafkaError) -> SeamError {
     }
 }
 
+/// The reader's client: the end of a partition is how a read knows it is done, not an error
+/// worth a log line.
+struct ReaderContext;
+
+impl ClientContext for ReaderContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::warn!(%error, reason, "kafka reader");
+        }
+    }
+}
+
+impl ConsumerContext for ReaderContext {}
+
 /// A consumer outside any group, assigned one partition at a time, and where it is.
 struct Reader {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<ReaderContext>,
     meta: Arc<BaseConsumer>,
     /// The partition assigned and the next offset it will return.
     at: Option<(Partition, u64)>,
