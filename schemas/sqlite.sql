@@ -55,7 +55,10 @@ CREATE TABLE IF NOT EXISTS server_postbacks (
     advertiser_id TEXT NOT NULL,
     conversion_id TEXT NOT NULL,
     delta INTEGER,
-    ip TEXT NOT NULL
+    ip TEXT NOT NULL,
+    created INTEGER NOT NULL,  -- this postback registered a conversion, of this payout/revenue
+    payouts REAL NOT NULL,
+    revenue REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sp_at ON server_postbacks (at_us);
 CREATE INDEX IF NOT EXISTS sp_offer ON server_postbacks (offer_id, at_us);

@@ -45,6 +45,9 @@ fn row(n: u64, rows: u64) -> ServerPostbackRow {
         conversion_id: String::new(),
         delta: Some(30),
         ip: String::new(),
+        created: false,
+        payouts: 0.0,
+        revenue: 0.0,
     }
 }
 

@@ -7,7 +7,8 @@ use crate::log::Position;
 use crate::processor::{Lookups, Output, ServerPostbackRow};
 use crate::rules::{Click, Conversion};
 use crate::seams::{
-    AttemptQuery, BoxFuture, ConversionQuery, Page, SeamError, ServerPostbackQuery, Store,
+    AttemptQuery, BoxFuture, ConversionQuery, GroupKey, Page, SeamError, ServerPostbackQuery,
+    Store, SummaryQuery, SummaryRow,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
@@ -64,6 +65,25 @@ fn page<T: Clone>(rows: Vec<&T>, offset: u64, limit: u64, snapshot: u64) -> Page
             .collect(),
         snapshot,
     }
+}
+
+/// The server-postback filters (paging aside).
+fn matches_filters(r: &ServerPostbackRow, q: &ServerPostbackQuery) -> bool {
+    r.at_us >= q.from_us
+        && r.at_us < q.to_us
+        && (q.offers.is_empty() || q.offers.contains(&r.offer_id))
+        && (q.partners.is_empty() || q.partners.contains(&r.pid))
+        && (q.suppliers.is_empty() || q.suppliers.contains(&r.advertiser_id))
+        && q.click_id.as_ref().is_none_or(|v| *v == r.clickid)
+        && q.action_id.as_ref().is_none_or(|v| *v == r.action_id)
+        && q.goal
+            .as_ref()
+            .is_none_or(|v| v.to_lowercase() == r.goal.to_lowercase())
+        && q.status.is_none_or(|v| v == r.status)
+        && q.response_status.is_none_or(|v| v == r.response_status)
+        && q.search
+            .as_ref()
+            .is_none_or(|s| s.is_empty() || matches_search(r, s))
 }
 
 fn matches_search(row: &ServerPostbackRow, needle: &str) -> bool {
@@ -148,6 +168,20 @@ impl Store for MemoryStore {
         ready(Ok(()))
     }
 
+    fn summary(&self, q: SummaryQuery) -> BoxFuture<'_, Result<Vec<SummaryRow>, SeamError>> {
+        let inner = self.lock();
+        let mut groups: BTreeMap<GroupKey, SummaryRow> = BTreeMap::new();
+        for (_, row) in inner
+            .postbacks
+            .iter()
+            .filter(|(_, r)| matches_filters(r, &q.filters))
+        {
+            let group = SummaryRow::group_of(row, &q.group_by);
+            groups.entry(group.key()).or_insert(group).count(row);
+        }
+        ready(Ok(groups.into_values().collect()))
+    }
+
     fn server_postbacks(
         &self,
         q: ServerPostbackQuery,
@@ -159,24 +193,8 @@ impl Store for MemoryStore {
             .iter()
             .map(|(seq, r)| (*seq, r))
             .filter(|(seq, _)| *seq <= snapshot)
+            .filter(|(_, r)| matches_filters(r, &q))
             .filter(|(_, r)| r.at_us >= q.from_us && r.at_us < q.to_us)
-            .filter(|(_, r)| q.offers.is_empty() || q.offers.contains(&r.offer_id))
-            .filter(|(_, r)| q.partners.is_empty() || q.partners.contains(&r.pid))
-            .filter(|(_, r)| q.suppliers.is_empty() || q.suppliers.contains(&r.advertiser_id))
-            .filter(|(_, r)| q.click_id.as_ref().is_none_or(|v| *v == r.clickid))
-            .filter(|(_, r)| q.action_id.as_ref().is_none_or(|v| *v == r.action_id))
-            .filter(|(_, r)| {
-                q.goal
-                    .as_ref()
-                    .is_none_or(|v| v.to_lowercase() == r.goal.to_lowercase())
-            })
-            .filter(|(_, r)| q.status.is_none_or(|v| v == r.status))
-            .filter(|(_, r)| q.response_status.is_none_or(|v| v == r.response_status))
-            .filter(|(_, r)| {
-                q.search
-                    .as_ref()
-                    .is_none_or(|s| s.is_empty() || matches_search(r, s))
-            })
             .collect();
         rows.sort_by(|(i, a), (j, b)| b.at_us.cmp(&a.at_us).then(j.cmp(i)));
         ready(Ok(page(
@@ -414,5 +432,6 @@ mod tests {
         block_on(suite::deliveries(&MemoryStore::new()));
         block_on(suite::due_jobs_are_fair_across_hosts(&MemoryStore::new()));
         block_on(suite::snapshots_pin_a_growing_listing(&MemoryStore::new()));
+        block_on(suite::summaries(&MemoryStore::new()));
     }
 }

@@ -138,6 +138,12 @@ pub struct ServerPostbackRow {
     pub conversion_id: String,
     pub delta: Option<i64>,
     pub ip: String,
+    /// This postback registered a new conversion (not a status change of one).
+    pub created: bool,
+    /// The payout and revenue of the conversion it registered (0 otherwise), so that sums
+    /// over the log need no join.
+    pub payouts: f64,
+    pub revenue: f64,
 }
 
 impl ServerPostbackRow {
@@ -393,6 +399,9 @@ impl Processor {
                             .or(click.map(|c| c.ip.as_str()))
                             .unwrap_or("")
                             .to_string(),
+                        created: false,
+                        payouts: 0.0,
+                        revenue: 0.0,
                     };
                     let change = match verdict.outcome {
                         Outcome::Rejected(r) => {
@@ -403,6 +412,7 @@ impl Processor {
                         Outcome::Created(mut c) => {
                             c.id = ObjectId::derived(IdTag::Conversion, secs, partition, offset)
                                 .to_hex();
+                            (row.created, row.payouts, row.revenue) = (true, c.payouts, c.revenue);
                             Some(ConversionChange {
                                 created: true,
                                 conversion: c,

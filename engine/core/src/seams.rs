@@ -61,6 +61,132 @@ pub struct ServerPostbackQuery {
     pub snapshot: Option<u64>,
 }
 
+/// What a summary of the server-postback log is grouped by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SummaryKey {
+    Hour,
+    Day,
+    Offer,
+    Advertiser,
+    Partner,
+    Goal,
+    ResponseStatus,
+    Error,
+}
+
+impl SummaryKey {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "hour" => Self::Hour,
+            "day" => Self::Day,
+            "offer" => Self::Offer,
+            "advertiser" => Self::Advertiser,
+            "partner" => Self::Partner,
+            "goal" => Self::Goal,
+            "response_status" => Self::ResponseStatus,
+            "error" => Self::Error,
+            _ => return None,
+        })
+    }
+}
+
+/// `/3.0/stats/serverpostbacks/summary`: the slice's filters (paging aside), grouped.
+#[derive(Debug, Clone, Default)]
+pub struct SummaryQuery {
+    pub filters: ServerPostbackQuery,
+    pub group_by: Vec<SummaryKey>,
+}
+
+/// One group of a summary. A key is `Some` only when grouped by it; time is grouped by the
+/// UTC hour (`hour_us`, its start) when `Hour` or `Day` is asked for, and the caller turns
+/// hours into the client's hours or days.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SummaryRow {
+    pub hour_us: Option<i64>,
+    pub offer_id: Option<u64>,
+    pub advertiser_id: Option<String>,
+    pub pid: Option<u64>,
+    /// Lowercased: goals are compared without case.
+    pub goal: Option<String>,
+    pub response_status: Option<u8>,
+    pub error: Option<String>,
+    pub postbacks: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub conversions: u64,
+    pub payouts: f64,
+    pub revenue: f64,
+}
+
+pub const HOUR_US: i64 = 3_600_000_000;
+
+/// A summary group's keys, in [`SummaryRow`]'s order.
+pub type GroupKey = (
+    Option<i64>,
+    Option<u64>,
+    Option<String>,
+    Option<u64>,
+    Option<String>,
+    Option<u8>,
+    Option<String>,
+);
+
+impl SummaryRow {
+    /// The row's group of `row` under `keys` (counts zero).
+    pub fn group_of(row: &ServerPostbackRow, keys: &[SummaryKey]) -> Self {
+        let has = |k| keys.contains(&k);
+        Self {
+            hour_us: (has(SummaryKey::Hour) || has(SummaryKey::Day))
+                .then(|| row.at_us.div_euclid(HOUR_US) * HOUR_US),
+            offer_id: has(SummaryKey::Offer).then_some(row.offer_id),
+            advertiser_id: has(SummaryKey::Advertiser).then(|| row.advertiser_id.clone()),
+            pid: has(SummaryKey::Partner).then_some(row.pid),
+            goal: has(SummaryKey::Goal).then(|| row.goal.to_lowercase()),
+            response_status: has(SummaryKey::ResponseStatus).then_some(row.response_status),
+            error: has(SummaryKey::Error).then(|| row.error.clone()),
+            ..Self::default()
+        }
+    }
+
+    /// Adds `row`'s counts.
+    pub fn count(&mut self, row: &ServerPostbackRow) {
+        self.postbacks += 1;
+        if row.response_status == 1 {
+            self.accepted += 1;
+        } else {
+            self.rejected += 1;
+        }
+        if row.created {
+            self.conversions += 1;
+            self.payouts += row.payouts;
+            self.revenue += row.revenue;
+        }
+    }
+
+    /// Adds another group's counts.
+    pub fn merge(&mut self, other: &SummaryRow) {
+        self.postbacks += other.postbacks;
+        self.accepted += other.accepted;
+        self.rejected += other.rejected;
+        self.conversions += other.conversions;
+        self.payouts += other.payouts;
+        self.revenue += other.revenue;
+    }
+
+    /// The group's keys, to sort and merge by.
+    pub fn key(&self) -> GroupKey {
+        (
+            self.hour_us,
+            self.offer_id,
+            self.advertiser_id.clone(),
+            self.pid,
+            self.goal.clone(),
+            self.response_status,
+            self.error.clone(),
+        )
+    }
+}
+
 /// Filters of `/3.0/stats/conversions`.
 #[derive(Debug, Clone, Default)]
 pub struct ConversionQuery {
@@ -139,6 +265,9 @@ pub trait Store: Send + Sync + 'static {
         &self,
         query: ServerPostbackQuery,
     ) -> BoxFuture<'_, Result<Page<ServerPostbackRow>, SeamError>>;
+    /// The server-postback log within the filters, counted by group (`SummaryRow`), groups in
+    /// key order; paging and snapshots do not apply.
+    fn summary(&self, query: SummaryQuery) -> BoxFuture<'_, Result<Vec<SummaryRow>, SeamError>>;
     fn conversions(
         &self,
         query: ConversionQuery,

@@ -6,7 +6,9 @@ use crate::log::Position;
 use crate::params::{parse_form, Params};
 use crate::processor::{ConversionChange, Output, ServerPostbackRow};
 use crate::rules::{Click, Conversion};
-use crate::seams::{AttemptQuery, ConversionQuery, ServerPostbackQuery, Store};
+use crate::seams::{
+    AttemptQuery, ConversionQuery, ServerPostbackQuery, Store, SummaryKey, SummaryQuery,
+};
 
 const DAY: i64 = 86_400_000_000;
 
@@ -58,6 +60,9 @@ fn postback(id: &str, at_us: i64, query: &str, offer_id: u64, ok: bool) -> Serve
         conversion_id: String::new(),
         delta: Some(5),
         ip: String::new(),
+        created: false,
+        payouts: 0.0,
+        revenue: 0.0,
     }
 }
 
@@ -874,4 +879,109 @@ pub async fn snapshots_pin_a_growing_listing(store: &dyn Store) {
     assert!(now.snapshot > p1.snapshot);
     assert_eq!(store.conversions(cq(0, None)).await.expect("now").total, 15);
     assert_eq!(store.attempts(aq(0, None)).await.expect("now").total, 15);
+}
+
+/// The summary counts the filtered log by group: postbacks, accepted and rejected ones,
+/// conversions with their payouts and revenue; time goes by the UTC hour.
+pub async fn summaries(store: &dyn Store) {
+    const HOUR: i64 = crate::seams::HOUR_US;
+    let row = |i: i64, at_us: i64, offer: u64, ok: bool, created: bool| {
+        let mut r = postback(&format!("s{i:03}"), at_us, "goal=Sale", offer, ok);
+        r.advertiser_id = format!("adv{}", offer % 2);
+        if !ok && i % 2 == 0 {
+            r.error = "Goal not found".into();
+        }
+        if created {
+            (r.created, r.payouts, r.revenue) = (true, 2.5, 4.0);
+        }
+        r
+    };
+    let rows = vec![
+        row(0, 10 * HOUR, 1, true, true),
+        row(1, 10 * HOUR + 5, 1, true, false),
+        row(2, 10 * HOUR + 9, 1, false, false),
+        row(3, 11 * HOUR, 1, false, false),
+        row(4, 11 * HOUR + 1, 2, true, true),
+        row(5, 11 * HOUR + 2, 3, true, true),
+        row(6, 40 * HOUR, 3, true, true), // outside the range below
+    ];
+    store
+        .write(
+            "p",
+            Output {
+                postbacks: rows,
+                ..Default::default()
+            },
+            upto(7),
+        )
+        .await
+        .expect("write");
+    let q = |group_by: Vec<SummaryKey>| SummaryQuery {
+        filters: query(0, 24 * HOUR),
+        group_by,
+    };
+    let total = store.summary(q(vec![])).await.expect("summary");
+    assert_eq!(total.len(), 1);
+    let t = &total[0];
+    assert_eq!(
+        (t.postbacks, t.accepted, t.rejected, t.conversions),
+        (6, 4, 2, 3)
+    );
+    assert_eq!((t.payouts, t.revenue), (7.5, 12.0));
+    assert_eq!(t.hour_us, None, "not grouped by time");
+
+    let by = store
+        .summary(q(vec![SummaryKey::Hour, SummaryKey::Offer]))
+        .await
+        .expect("summary");
+    let got: Vec<(Option<i64>, Option<u64>, u64, u64)> = by
+        .iter()
+        .map(|r| (r.hour_us, r.offer_id, r.postbacks, r.conversions))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (Some(10 * HOUR), Some(1), 3, 1),
+            (Some(11 * HOUR), Some(1), 1, 0),
+            (Some(11 * HOUR), Some(2), 1, 1),
+            (Some(11 * HOUR), Some(3), 1, 1),
+        ]
+    );
+    let errors = store
+        .summary(SummaryQuery {
+            filters: ServerPostbackQuery {
+                offers: vec![1],
+                ..query(0, 24 * HOUR)
+            },
+            group_by: vec![SummaryKey::ResponseStatus, SummaryKey::Error],
+        })
+        .await
+        .expect("summary");
+    let got: Vec<(Option<u8>, Option<&str>, u64)> = errors
+        .iter()
+        .map(|r| (r.response_status, r.error.as_deref(), r.postbacks))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (Some(1), Some(""), 2),
+            (Some(2), Some("Click not found"), 1),
+            (Some(2), Some("Goal not found"), 1),
+        ]
+    );
+    let by_goal = store
+        .summary(q(vec![SummaryKey::Advertiser, SummaryKey::Goal]))
+        .await
+        .expect("summary");
+    assert_eq!(
+        by_goal
+            .iter()
+            .map(|r| (r.advertiser_id.as_deref(), r.goal.as_deref(), r.postbacks))
+            .collect::<Vec<_>>(),
+        vec![
+            (Some("adv0"), Some("sale"), 1),
+            (Some("adv1"), Some("sale"), 5)
+        ],
+        "goals without case"
+    );
 }

@@ -12,6 +12,7 @@ use postback_core::processor::{Lookups, Output, ServerPostbackRow};
 use postback_core::rules::{Click, Conversion};
 use postback_core::seams::{
     AttemptQuery, BoxFuture, ConversionQuery, Page, SeamError, ServerPostbackQuery, Store,
+    SummaryQuery, SummaryRow,
 };
 use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row, Transaction};
@@ -280,8 +281,8 @@ fn write_output(
         let mut pb = tx.prepare_cached(
             "INSERT OR IGNORE INTO server_postbacks (id, at_us, server, method, get_pairs, post_pairs,
                pixel, response_status, error, clickid, action_id, goal, goal_lc, status, offer_id,
-               pid, advertiser_id, conversion_id, delta, ip)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+               pid, advertiser_id, conversion_id, delta, ip, created, payouts, revenue)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )?;
         let mut search =
             tx.prepare_cached("INSERT INTO server_postbacks_search (rowid, params) VALUES (?, ?)")?;
@@ -307,6 +308,9 @@ fn write_output(
                 r.conversion_id,
                 r.delta,
                 r.ip,
+                r.created,
+                r.payouts,
+                r.revenue,
             ])?;
             // Only a new row gets search terms: a replayed batch must not add them twice.
             if inserted == 1 {
@@ -419,7 +423,7 @@ fn conversion_from_row(r: &Row<'_>) -> rusqlite::Result<Conversion> {
 
 const POSTBACK_COLUMNS: &str = "id, at_us, server, method, get_pairs, post_pairs, pixel,
     response_status, error, clickid, action_id, goal, status, offer_id, pid, advertiser_id,
-    conversion_id, delta, ip";
+    conversion_id, delta, ip, created, payouts, revenue";
 
 fn postback_from_row(r: &Row<'_>) -> rusqlite::Result<ServerPostbackRow> {
     Ok(ServerPostbackRow {
@@ -442,6 +446,9 @@ fn postback_from_row(r: &Row<'_>) -> rusqlite::Result<ServerPostbackRow> {
         conversion_id: r.get(16)?,
         delta: r.get(17)?,
         ip: r.get(18)?,
+        created: r.get(19)?,
+        payouts: r.get(20)?,
+        revenue: r.get(21)?,
     })
 }
 
@@ -478,6 +485,130 @@ fn ints(v: &[u64]) -> Vec<Value> {
 }
 fn texts(v: &[String]) -> Vec<Value> {
     v.iter().map(|s| Value::Text(s.clone())).collect()
+}
+
+/// The WHERE clause of the server-postback filters (paging aside).
+fn postback_filter(q: &ServerPostbackQuery) -> Filter {
+    let mut f = Filter::default();
+    f.add(
+        "at_us >= ? AND at_us < ?",
+        [Value::Integer(q.from_us), Value::Integer(q.to_us)],
+    );
+    f.any_of("offer_id", ints(&q.offers));
+    f.any_of("pid", ints(&q.partners));
+    f.any_of("advertiser_id", texts(&q.suppliers));
+    if let Some(v) = &q.click_id {
+        f.add("clickid = ?", [Value::Text(v.clone())]);
+    }
+    if let Some(v) = &q.action_id {
+        f.add("action_id = ?", [Value::Text(v.clone())]);
+    }
+    if let Some(v) = &q.goal {
+        f.add("goal_lc = ?", [Value::Text(v.to_lowercase())]);
+    }
+    if let Some(v) = q.status {
+        f.add("status = ?", [Value::Integer(v)]);
+    }
+    if let Some(v) = q.response_status {
+        f.add("response_status = ?", [Value::Integer(v.into())]);
+    }
+    if let Some(s) = q.search.as_ref().filter(|s| !s.is_empty()) {
+        if s.chars().count() >= 3 {
+            f.add(
+                "seq IN (SELECT rowid FROM server_postbacks_search WHERE params MATCH ?)",
+                [Value::Text(fts_phrase(s))],
+            );
+        } else {
+            // Too short for trigrams: scan the rows the other filters leave, over the same
+            // `key=value` text the index holds.
+            f.add(
+                "EXISTS (SELECT 1 FROM (SELECT value FROM json_each(get_pairs)
+                   UNION ALL SELECT value FROM json_each(post_pairs)) p
+                   WHERE instr(lower((p.value ->> 0) || '=' || (p.value ->> 1)), lower(?)) > 0)",
+                [Value::Text(s.clone())],
+            );
+        }
+    }
+    f
+}
+
+/// The summary: one GROUP BY over the filtered log, the groups in key order.
+fn summary(c: &Connection, q: &SummaryQuery) -> rusqlite::Result<Vec<SummaryRow>> {
+    use postback_core::seams::{SummaryKey as K, HOUR_US};
+    let has = |k| q.group_by.contains(&k);
+    // The columns of SummaryRow's keys, in its order: time, offer, advertiser, partner, goal,
+    // response status, error.
+    let hour = format!("(at_us / {HOUR_US}) * {HOUR_US}");
+    let columns: [(bool, &str); 7] = [
+        (has(K::Hour) || has(K::Day), &hour),
+        (has(K::Offer), "offer_id"),
+        (has(K::Advertiser), "advertiser_id"),
+        (has(K::Partner), "pid"),
+        (has(K::Goal), "goal_lc"),
+        (has(K::ResponseStatus), "response_status"),
+        (has(K::Error), "error"),
+    ];
+    let grouped: Vec<&str> = columns
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, c)| *c)
+        .collect();
+    let (select, group) = if grouped.is_empty() {
+        (String::new(), String::new())
+    } else {
+        let list = grouped.join(", ");
+        (
+            format!("{list}, "),
+            format!("GROUP BY {list} ORDER BY {list}"),
+        )
+    };
+    let f = postback_filter(&q.filters);
+    let sql = format!(
+        "SELECT {select} COUNT(*), SUM(response_status = 1), SUM(response_status <> 1),
+           SUM(created), SUM(payouts), SUM(revenue)
+         FROM server_postbacks {} {group}",
+        f.clause()
+    );
+    let mut stmt = c.prepare_cached(&sql)?;
+    let rows = stmt.query_map(params_from_iter(f.values.iter()), |r| {
+        let mut i = 0;
+        let mut next = || {
+            i += 1;
+            i - 1
+        };
+        let mut row = SummaryRow::default();
+        if columns[0].0 {
+            row.hour_us = Some(r.get(next())?);
+        }
+        if columns[1].0 {
+            row.offer_id = Some(r.get::<_, i64>(next())? as u64);
+        }
+        if columns[2].0 {
+            row.advertiser_id = Some(r.get(next())?);
+        }
+        if columns[3].0 {
+            row.pid = Some(r.get::<_, i64>(next())? as u64);
+        }
+        if columns[4].0 {
+            row.goal = Some(r.get(next())?);
+        }
+        if columns[5].0 {
+            row.response_status = Some(r.get(next())?);
+        }
+        if columns[6].0 {
+            row.error = Some(r.get(next())?);
+        }
+        row.postbacks = r.get::<_, i64>(next())? as u64;
+        row.accepted = r.get::<_, Option<i64>>(next())?.unwrap_or(0) as u64;
+        row.rejected = r.get::<_, Option<i64>>(next())?.unwrap_or(0) as u64;
+        row.conversions = r.get::<_, Option<i64>>(next())?.unwrap_or(0) as u64;
+        row.payouts = r.get::<_, Option<f64>>(next())?.unwrap_or(0.0);
+        row.revenue = r.get::<_, Option<f64>>(next())?.unwrap_or(0.0);
+        Ok(row)
+    })?;
+    // Ungrouped, an empty log still gives SQL one row (of zeros): no rows, like groups.
+    rows.filter(|r| !matches!(r, Ok(r) if r.postbacks == 0))
+        .collect()
 }
 
 /// A search string as an FTS5 phrase (substring match with the trigram tokenizer).
@@ -645,46 +776,20 @@ impl Store for SqliteStore {
         q: ServerPostbackQuery,
     ) -> BoxFuture<'_, Result<Page<ServerPostbackRow>, SeamError>> {
         self.with_reader(move |c| {
-            let mut f = Filter::default();
-            f.add("at_us >= ? AND at_us < ?", [Value::Integer(q.from_us), Value::Integer(q.to_us)]);
-            f.any_of("offer_id", ints(&q.offers));
-            f.any_of("pid", ints(&q.partners));
-            f.any_of("advertiser_id", texts(&q.suppliers));
-            if let Some(v) = q.click_id {
-                f.add("clickid = ?", [Value::Text(v)]);
-            }
-            if let Some(v) = q.action_id {
-                f.add("action_id = ?", [Value::Text(v)]);
-            }
-            if let Some(v) = q.goal {
-                f.add("goal_lc = ?", [Value::Text(v.to_lowercase())]);
-            }
-            if let Some(v) = q.status {
-                f.add("status = ?", [Value::Integer(v)]);
-            }
-            if let Some(v) = q.response_status {
-                f.add("response_status = ?", [Value::Integer(v.into())]);
-            }
-            if let Some(s) = q.search.filter(|s| !s.is_empty()) {
-                if s.chars().count() >= 3 {
-                    f.add(
-                        "seq IN (SELECT rowid FROM server_postbacks_search WHERE params MATCH ?)",
-                        [Value::Text(fts_phrase(&s))],
-                    );
-                } else {
-                    // Too short for trigrams: scan the rows the other filters leave, over the same
-                    // `key=value` text the index holds.
-                    f.add(
-                        "EXISTS (SELECT 1 FROM (SELECT value FROM json_each(get_pairs)
-                           UNION ALL SELECT value FROM json_each(post_pairs)) p
-                           WHERE instr(lower((p.value ->> 0) || '=' || (p.value ->> 1)), lower(?)) > 0)",
-                        [Value::Text(s)],
-                    );
-                }
-            }
-            query_page(c, &POSTBACK_LISTING, f, (q.offset, q.limit, q.snapshot), postback_from_row)
-                .map_err(db_err)
+            let f = postback_filter(&q);
+            query_page(
+                c,
+                &POSTBACK_LISTING,
+                f,
+                (q.offset, q.limit, q.snapshot),
+                postback_from_row,
+            )
+            .map_err(db_err)
         })
+    }
+
+    fn summary(&self, q: SummaryQuery) -> BoxFuture<'_, Result<Vec<SummaryRow>, SeamError>> {
+        self.with_reader(move |c| summary(c, &q).map_err(db_err))
     }
 
     fn conversions(
@@ -1062,6 +1167,8 @@ mod tests {
         suite::due_jobs_are_fair_across_hosts(&s).await;
         let (_d, s) = open();
         suite::snapshots_pin_a_growing_listing(&s).await;
+        let (_d, s) = open();
+        suite::summaries(&s).await;
     }
 
     /// Enough rows that counting them takes many SQLite VM steps.
@@ -1105,6 +1212,9 @@ mod tests {
             conversion_id: String::new(),
             delta: None,
             ip: String::new(),
+            created: false,
+            payouts: 0.0,
+            revenue: 0.0,
         }
     }
 

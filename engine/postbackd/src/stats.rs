@@ -13,9 +13,12 @@ use postback_core::ids::ObjectId;
 use postback_core::params::Params;
 use postback_core::processor::ServerPostbackRow;
 use postback_core::rules::{status_name, Click, Conversion};
-use postback_core::seams::{AttemptQuery, ConversionQuery, ServerPostbackQuery};
+use postback_core::seams::{
+    AttemptQuery, ConversionQuery, GroupKey, ServerPostbackQuery, SummaryKey, SummaryQuery,
+    SummaryRow,
+};
 use serde_json::{json, Map, Value};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 pub async fn route(engine: &Arc<Engine>, req: Req) -> Result<Response<Body>, ApiError> {
@@ -25,6 +28,7 @@ pub async fn route(engine: &Arc<Engine>, req: Req) -> Result<Response<Body>, Api
     let p = req.params()?;
     match req.path.trim_end_matches('/') {
         "/3.0/stats/serverpostbacks" => server_postbacks(engine, &p).await,
+        "/3.0/stats/serverpostbacks/summary" => summary(engine, &p).await,
         "/3.0/stats/conversions" => conversions(engine, &p).await,
         "/3.0/stats/affiliatepostbacks" => affiliate_postbacks(engine, &p).await,
         _ => Err(ApiError::NoRoute),
@@ -166,10 +170,10 @@ fn format_time(tz: &Tz, at_us: i64) -> String {
         .unwrap_or_default()
 }
 
-async fn server_postbacks(engine: &Arc<Engine>, p: &Params) -> Result<Response<Body>, ApiError> {
-    let tz = timezone(p)?;
-    let (from_us, to_us) = date_range(p, &tz, None)?;
-    let paging = Paging::parse(p)?;
+/// The slice's filters and date range (paging aside), as `serverpostbacks` and its summary
+/// take them.
+fn postback_filters(p: &Params, tz: &Tz) -> Result<ServerPostbackQuery, ApiError> {
+    let (from_us, to_us) = date_range(p, tz, None)?;
     let response_status = match p.get_nonempty("response_status") {
         Some(v) => Some(match v.trim() {
             "1" => 1,
@@ -186,7 +190,7 @@ async fn server_postbacks(engine: &Arc<Engine>, p: &Params) -> Result<Response<B
         ),
         None => None,
     };
-    let query = ServerPostbackQuery {
+    Ok(ServerPostbackQuery {
         from_us,
         to_us,
         offers: ints(p, "offer")?,
@@ -198,9 +202,18 @@ async fn server_postbacks(engine: &Arc<Engine>, p: &Params) -> Result<Response<B
         status,
         response_status,
         search: search(p)?,
+        ..ServerPostbackQuery::default()
+    })
+}
+
+async fn server_postbacks(engine: &Arc<Engine>, p: &Params) -> Result<Response<Body>, ApiError> {
+    let tz = timezone(p)?;
+    let paging = Paging::parse(p)?;
+    let query = ServerPostbackQuery {
         offset: paging.offset(),
         limit: paging.limit,
         snapshot: paging.snapshot,
+        ..postback_filters(p, &tz)?
     };
     let result = engine.store.server_postbacks(query).await?;
     let click_ids: Vec<String> = result
@@ -230,6 +243,92 @@ async fn server_postbacks(engine: &Arc<Engine>, p: &Params) -> Result<Response<B
         StatusCode::OK,
         &json!({"status": 1, "postbacks": rows, "pagination": paging.reply(result.total, result.snapshot)}),
     ))
+}
+
+/// `GET /3.0/stats/serverpostbacks/summary`: the slice's filters, counted by `group_by` (one
+/// or more of hour, day, offer, advertiser, partner, goal, response_status, error; repeated or
+/// comma-separated). Hours and days are the client's (`timezone`).
+async fn summary(engine: &Arc<Engine>, p: &Params) -> Result<Response<Body>, ApiError> {
+    let tz = timezone(p)?;
+    let mut group_by = Vec::new();
+    for value in all_values(p, "group_by")? {
+        for name in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let key = SummaryKey::parse(name).ok_or_else(|| {
+                bad(
+                    "group_by must be hour, day, offer, advertiser, partner, goal, \
+                     response_status or error",
+                )
+            })?;
+            if !group_by.contains(&key) {
+                group_by.push(key);
+            }
+        }
+    }
+    let (hour, day) = (
+        group_by.contains(&SummaryKey::Hour),
+        group_by.contains(&SummaryKey::Day),
+    );
+    if hour && day {
+        return Err(bad("group_by: hour or day, not both"));
+    }
+    let query = SummaryQuery {
+        filters: postback_filters(p, &tz)?,
+        group_by,
+    };
+    // The store counts by UTC hour; the client's hours and days are made of those.
+    let mut groups: BTreeMap<(String, GroupKey), SummaryRow> = BTreeMap::new();
+    for mut row in engine.store.summary(query).await? {
+        let label = match row.hour_us.take() {
+            Some(at) if hour => local_hour(&tz, at),
+            Some(at) => format_time(&tz, at)[..10].to_string(),
+            None => String::new(),
+        };
+        match groups.entry((label, row.key())) {
+            std::collections::btree_map::Entry::Occupied(mut e) => e.get_mut().merge(&row),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(row);
+            }
+        }
+    }
+    let rows: Vec<Value> = groups
+        .into_iter()
+        .map(|((label, _), r)| {
+            let mut m = Map::new();
+            if hour {
+                m.insert("hour".into(), json!(label));
+            } else if day {
+                m.insert("day".into(), json!(label));
+            }
+            let keys: [(&str, Option<Value>); 6] = [
+                ("offer", r.offer_id.map(|v| json!(v))),
+                ("advertiser", r.advertiser_id.map(|v| json!(v))),
+                ("partner", r.pid.map(|v| json!(v))),
+                ("goal", r.goal.map(|v| json!(v))),
+                ("response_status", r.response_status.map(|v| json!(v))),
+                ("error", r.error.map(|v| json!(v))),
+            ];
+            for (name, value) in keys {
+                if let Some(v) = value {
+                    m.insert(name.into(), v);
+                }
+            }
+            m.insert("postbacks".into(), json!(r.postbacks));
+            m.insert("accepted".into(), json!(r.accepted));
+            m.insert("rejected".into(), json!(r.rejected));
+            m.insert("conversions".into(), json!(r.conversions));
+            m.insert("payouts".into(), json!(r.payouts));
+            m.insert("revenue".into(), json!(r.revenue));
+            Value::Object(m)
+        })
+        .collect();
+    Ok(json(StatusCode::OK, &json!({"status": 1, "summary": rows})))
+}
+
+/// The client's hour (`YYYY-MM-DD HH:00:00`) that a UTC hour starts in.
+fn local_hour(tz: &Tz, at_us: i64) -> String {
+    let mut t = format_time(tz, at_us);
+    t.replace_range(14.., "00:00");
+    t
 }
 
 /// Parameters as an object, or `[]` if none (as PHP shows an empty one). Of a repeated key

@@ -651,3 +651,95 @@ async fn several_partitions_give_the_same_answers() {
     assert_eq!(conversions["pagination"]["total_count"], 12);
     server.shutdown().await;
 }
+
+/// The summary shows which integration broke: counts by advertiser, response status and
+/// error, by day, with the conversions' payouts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_summary_counts_the_log_by_group() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(dir.path(), "").await;
+    let api = Api::new(server.addr());
+    let adv = api
+        .admin_post(
+            "/3.0/admin/advertiser",
+            &[("title", "Acme"), ("secure", "s")],
+        )
+        .await;
+    let adv_id = adv["advertiser"]["id"].as_str().expect("id").to_string();
+    api.admin_post(
+        "/3.0/admin/offer",
+        &[
+            ("title", "O"),
+            ("advertiser", &adv_id),
+            ("url", "https://x.example/?clickid={clickid}"),
+            ("payments[0][total]", "2"),
+            ("payments[0][revenue]", "3"),
+        ],
+    )
+    .await;
+    let click = api.click(1, 9, "").await;
+    for (i, extra) in ["secure=s", "secure=s", "secure=no", "secure=s&goal=nope"]
+        .iter()
+        .enumerate()
+    {
+        api.postback(&format!("clickid={click}&action_id=a{i}&{extra}"))
+            .await;
+    }
+    api.postback("clickid=broken").await;
+    api.wait_for_postbacks(5).await;
+    let d = today();
+    let (code, body) = api
+        .get_json(&format!(
+            "/3.0/stats/serverpostbacks/summary?date_from={d}&date_to={d}&group_by=advertiser,response_status&group_by=error"
+        ))
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let rows = body["summary"].as_array().expect("rows");
+    let find = |adv: &str, error: &str| {
+        rows.iter()
+            .find(|r| r["advertiser"] == adv && r["error"] == error)
+            .unwrap_or_else(|| panic!("no group {adv:?} {error:?}: {body}"))
+    };
+    let ok = find(&adv_id, "");
+    assert_eq!(ok["postbacks"], 2);
+    assert_eq!(ok["accepted"], 2);
+    assert_eq!(ok["response_status"], 1);
+    assert_eq!(ok["conversions"], 2);
+    assert_eq!(ok["payouts"], 4.0);
+    assert_eq!(ok["revenue"], 6.0);
+    assert_eq!(find(&adv_id, "Access denied")["rejected"], 1);
+    assert_eq!(find(&adv_id, "Goal not found")["rejected"], 1);
+    assert_eq!(
+        find("", "Broken clickid")["rejected"],
+        1,
+        "no click, no advertiser"
+    );
+    assert!(rows
+        .iter()
+        .all(|r| r.get("day").is_none() && r.get("offer").is_none()));
+
+    // In another zone, over a range wide enough to hold today's UTC rows whatever the hour.
+    let (_, by_day) = api
+        .get_json(
+            "/3.0/stats/serverpostbacks/summary?date_from=2000-01-01&date_to=2999-12-31&group_by=day&timezone=Asia/Kolkata",
+        )
+        .await;
+    let days = by_day["summary"].as_array().expect("rows");
+    let total: u64 = days
+        .iter()
+        .map(|r| r["postbacks"].as_u64().expect("int"))
+        .sum();
+    assert_eq!(total, 5);
+    assert!(days
+        .iter()
+        .all(|r| r["day"].as_str().is_some_and(|d| d.len() == 10)));
+    for bad in ["group_by=week", "group_by=hour,day"] {
+        let (code, body) = api
+            .get_json(&format!(
+                "/3.0/stats/serverpostbacks/summary?date_from={d}&date_to={d}&{bad}"
+            ))
+            .await;
+        assert_eq!(code, 400, "{bad}: {body}");
+    }
+    server.shutdown().await;
+}
