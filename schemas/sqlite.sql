@@ -1,5 +1,7 @@
--- The embedded analytics store (SQLite). Every row is derived from the event log and can be
--- rebuilt by `postbackd replay`; ids come from log positions, so rewriting a batch is a no-op.
+-- The embedded store (SQLite): the analytics store, the processor's state and the delivery
+-- queue in one file. Every row is derived from the logs and can be rebuilt by `postbackd
+-- replay`; ids come from log positions, so rewriting a batch is a no-op. `clicks` and
+-- `conversions` serve both the state (lookups) and the analytics (listings).
 --
 -- Schema version: `PRAGMA user_version` (set by the engine, see SCHEMA_VERSION in
 -- sqlite_store.rs). A store written by an older version is rebuilt from the logs at start.
@@ -60,7 +62,8 @@ CREATE TABLE IF NOT EXISTS server_postbacks (
     payouts REAL NOT NULL,
     revenue REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS sp_at ON server_postbacks (at_us);
+-- Listings are ordered by (time, id), newest first.
+CREATE INDEX IF NOT EXISTS sp_at ON server_postbacks (at_us, id);
 CREATE INDEX IF NOT EXISTS sp_offer ON server_postbacks (offer_id, at_us);
 CREATE INDEX IF NOT EXISTS sp_partner ON server_postbacks (pid, at_us);
 CREATE INDEX IF NOT EXISTS sp_advertiser ON server_postbacks (advertiser_id, at_us);
@@ -101,9 +104,10 @@ CREATE TABLE IF NOT EXISTS conversions (
     user_id TEXT NOT NULL,
     created_us INTEGER NOT NULL,
     updated_us INTEGER NOT NULL,
-    click_us INTEGER NOT NULL
+    click_us INTEGER NOT NULL,
+    version INTEGER NOT NULL -- Conversion::version: the state of the highest one is kept
 );
-CREATE INDEX IF NOT EXISTS conv_created ON conversions (created_us);
+CREATE INDEX IF NOT EXISTS conv_created ON conversions (created_us, id);
 CREATE INDEX IF NOT EXISTS conv_offer ON conversions (offer_id, created_us);
 CREATE INDEX IF NOT EXISTS conv_partner ON conversions (pid, created_us);
 CREATE INDEX IF NOT EXISTS conv_advertiser ON conversions (advertiser_id, created_us);
@@ -133,6 +137,7 @@ CREATE INDEX IF NOT EXISTS dj_host_due ON delivery_jobs (state, host, next_at_us
 CREATE INDEX IF NOT EXISTS dj_partner ON delivery_jobs (pid, at_us);
 CREATE INDEX IF NOT EXISTS dj_at ON delivery_jobs (at_us);
 
+-- The attempt log (analytics): each attempt with its job, so it stands without the queue.
 CREATE TABLE IF NOT EXISTS delivery_attempts (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL,
@@ -142,6 +147,11 @@ CREATE TABLE IF NOT EXISTS delivery_attempts (
     error TEXT NOT NULL,
     state TEXT NOT NULL,
     next_at_us INTEGER,
+    pid INTEGER NOT NULL,
+    offer_id INTEGER NOT NULL,
+    goal_lc TEXT NOT NULL,
+    conv_status INTEGER NOT NULL,
+    job TEXT NOT NULL,           -- the DeliveryJob as JSON
     UNIQUE (job_id, attempt)
 );
-CREATE INDEX IF NOT EXISTS da_at ON delivery_attempts (at_us);
+CREATE INDEX IF NOT EXISTS da_at ON delivery_attempts (at_us, job_id, attempt);

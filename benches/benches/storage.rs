@@ -3,10 +3,10 @@
 //! `cargo bench -p postback-benches --bench storage`
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use postback_core::log::{EventLog, Keyed, Position};
+use postback_core::log::{EventLog, Keyed};
 use postback_core::params::parse_form;
-use postback_core::processor::{Output, ServerPostbackRow};
-use postback_core::seams::{ServerPostbackQuery, Store};
+use postback_core::processor::ServerPostbackRow;
+use postback_core::seams::{AnalyticsRows, AnalyticsStore, ServerPostbackQuery};
 use postbackd::embedded_log::{EmbeddedEventLog, LogOptions};
 use postbackd::sqlite_store::SqliteStore;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -87,40 +87,24 @@ fn benches(c: &mut Criterion) {
     let store = SqliteStore::open(&dir.path().join("store.sqlite")).expect("store");
     let next = AtomicU64::new(0);
     g.throughput(Throughput::Elements(1000));
-    g.bench_function("write a batch of 1000 postback rows", |b| {
+    g.bench_function("insert a batch of 1000 postback rows", |b| {
         b.iter(|| {
             let start = next.fetch_add(1000, Ordering::Relaxed);
-            let out = Output {
+            let rows = AnalyticsRows {
                 postbacks: (start..start + 1000).map(row).collect(),
                 ..Default::default()
             };
-            rt.block_on(store.write(
-                "bench",
-                out,
-                vec![Position {
-                    partition: 0,
-                    offset: start + 1000,
-                }],
-            ))
-            .expect("write");
+            rt.block_on(store.insert(rows)).expect("insert");
         })
     });
     // Fill to 200k rows for the queries.
     while next.load(Ordering::Relaxed) < 200_000 {
         let start = next.fetch_add(1000, Ordering::Relaxed);
-        let out = Output {
+        let rows = AnalyticsRows {
             postbacks: (start..start + 1000).map(row).collect(),
             ..Default::default()
         };
-        rt.block_on(store.write(
-            "bench",
-            out,
-            vec![Position {
-                partition: 0,
-                offset: start + 1000,
-            }],
-        ))
-        .expect("write");
+        rt.block_on(store.insert(rows)).expect("insert");
     }
     let day = ServerPostbackQuery {
         from_us: 1_700_000_000_000_000,

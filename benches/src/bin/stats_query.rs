@@ -4,8 +4,10 @@
 
 use postback_core::log::Position;
 use postback_core::params::parse_form;
-use postback_core::processor::{Output, ServerPostbackRow};
-use postback_core::seams::{ServerPostbackQuery, Store};
+use postback_core::processor::ServerPostbackRow;
+use postback_core::seams::{
+    AnalyticsRows, AnalyticsStore, ServerPostbackQuery, StateChanges, StateStore,
+};
 use postbackd::sqlite_store::SqliteStore;
 use std::time::Instant;
 
@@ -73,19 +75,17 @@ async fn main() -> anyhow_free::Result {
     let started = Instant::now();
     while have < rows {
         let end = (have + 20_000).min(rows);
-        let out = Output {
+        let rows_in = AnalyticsRows {
             postbacks: (have..end).map(|n| row(n, rows)).collect(),
             ..Default::default()
         };
+        store.insert(rows_in).await.map_err(|e| e.to_string())?;
+        let next = vec![Position {
+            partition: 0,
+            offset: end,
+        }];
         store
-            .write(
-                "fill",
-                out,
-                vec![Position {
-                    partition: 0,
-                    offset: end,
-                }],
-            )
+            .commit("fill", StateChanges::default(), next)
             .await
             .map_err(|e| e.to_string())?;
         have = end;

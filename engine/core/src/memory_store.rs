@@ -1,14 +1,16 @@
-//! The reference analytics store: everything in memory, queries by scanning. Small and obviously
-//! right, so that the other stores can be held to it by the conformance suite.
+//! The reference stores: everything in memory, queries by scanning. Small and obviously right,
+//! so that the other stores can be held to it by the conformance suites. One `MemoryStore` is
+//! an analytics store, a state store and a delivery queue, each with tables of its own.
 
 use crate::delivery::{AttemptRow, DeliveryRecord, DueJobs, DueQuery, JobState, JobStatus};
 use crate::keys::Partition;
 use crate::log::Position;
-use crate::processor::{Lookups, Output, ServerPostbackRow};
+use crate::processor::{Lookups, ServerPostbackRow};
 use crate::rules::{Click, Conversion};
 use crate::seams::{
-    AttemptQuery, BoxFuture, ConversionQuery, GroupKey, Page, SeamError, ServerPostbackQuery,
-    Store, SummaryQuery, SummaryRow,
+    AnalyticsRows, AnalyticsStore, AttemptQuery, BoxFuture, ConversionQuery, DeliveryQueue,
+    GroupKey, Page, SeamError, ServerPostbackQuery, StateChanges, StateStore, SummaryQuery,
+    SummaryRow,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
@@ -20,16 +22,20 @@ pub struct MemoryStore {
 
 #[derive(Default)]
 struct Inner {
-    positions: HashMap<(String, Partition), u64>,
-    clicks: HashMap<String, Click>,
-    /// Listed rows carry the write sequence number they were inserted at: it is the snapshot
-    /// they belong to, and it breaks ties of time as the other stores do.
+    // The analytics store. Listed rows carry the write sequence number they were inserted at:
+    // it is the snapshot they belong to.
     written: u64,
-    postbacks: Vec<(u64, ServerPostbackRow)>,
-    postback_ids: std::collections::HashSet<String>,
+    clicks: HashMap<String, Click>,
+    postbacks: HashMap<String, (u64, ServerPostbackRow)>,
     conversions: HashMap<String, (u64, Conversion)>,
+    attempts: HashMap<(String, u32), (u64, AttemptRow)>,
+    // The state store.
+    positions: HashMap<(String, Partition), u64>,
+    state_clicks: HashMap<String, Click>,
+    state_conversions: HashMap<String, Conversion>,
+    // The delivery queue.
+    queue_positions: HashMap<(String, Partition), u64>,
     jobs: HashMap<String, JobState>,
-    attempts: Vec<(u64, AttemptRow)>,
 }
 
 impl Inner {
@@ -94,65 +100,25 @@ fn matches_search(row: &ServerPostbackRow, needle: &str) -> bool {
         .any(|(k, v)| format!("{k}={v}").to_lowercase().contains(&needle))
 }
 
-impl Store for MemoryStore {
-    fn position(
-        &self,
-        consumer: &str,
-        partition: Partition,
-    ) -> BoxFuture<'_, Result<u64, SeamError>> {
-        ready(Ok(self
-            .lock()
-            .positions
-            .get(&(consumer.to_string(), partition))
-            .copied()
-            .unwrap_or(0)))
-    }
-
-    fn lookup(
-        &self,
-        click_ids: Vec<String>,
-        keys: Vec<String>,
-    ) -> BoxFuture<'_, Result<Lookups, SeamError>> {
-        let inner = self.lock();
-        let mut out = Lookups::default();
-        for id in click_ids {
-            if let Some(c) = inner.clicks.get(&id) {
-                out.clicks.insert(id, c.clone());
-            }
-        }
-        for (_, c) in inner
-            .conversions
-            .values()
-            .filter(|(_, c)| keys.contains(&c.key))
-        {
-            out.conversions.insert(c.key.clone(), c.clone());
-        }
-        ready(Ok(out))
-    }
-
-    fn write(
-        &self,
-        consumer: &str,
-        output: Output,
-        next: Vec<Position>,
-    ) -> BoxFuture<'_, Result<(), SeamError>> {
+impl AnalyticsStore for MemoryStore {
+    fn insert(&self, rows: AnalyticsRows) -> BoxFuture<'_, Result<(), SeamError>> {
         let mut inner = self.lock();
-        for c in output.clicks {
+        for c in rows.clicks {
             inner.clicks.entry(c.click_id.clone()).or_insert(c);
         }
-        for r in output.postbacks {
-            if inner.postback_ids.insert(r.id.clone()) {
+        for r in rows.postbacks {
+            if !inner.postbacks.contains_key(&r.id) {
                 let seq = inner.next_seq();
-                inner.postbacks.push((seq, r));
+                inner.postbacks.insert(r.id.clone(), (seq, r));
             }
         }
-        for change in output.changes {
-            let c = change.conversion;
+        for c in rows.conversions {
             match inner.conversions.get_mut(&c.id) {
+                // A new state keeps the row's place in the listings.
                 Some((_, existing)) => {
-                    existing.status = c.status;
-                    existing.updated_us = c.updated_us;
-                    existing.comment = c.comment;
+                    if c.version() >= existing.version() {
+                        *existing = c;
+                    }
                 }
                 None => {
                     let seq = inner.next_seq();
@@ -160,10 +126,12 @@ impl Store for MemoryStore {
                 }
             }
         }
-        for p in next {
-            inner
-                .positions
-                .insert((consumer.to_string(), p.partition), p.offset);
+        for a in rows.attempts {
+            let key = (a.attempt.job_id.clone(), a.attempt.attempt);
+            if !inner.attempts.contains_key(&key) {
+                let seq = inner.next_seq();
+                inner.attempts.insert(key, (seq, a));
+            }
         }
         ready(Ok(()))
     }
@@ -173,7 +141,7 @@ impl Store for MemoryStore {
         let mut groups: BTreeMap<GroupKey, SummaryRow> = BTreeMap::new();
         for (_, row) in inner
             .postbacks
-            .iter()
+            .values()
             .filter(|(_, r)| matches_filters(r, &q.filters))
         {
             let group = SummaryRow::group_of(row, &q.group_by);
@@ -190,13 +158,13 @@ impl Store for MemoryStore {
         let snapshot = q.snapshot.unwrap_or(inner.written);
         let mut rows: Vec<(u64, &ServerPostbackRow)> = inner
             .postbacks
-            .iter()
+            .values()
             .map(|(seq, r)| (*seq, r))
             .filter(|(seq, _)| *seq <= snapshot)
             .filter(|(_, r)| matches_filters(r, &q))
             .filter(|(_, r)| r.at_us >= q.from_us && r.at_us < q.to_us)
             .collect();
-        rows.sort_by(|(i, a), (j, b)| b.at_us.cmp(&a.at_us).then(j.cmp(i)));
+        rows.sort_by(|(_, a), (_, b)| b.at_us.cmp(&a.at_us).then(b.id.cmp(&a.id)));
         ready(Ok(page(
             rows.into_iter().map(|(_, r)| r).collect(),
             q.offset,
@@ -248,20 +216,130 @@ impl Store for MemoryStore {
             .collect()))
     }
 
+    fn attempts(&self, q: AttemptQuery) -> BoxFuture<'_, Result<Page<AttemptRow>, SeamError>> {
+        let inner = self.lock();
+        let snapshot = q.snapshot.unwrap_or(inner.written);
+        let mut rows: Vec<(u64, &AttemptRow)> = inner
+            .attempts
+            .values()
+            .map(|(seq, r)| (*seq, r))
+            .filter(|(seq, _)| *seq <= snapshot)
+            .filter(|(_, r)| r.attempt.at_us >= q.from_us && r.attempt.at_us < q.to_us)
+            .filter(|(_, r)| q.offers.is_empty() || q.offers.contains(&r.job.offer_id))
+            .filter(|(_, r)| q.partners.is_empty() || q.partners.contains(&r.job.pid))
+            .filter(|(_, r)| {
+                q.goal
+                    .as_ref()
+                    .is_none_or(|g| g.to_lowercase() == r.job.goal.to_lowercase())
+            })
+            .filter(|(_, r)| q.status.is_none_or(|s| s == r.job.status))
+            .filter(|(_, r)| q.http_code.is_none_or(|c| c == r.attempt.http_code))
+            .filter(|(_, r)| q.job_id.as_ref().is_none_or(|j| *j == r.job.job_id))
+            .collect();
+        rows.sort_by(|(_, a), (_, b)| {
+            (b.attempt.at_us, &b.job.job_id, b.attempt.attempt).cmp(&(
+                a.attempt.at_us,
+                &a.job.job_id,
+                a.attempt.attempt,
+            ))
+        });
+        ready(Ok(page(
+            rows.into_iter().map(|(_, r)| r).collect(),
+            q.offset,
+            q.limit,
+            snapshot,
+        )))
+    }
+
     fn expire(&self, before_us: i64) -> BoxFuture<'_, Result<u64, SeamError>> {
         let mut inner = self.lock();
-        let before = inner.clicks.len() + inner.postbacks.len() + inner.conversions.len();
+        let count =
+            |i: &Inner| i.clicks.len() + i.postbacks.len() + i.conversions.len() + i.attempts.len();
+        let before = count(&inner);
         inner.clicks.retain(|_, c| c.at_us >= before_us);
-        inner.postbacks.retain(|(_, r)| r.at_us >= before_us);
-        let ids = inner.postbacks.iter().map(|(_, r)| r.id.clone()).collect();
-        inner.postback_ids = ids;
+        inner.postbacks.retain(|_, (_, r)| r.at_us >= before_us);
         inner
             .conversions
             .retain(|_, (_, c)| c.created_us >= before_us);
-        let after = inner.clicks.len() + inner.postbacks.len() + inner.conversions.len();
-        inner.jobs.retain(|_, j| j.job.at_us >= before_us);
-        inner.attempts.retain(|(_, a)| a.attempt.at_us >= before_us);
+        inner
+            .attempts
+            .retain(|_, (_, a)| a.attempt.at_us >= before_us);
+        ready(Ok((before - count(&inner)) as u64))
+    }
+}
+
+impl StateStore for MemoryStore {
+    fn position(
+        &self,
+        consumer: &str,
+        partition: Partition,
+    ) -> BoxFuture<'_, Result<u64, SeamError>> {
+        let key = (consumer.to_string(), partition);
+        ready(Ok(self.lock().positions.get(&key).copied().unwrap_or(0)))
+    }
+
+    fn lookup(
+        &self,
+        click_ids: Vec<String>,
+        keys: Vec<String>,
+    ) -> BoxFuture<'_, Result<Lookups, SeamError>> {
+        let inner = self.lock();
+        let mut out = Lookups::default();
+        for id in click_ids {
+            if let Some(c) = inner.state_clicks.get(&id) {
+                out.clicks.insert(id, c.clone());
+            }
+        }
+        for key in keys {
+            if let Some(c) = inner.state_conversions.get(&key) {
+                out.conversions.insert(key, c.clone());
+            }
+        }
+        ready(Ok(out))
+    }
+
+    fn commit(
+        &self,
+        consumer: &str,
+        state: StateChanges,
+        next: Vec<Position>,
+    ) -> BoxFuture<'_, Result<(), SeamError>> {
+        let mut inner = self.lock();
+        for c in state.clicks {
+            inner.state_clicks.entry(c.click_id.clone()).or_insert(c);
+        }
+        for c in state.conversions {
+            inner.state_conversions.insert(c.key.clone(), c);
+        }
+        for p in next {
+            inner
+                .positions
+                .insert((consumer.to_string(), p.partition), p.offset);
+        }
+        ready(Ok(()))
+    }
+
+    fn expire(&self, before_us: i64) -> BoxFuture<'_, Result<u64, SeamError>> {
+        let mut inner = self.lock();
+        let before = inner.state_clicks.len() + inner.state_conversions.len();
+        inner.state_clicks.retain(|_, c| c.at_us >= before_us);
+        inner
+            .state_conversions
+            .retain(|_, c| c.created_us >= before_us);
+        let after = inner.state_clicks.len() + inner.state_conversions.len();
         ready(Ok((before - after) as u64))
+    }
+}
+
+impl DeliveryQueue for MemoryStore {
+    fn position(
+        &self,
+        consumer: &str,
+        partition: Partition,
+    ) -> BoxFuture<'_, Result<u64, SeamError>> {
+        let key = (consumer.to_string(), partition);
+        let inner = self.lock();
+        ready(Ok(inner.queue_positions.get(&key).copied().unwrap_or(0)))
     }
 
     fn apply_deliveries(
@@ -285,23 +363,15 @@ impl Store for MemoryStore {
                     });
                 }
                 DeliveryRecord::Attempt(a) => {
-                    let seen = inner.attempts.iter().any(|(_, r)| {
-                        r.attempt.job_id == a.job_id && r.attempt.attempt == a.attempt
-                    });
-                    let Some(state) = inner.jobs.get_mut(&a.job_id) else {
-                        continue;
-                    };
-                    if seen {
-                        continue;
+                    // Attempts of a job are numbered in order: one at or below the count was
+                    // applied already.
+                    if let Some(state) = inner.jobs.get_mut(&a.job_id) {
+                        if a.attempt > state.attempts {
+                            state.attempts = a.attempt;
+                            state.status = a.state;
+                            state.next_at_us = a.next_at_us.unwrap_or(state.next_at_us);
+                        }
                     }
-                    if a.attempt >= state.attempts {
-                        state.attempts = a.attempt;
-                        state.status = a.state;
-                        state.next_at_us = a.next_at_us.unwrap_or(state.next_at_us);
-                    }
-                    let job = state.job.clone();
-                    let seq = inner.next_seq();
-                    inner.attempts.push((seq, AttemptRow { job, attempt: a }));
                 }
                 DeliveryRecord::Resend { job_id, at_us } => {
                     if let Some(state) = inner.jobs.get_mut(&job_id) {
@@ -314,7 +384,7 @@ impl Store for MemoryStore {
         }
         for p in next {
             inner
-                .positions
+                .queue_positions
                 .insert((consumer.to_string(), p.partition), p.offset);
         }
         ready(Ok(()))
@@ -383,33 +453,11 @@ impl Store for MemoryStore {
         ready(Ok(ids))
     }
 
-    fn attempts(&self, q: AttemptQuery) -> BoxFuture<'_, Result<Page<AttemptRow>, SeamError>> {
-        let inner = self.lock();
-        let snapshot = q.snapshot.unwrap_or(inner.written);
-        let mut rows: Vec<(u64, &AttemptRow)> = inner
-            .attempts
-            .iter()
-            .map(|(seq, r)| (*seq, r))
-            .filter(|(seq, _)| *seq <= snapshot)
-            .filter(|(_, r)| r.attempt.at_us >= q.from_us && r.attempt.at_us < q.to_us)
-            .filter(|(_, r)| q.offers.is_empty() || q.offers.contains(&r.job.offer_id))
-            .filter(|(_, r)| q.partners.is_empty() || q.partners.contains(&r.job.pid))
-            .filter(|(_, r)| {
-                q.goal
-                    .as_ref()
-                    .is_none_or(|g| g.to_lowercase() == r.job.goal.to_lowercase())
-            })
-            .filter(|(_, r)| q.status.is_none_or(|s| s == r.job.status))
-            .filter(|(_, r)| q.http_code.is_none_or(|c| c == r.attempt.http_code))
-            .filter(|(_, r)| q.job_id.as_ref().is_none_or(|j| *j == r.job.job_id))
-            .collect();
-        rows.sort_by(|(i, a), (j, b)| b.attempt.at_us.cmp(&a.attempt.at_us).then(j.cmp(i)));
-        ready(Ok(page(
-            rows.into_iter().map(|(_, r)| r).collect(),
-            q.offset,
-            q.limit,
-            snapshot,
-        )))
+    fn expire(&self, before_us: i64) -> BoxFuture<'_, Result<u64, SeamError>> {
+        let mut inner = self.lock();
+        let before = inner.jobs.len();
+        inner.jobs.retain(|_, j| j.job.at_us >= before_us);
+        ready(Ok((before - inner.jobs.len()) as u64))
     }
 }
 
@@ -418,20 +466,18 @@ mod tests {
     use super::*;
     use crate::seams::block_on;
     use crate::store_conformance as suite;
+    use std::sync::Arc;
 
     #[test]
     fn conforms() {
-        block_on(suite::writes_are_idempotent_and_move_the_position(
-            &MemoryStore::new(),
-        ));
-        block_on(suite::filters_search_and_paging(&MemoryStore::new()));
-        block_on(suite::conversion_filters(&MemoryStore::new()));
-        block_on(suite::expiry_removes_old_rows_everywhere(
-            &MemoryStore::new(),
-        ));
-        block_on(suite::deliveries(&MemoryStore::new()));
-        block_on(suite::due_jobs_are_fair_across_hosts(&MemoryStore::new()));
-        block_on(suite::snapshots_pin_a_growing_listing(&MemoryStore::new()));
-        block_on(suite::summaries(&MemoryStore::new()));
+        block_on(suite::analytics_suite(&|| {
+            Box::pin(async { Arc::new(MemoryStore::new()) as Arc<dyn AnalyticsStore> })
+        }));
+        block_on(suite::state_suite(&|| {
+            Box::pin(async { Arc::new(MemoryStore::new()) as Arc<dyn StateStore> })
+        }));
+        block_on(suite::queue_suite(&|| {
+            Box::pin(async { Arc::new(MemoryStore::new()) as Arc<dyn DeliveryQueue> })
+        }));
     }
 }

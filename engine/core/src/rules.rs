@@ -218,6 +218,14 @@ pub struct Conversion {
     pub click_us: i64,
 }
 
+impl Conversion {
+    /// Orders the states of one conversion: a later update wins, and of two at the same
+    /// microsecond the one that left `pending` (only a pending conversion changes status).
+    pub fn version(&self) -> i64 {
+        self.updated_us.saturating_mul(2) + i64::from(self.status != STATUS_PENDING)
+    }
+}
+
 /// The decision about one postback.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -340,7 +348,9 @@ pub fn judge<'c>(
         }
         let mut next = current.clone();
         next.status = status;
-        next.updated_us = pb.at_us;
+        // Never before the state it replaces (clocks of two front ends may differ a little):
+        // the stores keep the state of the highest version.
+        next.updated_us = pb.at_us.max(current.updated_us);
         if let Some(comment) = pb.param_nonempty("comment") {
             next.comment = comment.to_string();
         }

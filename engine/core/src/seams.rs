@@ -1,5 +1,6 @@
 //! The seams between the engine and its backends: the error kinds they share, the analytics
-//! store (`Store`), and its query types. The event log is `crate::log`'s.
+//! store and its query types, the processor's state, and the delivery queue. The event log is
+//! `crate::log`'s.
 //!
 //! The traits return boxed futures so that a backend is chosen at run time (`Arc<dyn ...>`)
 //! without this crate depending on an async runtime.
@@ -7,7 +8,7 @@
 use crate::delivery::{AttemptRow, DeliveryRecord, DueJobs, DueQuery, JobState};
 use crate::keys::Partition;
 use crate::log::Position;
-use crate::processor::{Lookups, Output, ServerPostbackRow};
+use crate::processor::{Lookups, ServerPostbackRow};
 use crate::rules::{Click, Conversion};
 use std::future::Future;
 use std::pin::Pin;
@@ -225,42 +226,43 @@ pub struct AttemptQuery {
     pub snapshot: Option<u64>,
 }
 
-/// The analytics store: what the processor writes and the stats API reads.
+/// Rows for the analytics store. Every row has a deterministic id (from a log position), so
+/// inserting a batch again, after a crash before the positions moved, changes nothing.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AnalyticsRows {
+    pub clicks: Vec<Click>,
+    pub postbacks: Vec<ServerPostbackRow>,
+    /// Conversion states; of the states of one id, the latest ([`Conversion::version`]) wins.
+    pub conversions: Vec<Conversion>,
+    /// Delivery attempts, each with its job; keyed by (job id, attempt number).
+    pub attempts: Vec<AttemptRow>,
+}
+
+impl AnalyticsRows {
+    pub fn is_empty(&self) -> bool {
+        self.clicks.is_empty()
+            && self.postbacks.is_empty()
+            && self.conversions.is_empty()
+            && self.attempts.is_empty()
+    }
+}
+
+/// What the stats API reads: the logs of both directions, conversions and clicks.
 ///
 /// Contract:
-/// - `write` stores a batch's output and the consumer's next log positions (per partition)
-///   atomically, and is idempotent: writing the same output again (after a crash before the
-///   positions moved) leaves the same rows. Conversion states are upserts by id; the last one
-///   wins.
-/// - `position` is the next offset of a partition the consumer must process (0 when it never
-///   wrote).
-/// - Reads see only whole batches.
-/// - Listings are ordered newest first, ties by id (for the server-postback log: by position,
-///   which orders ids the same way), and are read in a snapshot: a store-defined number that
-///   grows with every write. A query that names an earlier [`Page::snapshot`] sees exactly the
-///   rows it saw then (with their current values), so pages never repeat or skip a row while
-///   the processor adds rows, and `total` stays the same.
-/// - `expire` deletes rows older than the given time from every table.
-/// - `apply_deliveries` applies records of the deliveries log and the dispatcher's next
-///   positions atomically; a job seen twice is kept once, an attempt seen twice is counted
-///   once.
-pub trait Store: Send + Sync + 'static {
-    fn position(
-        &self,
-        consumer: &str,
-        partition: Partition,
-    ) -> BoxFuture<'_, Result<u64, SeamError>>;
-    fn lookup(
-        &self,
-        click_ids: Vec<String>,
-        conversion_keys: Vec<String>,
-    ) -> BoxFuture<'_, Result<Lookups, SeamError>>;
-    fn write(
-        &self,
-        consumer: &str,
-        output: Output,
-        next: Vec<Position>,
-    ) -> BoxFuture<'_, Result<(), SeamError>>;
+/// - `insert` is idempotent: rows are keyed by their ids (clicks by click id, attempts by job
+///   id and attempt number), a row inserted again is kept once, and of a conversion's states
+///   the latest by [`Conversion::version`] is the one read, whatever order they came in.
+/// - Listings are ordered newest first, ties by id, and are read in a snapshot: a
+///   store-defined number that grows with every insert. A query that names an earlier
+///   [`Page::snapshot`] sees exactly the rows it saw then (with their current values), so pages
+///   never repeat or skip a row while rows are added, and `total` stays the same.
+/// - Search (`ServerPostbackQuery::search`) is a case-insensitive substring of any of the
+///   postback's `key=value` parameters (query and body), of any length.
+/// - `expire` deletes rows older than the given time (by their own time: a postback's,
+///   a click's, a conversion's creation, an attempt's) and says how many.
+pub trait AnalyticsStore: Send + Sync + 'static {
+    fn insert(&self, rows: AnalyticsRows) -> BoxFuture<'_, Result<(), SeamError>>;
     fn server_postbacks(
         &self,
         query: ServerPostbackQuery,
@@ -272,8 +274,68 @@ pub trait Store: Send + Sync + 'static {
         &self,
         query: ConversionQuery,
     ) -> BoxFuture<'_, Result<Page<Conversion>, SeamError>>;
+    /// Clicks by id (unknown ids are left out).
     fn clicks(&self, ids: Vec<String>) -> BoxFuture<'_, Result<Vec<Click>, SeamError>>;
+    fn attempts(&self, query: AttemptQuery) -> BoxFuture<'_, Result<Page<AttemptRow>, SeamError>>;
     fn expire(&self, before_us: i64) -> BoxFuture<'_, Result<u64, SeamError>>;
+}
+
+/// What the processor remembers between batches and must look up: clicks, conversion states,
+/// and its positions in the events log.
+///
+/// Contract:
+/// - `commit` stores the clicks, the conversion states (upserts by id; a later state replaces
+///   an earlier one) and the consumer's next positions atomically, and is idempotent.
+/// - `position` is the next offset of a partition the consumer must process (0 when it never
+///   committed).
+/// - `lookup` finds clicks by id and conversions by key (`Conversion::key`) as committed.
+/// - `expire` forgets clicks and conversions older than the given time.
+///
+/// Crash safety: a batch's analytics rows are inserted first (idempotent), then its state and
+/// positions committed. A crash between the two redoes the batch from the same state, which
+/// gives the same rows again.
+pub trait StateStore: Send + Sync + 'static {
+    fn position(
+        &self,
+        consumer: &str,
+        partition: Partition,
+    ) -> BoxFuture<'_, Result<u64, SeamError>>;
+    fn lookup(
+        &self,
+        click_ids: Vec<String>,
+        conversion_keys: Vec<String>,
+    ) -> BoxFuture<'_, Result<Lookups, SeamError>>;
+    fn commit(
+        &self,
+        consumer: &str,
+        state: StateChanges,
+        next: Vec<Position>,
+    ) -> BoxFuture<'_, Result<(), SeamError>>;
+    fn expire(&self, before_us: i64) -> BoxFuture<'_, Result<u64, SeamError>>;
+}
+
+/// What a batch changed in the processor's state.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StateChanges {
+    pub clicks: Vec<Click>,
+    /// Conversion states in the order they happened.
+    pub conversions: Vec<Conversion>,
+}
+
+/// The affiliate-postback jobs the dispatcher works through, derived from the deliveries log.
+///
+/// Contract:
+/// - `apply_deliveries` applies records of the deliveries log and the dispatcher's next
+///   positions atomically; a job seen twice is kept once, an attempt seen twice (by job id and
+///   attempt number) is applied once.
+/// - `position` is the consumer's next offset in a partition of the deliveries log.
+/// - `expire` forgets jobs created before the given time.
+pub trait DeliveryQueue: Send + Sync + 'static {
+    fn position(
+        &self,
+        consumer: &str,
+        partition: Partition,
+    ) -> BoxFuture<'_, Result<u64, SeamError>>;
     fn apply_deliveries(
         &self,
         consumer: &str,
@@ -292,7 +354,7 @@ pub trait Store: Send + Sync + 'static {
         from_us: i64,
         to_us: i64,
     ) -> BoxFuture<'_, Result<Vec<String>, SeamError>>;
-    fn attempts(&self, query: AttemptQuery) -> BoxFuture<'_, Result<Page<AttemptRow>, SeamError>>;
+    fn expire(&self, before_us: i64) -> BoxFuture<'_, Result<u64, SeamError>>;
 }
 
 /// Runs a future of the in-memory backends to completion: they never park, so a busy poll

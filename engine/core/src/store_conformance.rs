@@ -1,14 +1,44 @@
-//! The conformance suite every [`Store`] must pass: the in-memory reference, SQLite, and
-//! later ClickHouse. Each check starts from an empty store.
+//! The conformance suites every store must pass, one per seam: the in-memory reference,
+//! SQLite, and (for the analytics store) ClickHouse. Each check starts from a fresh store,
+//! which the caller's `fresh` makes.
 
-use crate::delivery::{Attempt, DeliveryJob, DeliveryRecord, DueQuery, JobStatus};
+use crate::delivery::{Attempt, AttemptRow, DeliveryJob, DeliveryRecord, DueQuery, JobStatus};
 use crate::log::Position;
 use crate::params::{parse_form, Params};
-use crate::processor::{ConversionChange, Output, ServerPostbackRow};
+use crate::processor::ServerPostbackRow;
 use crate::rules::{Click, Conversion};
 use crate::seams::{
-    AttemptQuery, ConversionQuery, ServerPostbackQuery, Store, SummaryKey, SummaryQuery,
+    AnalyticsRows, AnalyticsStore, AttemptQuery, BoxFuture, ConversionQuery, DeliveryQueue,
+    ServerPostbackQuery, StateChanges, StateStore, SummaryKey, SummaryQuery,
 };
+use std::sync::Arc;
+
+/// Makes an empty store for one check.
+pub type Fresh<'a, T> = &'a (dyn Fn() -> BoxFuture<'static, Arc<T>> + Sync);
+
+/// Every check of the analytics store, each on a fresh store.
+pub async fn analytics_suite(fresh: Fresh<'_, dyn AnalyticsStore>) {
+    inserts_are_idempotent(&*fresh().await).await;
+    filters_search_and_paging(&*fresh().await).await;
+    search_has_one_meaning(&*fresh().await).await;
+    expiry_removes_old_rows(&*fresh().await).await;
+    conversion_filters(&*fresh().await).await;
+    attempt_filters(&*fresh().await).await;
+    snapshots_pin_a_growing_listing(&*fresh().await).await;
+    summaries(&*fresh().await).await;
+}
+
+/// Every check of the processor's state store.
+pub async fn state_suite(fresh: Fresh<'_, dyn StateStore>) {
+    commits_are_idempotent_and_move_the_position(&*fresh().await).await;
+    expiry_forgets_old_state(&*fresh().await).await;
+}
+
+/// Every check of the delivery queue.
+pub async fn queue_suite(fresh: Fresh<'_, dyn DeliveryQueue>) {
+    deliveries(&*fresh().await).await;
+    due_jobs_are_fair_across_hosts(&*fresh().await).await;
+}
 
 const DAY: i64 = 86_400_000_000;
 
@@ -103,11 +133,10 @@ fn query(from_us: i64, to_us: i64) -> ServerPostbackQuery {
     }
 }
 
-/// Rewriting a batch adds nothing; the position moves with the batch; later states win.
-pub async fn writes_are_idempotent_and_move_the_position(store: &dyn Store) {
-    assert_eq!(store.position("p", 0).await.expect("position"), 0);
-    let out = Output {
-        jobs: vec![],
+/// Inserting rows again adds nothing; of a conversion's states the latest is read, whatever
+/// order they came in.
+async fn inserts_are_idempotent(store: &dyn AnalyticsStore) {
+    let rows = AnalyticsRows {
         clicks: vec![click("c1", 10)],
         postbacks: vec![postback(
             "p1",
@@ -116,40 +145,13 @@ pub async fn writes_are_idempotent_and_move_the_position(store: &dyn Store) {
             1,
             true,
         )],
-        changes: vec![ConversionChange {
-            created: true,
-            conversion: conversion("v1", "k1", 2, 20),
-        }],
+        conversions: vec![conversion("v1", "k1", 2, 20)],
+        attempts: vec![attempt_row("j1", 1, 30, 500)],
     };
-    store.write("p", out.clone(), upto(7)).await.expect("write");
-    store.write("p", out, upto(7)).await.expect("rewrite");
-    assert_eq!(store.position("p", 0).await.expect("position"), 7);
-    // Positions are kept per partition.
-    let spread = vec![
-        Position {
-            partition: 3,
-            offset: 40,
-        },
-        Position {
-            partition: 5,
-            offset: 2,
-        },
-    ];
-    store
-        .write("p", Output::default(), spread)
-        .await
-        .expect("write");
-    assert_eq!(store.position("p", 3).await.expect("position"), 40);
-    assert_eq!(store.position("p", 5).await.expect("position"), 2);
-    assert_eq!(store.position("p", 0).await.expect("position"), 7, "kept");
-    assert_eq!(store.position("p", 1).await.expect("position"), 0);
-    assert_eq!(
-        store.position("q", 3).await.expect("position"),
-        0,
-        "per consumer"
-    );
+    store.insert(rows.clone()).await.expect("insert");
+    store.insert(rows).await.expect("insert again");
     let page = store.server_postbacks(query(0, 100)).await.expect("query");
-    assert_eq!(page.total, 1, "a rewritten batch adds nothing");
+    assert_eq!(page.total, 1, "a row inserted twice is kept once");
     let found = store
         .server_postbacks(ServerPostbackQuery {
             search: Some("summer".into()),
@@ -157,37 +159,68 @@ pub async fn writes_are_idempotent_and_move_the_position(store: &dyn Store) {
         })
         .await
         .expect("search");
-    assert_eq!(found.total, 1, "one search row, not two");
-    let lookups = store
-        .lookup(vec!["c1".into(), "zz".into()], vec!["k1".into()])
-        .await
-        .expect("lookup");
-    assert_eq!(lookups.clicks["c1"], click("c1", 10));
-    assert_eq!(lookups.conversions["k1"].status, 2);
-    // A later state of the same conversion replaces the earlier one.
-    let update = Output {
-        changes: vec![ConversionChange {
-            created: false,
-            conversion: conversion("v1", "k1", 1, 20),
-        }],
-        ..Default::default()
-    };
-    store.write("p", update, upto(8)).await.expect("write");
-    let convs = store
-        .conversions(ConversionQuery {
+    assert_eq!(found.total, 1, "found once, not twice");
+    assert_eq!(
+        store
+            .clicks(vec!["c1".into(), "zz".into()])
+            .await
+            .expect("clicks"),
+        vec![click("c1", 10)]
+    );
+    let attempts = store
+        .attempts(AttemptQuery {
             from_us: 0,
             to_us: 100,
             limit: 10,
             ..Default::default()
         })
         .await
-        .expect("conversions");
-    assert_eq!(convs.total, 1);
-    assert_eq!(convs.rows[0].status, 1);
+        .expect("attempts");
+    assert_eq!(attempts.total, 1);
+    let convs = || async move {
+        store
+            .conversions(ConversionQuery {
+                from_us: 0,
+                to_us: 100,
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .expect("conversions")
+    };
+    // A later state replaces the earlier one; the earlier one arriving again does not.
+    let mut approved = conversion("v1", "k1", 1, 20);
+    approved.updated_us = 40;
+    approved.comment = "ok".into();
+    for states in [vec![approved.clone()], vec![conversion("v1", "k1", 2, 20)]] {
+        store
+            .insert(AnalyticsRows {
+                conversions: states,
+                ..Default::default()
+            })
+            .await
+            .expect("insert");
+        let page = convs().await;
+        assert_eq!(page.total, 1);
+        assert_eq!(page.rows[0], approved);
+    }
+    // Two states of one microsecond: the one that left pending wins, in either order.
+    let pending = conversion("v2", "k2", 2, 50);
+    let declined = conversion("v2", "k2", 3, 50);
+    store
+        .insert(AnalyticsRows {
+            conversions: vec![declined, pending],
+            ..Default::default()
+        })
+        .await
+        .expect("insert");
+    let page = convs().await;
+    assert_eq!(page.total, 2);
+    assert_eq!((page.rows[0].id.as_str(), page.rows[0].status), ("v2", 3));
 }
 
 /// Every server-postback filter, the search, and paging.
-pub async fn filters_search_and_paging(store: &dyn Store) {
+async fn filters_search_and_paging(store: &dyn AnalyticsStore) {
     let rows = (0..30)
         .map(|i| {
             let q = format!(
@@ -198,16 +231,12 @@ pub async fn filters_search_and_paging(store: &dyn Store) {
         })
         .collect();
     store
-        .write(
-            "p",
-            Output {
-                postbacks: rows,
-                ..Default::default()
-            },
-            upto(30),
-        )
+        .insert(AnalyticsRows {
+            postbacks: rows,
+            ..Default::default()
+        })
         .await
-        .expect("write");
+        .expect("insert");
     let count = |q: ServerPostbackQuery| async move {
         store.server_postbacks(q).await.expect("query").total
     };
@@ -323,29 +352,108 @@ pub async fn filters_search_and_paging(store: &dyn Store) {
     assert_eq!(page.rows[0].id, "p04", "newest first");
 }
 
+/// Search means the same in every store: a case-insensitive substring of a `key=value`
+/// parameter, of any length. Rows of one time are ordered by id, so pages neither repeat nor
+/// skip a row.
+async fn search_has_one_meaning(store: &dyn AnalyticsStore) {
+    let mut rows = vec![
+        postback(
+            "a01",
+            100,
+            "clickid=AbC123&sum=1&city=M%C3%BCNCHEN",
+            1,
+            true,
+        ),
+        postback(
+            "a02",
+            100,
+            "clickid=zz9&sum=10&note=%D0%9F%D1%80%D0%B8%D0%B2%D0%B5%D1%82",
+            1,
+            true,
+        ),
+        postback("a03", 100, "clickid=q&x=%25_%5C", 1, true),
+        postback("a04", 100, "clickid=e", 1, true),
+    ];
+    // A body parameter is searched too.
+    rows[3].post = parse_form(b"Secret=Value1");
+    // Inserted out of id order, all at one microsecond.
+    rows.swap(0, 2);
+    store
+        .insert(AnalyticsRows {
+            postbacks: rows,
+            ..Default::default()
+        })
+        .await
+        .expect("insert");
+    let ids = |term: &'static str| async move {
+        let page = store
+            .server_postbacks(ServerPostbackQuery {
+                search: Some(term.into()),
+                ..query(0, 1000)
+            })
+            .await
+            .expect("search");
+        assert_eq!(page.total as usize, page.rows.len());
+        page.rows.into_iter().map(|r| r.id).collect::<Vec<_>>()
+    };
+    for (term, want) in [
+        ("=1", vec!["a02", "a01"]),
+        ("sum=1", vec!["a02", "a01"]),
+        ("sum=1&", vec![]),
+        ("abc", vec!["a01"]),
+        ("CLICKID=abc123", vec!["a01"]),
+        ("a", vec!["a04", "a01"]),
+        ("Q", vec!["a03"]),
+        ("münchen", vec!["a01"]),
+        ("ПРИВЕТ", vec!["a02"]),
+        ("ивет", vec!["a02"]),
+        ("%", vec!["a03"]),
+        ("_", vec!["a03"]),
+        ("\\", vec!["a03"]),
+        ("secret=value", vec!["a04"]),
+        ("t=v", vec!["a04"]),
+        ("=e", vec!["a04"]),
+        ("zz9", vec!["a02"]),
+        ("nothing", vec![]),
+    ] {
+        assert_eq!(ids(term).await, want, "search {term:?}");
+    }
+    // Pages of one size step through rows of one time in id order.
+    let mut seen = Vec::new();
+    for offset in 0..4 {
+        let page = store
+            .server_postbacks(ServerPostbackQuery {
+                offset,
+                limit: 1,
+                ..query(0, 1000)
+            })
+            .await
+            .expect("page");
+        seen.extend(page.rows.into_iter().map(|r| r.id));
+    }
+    assert_eq!(seen, vec!["a04", "a03", "a02", "a01"]);
+}
+
 /// Expiry removes old rows from every table and from the search.
-pub async fn expiry_removes_old_rows_everywhere(store: &dyn Store) {
-    let out = Output {
-        jobs: vec![],
+async fn expiry_removes_old_rows(store: &dyn AnalyticsStore) {
+    let rows = AnalyticsRows {
         clicks: vec![click("old", 0), click("new", 100 * DAY)],
         postbacks: vec![
             postback("p-old", DAY, "clickid=old&k=findme", 1, true),
             postback("p-new", 100 * DAY, "clickid=new&k=findme", 1, true),
         ],
-        changes: vec![
-            ConversionChange {
-                created: true,
-                conversion: conversion("v-old", "k-old", 1, DAY),
-            },
-            ConversionChange {
-                created: true,
-                conversion: conversion("v-new", "k-new", 1, 100 * DAY),
-            },
+        conversions: vec![
+            conversion("v-old", "k-old", 1, DAY),
+            conversion("v-new", "k-new", 1, 100 * DAY),
+        ],
+        attempts: vec![
+            attempt_row("j-old", 1, DAY, 200),
+            attempt_row("j-new", 1, 100 * DAY, 200),
         ],
     };
-    store.write("p", out, upto(4)).await.expect("write");
+    store.insert(rows).await.expect("insert");
     let removed = store.expire(10 * DAY).await.expect("expire");
-    assert_eq!(removed, 3);
+    assert_eq!(removed, 4);
     let all = query(0, 1000 * DAY);
     let left = store.server_postbacks(all.clone()).await.expect("query");
     assert_eq!(
@@ -360,21 +468,38 @@ pub async fn expiry_removes_old_rows_everywhere(store: &dyn Store) {
         .await
         .expect("search");
     assert_eq!(found.total, 1);
-    assert!(store
-        .clicks(vec!["old".into()])
+    let clicks = store
+        .clicks(vec!["old".into(), "new".into()])
         .await
-        .expect("clicks")
-        .is_empty());
-    let lookups = store
-        .lookup(vec![], vec!["k-old".into(), "k-new".into()])
+        .expect("clicks");
+    assert_eq!(clicks, vec![click("new", 100 * DAY)]);
+    let convs = store
+        .conversions(ConversionQuery {
+            from_us: 0,
+            to_us: 1000 * DAY,
+            limit: 10,
+            ..Default::default()
+        })
         .await
-        .expect("lookup");
-    assert_eq!(lookups.conversions.len(), 1);
+        .expect("conversions");
+    assert_eq!(convs.rows.len(), 1);
+    assert_eq!(convs.rows[0].id, "v-new");
+    let attempts = store
+        .attempts(AttemptQuery {
+            from_us: 0,
+            to_us: 1000 * DAY,
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("attempts");
+    assert_eq!(attempts.rows.len(), 1);
+    assert_eq!(attempts.rows[0].job.job_id, "j-new");
 }
 
 /// Every conversion filter, and newest-first paging.
-pub async fn conversion_filters(store: &dyn Store) {
-    let changes = (0..12)
+async fn conversion_filters(store: &dyn AnalyticsStore) {
+    let conversions = (0..12)
         .map(|i| {
             let mut c = conversion(
                 &format!("v{i:02}"),
@@ -393,23 +518,16 @@ pub async fn conversion_filters(store: &dyn Store) {
             c.action_id = format!("act{i}");
             c.clickid = format!("click{}", i / 2);
             c.subs[1] = format!("s2-{}", i % 4);
-            ConversionChange {
-                created: true,
-                conversion: c,
-            }
+            c
         })
         .collect();
     store
-        .write(
-            "p",
-            Output {
-                changes,
-                ..Default::default()
-            },
-            upto(12),
-        )
+        .insert(AnalyticsRows {
+            conversions,
+            ..Default::default()
+        })
         .await
-        .expect("write");
+        .expect("insert");
     let all = ConversionQuery {
         from_us: 0,
         to_us: 1000,
@@ -509,153 +627,23 @@ pub async fn conversion_filters(store: &dyn Store) {
     );
 }
 
-fn job(id: &str, pid: u64, at_us: i64) -> DeliveryJob {
-    DeliveryJob {
-        job_id: id.into(),
-        at_us,
-        setting_id: 1,
-        pid,
-        offer_id: 7,
-        lead_id: "lead".into(),
-        goal: "Install".into(),
-        status: 1,
-        payouts: 2.5,
-        revenue: 4.0,
-        currency: "USD".into(),
-        notice: "note".into(),
-        integration_type: "s2s".into(),
-        method: "GET".into(),
-        url: format!("http://aff.example/{id}"),
-    }
-}
-
-fn attempt(
-    id: &str,
-    n: u32,
-    at_us: i64,
-    code: u16,
-    state: JobStatus,
-    next: Option<i64>,
-) -> DeliveryRecord {
-    DeliveryRecord::Attempt(Attempt {
-        job_id: id.into(),
-        attempt: n,
-        at_us,
-        http_code: code,
-        error: if code == 200 {
-            String::new()
-        } else {
-            format!("HTTP {code}")
-        },
-        state,
-        next_at_us: next,
-    })
-}
-
-/// Due jobs of every host, as one call gives them.
-async fn due_now(store: &dyn Store, now_us: i64) -> Vec<crate::delivery::JobState> {
-    store
-        .due_jobs(DueQuery {
-            now_us,
-            per_host: 10,
-            after_host: String::new(),
-            limit: 100,
-            max_hosts: 100,
-        })
-        .await
-        .expect("due")
-        .jobs
-}
-
-/// Due jobs are taken fairly: at most `per_host` of each host's soonest, hosts in turn after
-/// the last one visited, so a host with many due jobs cannot crowd out another.
-pub async fn due_jobs_are_fair_across_hosts(store: &dyn Store) {
-    let at = |id: &str, host: &str, at_us: i64| {
-        let mut j = job(id, 1, at_us);
-        j.url = format!("https://{host}/pb?id={id}");
-        DeliveryRecord::Job(j)
+/// The attempt log: newest first, every filter.
+async fn attempt_filters(store: &dyn AnalyticsStore) {
+    let mut other = attempt_row("j3", 1, 120, 200);
+    other.job.pid = 2;
+    other.job.offer_id = 8;
+    other.job.goal = "sale".into();
+    other.job.status = 2;
+    let rows = AnalyticsRows {
+        attempts: vec![
+            attempt_row("j1", 1, 130, 500),
+            attempt_row("j2", 1, 131, 404),
+            attempt_row("j1", 2, 140, 200),
+            other,
+        ],
+        ..Default::default()
     };
-    let mut records: Vec<DeliveryRecord> = (0..50)
-        .map(|i| at(&format!("a{i:02}"), "a.example", 100 + i))
-        .collect();
-    records.push(at("b0", "B.example", 500));
-    records.push(at("c0", "c.example", 5_000)); // pending, not yet due
-    records.push(at("d0", "user@d.example:8080", 10));
-    store
-        .apply_deliveries("d", records, upto(53))
-        .await
-        .expect("apply");
-    let query = |after: &str, limit: usize, max_hosts: usize| DueQuery {
-        now_us: 1_000,
-        per_host: 3,
-        after_host: after.into(),
-        limit,
-        max_hosts,
-    };
-    let ids = |d: &crate::delivery::DueJobs| -> Vec<String> {
-        d.jobs.iter().map(|j| j.job.job_id.clone()).collect()
-    };
-    let all = store.due_jobs(query("", 100, 100)).await.expect("due");
-    assert_eq!(
-        ids(&all),
-        vec!["a00", "a01", "a02", "b0", "d0"],
-        "three of a's soonest, then every other host"
-    );
-    assert_eq!(all.last_host, "d.example:8080");
-    // Taken a host or two at a time, the hosts come in turn, wrapping around.
-    let first = store.due_jobs(query("", 3, 100)).await.expect("due");
-    assert_eq!(ids(&first), vec!["a00", "a01", "a02"]);
-    assert_eq!(first.last_host, "a.example");
-    let second = store
-        .due_jobs(query(&first.last_host, 100, 2))
-        .await
-        .expect("due");
-    assert_eq!(ids(&second), vec!["b0"], "b, then c (nothing due)");
-    assert_eq!(second.last_host, "c.example");
-    let third = store
-        .due_jobs(query(&second.last_host, 100, 2))
-        .await
-        .expect("due");
-    assert_eq!(ids(&third), vec!["d0", "a00", "a01", "a02"], "wraps around");
-    assert_eq!(third.last_host, "a.example");
-}
-
-/// Jobs, attempts and re-sends: state, due times, the attempt log, idempotence.
-pub async fn deliveries(store: &dyn Store) {
-    let records = vec![
-        DeliveryRecord::Job(job("j1", 1, 100)),
-        DeliveryRecord::Job(job("j2", 1, 110)),
-        DeliveryRecord::Job(job("j3", 2, 120)),
-        DeliveryRecord::Job(job("j1", 1, 100)), // a redone batch
-        attempt("j1", 1, 130, 500, JobStatus::Pending, Some(200)),
-        attempt("j2", 1, 131, 404, JobStatus::Failed, None),
-    ];
-    store
-        .apply_deliveries("d", records.clone(), upto(6))
-        .await
-        .expect("apply");
-    store
-        .apply_deliveries("d", records, upto(6))
-        .await
-        .expect("apply again");
-    assert_eq!(store.position("d", 0).await.expect("position"), 6);
-    let due = due_now(store, 150).await;
-    assert_eq!(
-        due.iter()
-            .map(|j| j.job.job_id.as_str())
-            .collect::<Vec<_>>(),
-        vec!["j3"]
-    );
-    let due = due_now(store, 200).await;
-    assert_eq!(
-        due.iter()
-            .map(|j| j.job.job_id.as_str())
-            .collect::<Vec<_>>(),
-        vec!["j3", "j1"],
-        "soonest first"
-    );
-    assert_eq!(due[1].attempts, 1);
-    assert_eq!(due[1].status, JobStatus::Pending);
+    store.insert(rows).await.expect("insert");
     let all = AttemptQuery {
         from_us: 0,
         to_us: 1000,
@@ -663,134 +651,105 @@ pub async fn deliveries(store: &dyn Store) {
         ..Default::default()
     };
     let page = store.attempts(all.clone()).await.expect("attempts");
-    assert_eq!(page.total, 2, "attempts seen twice count once");
-    assert_eq!(page.rows[0].job.job_id, "j2", "newest first");
-    assert_eq!(page.rows[0].attempt.http_code, 404);
-    assert_eq!(page.rows[0].job.payouts, 2.5);
+    assert_eq!(page.total, 4);
+    assert_eq!(
+        page.rows
+            .iter()
+            .map(|r| (r.job.job_id.as_str(), r.attempt.attempt))
+            .collect::<Vec<_>>(),
+        vec![("j1", 2), ("j2", 1), ("j1", 1), ("j3", 1)],
+        "newest first"
+    );
+    assert_eq!(page.rows[1].attempt.http_code, 404);
+    assert_eq!(page.rows[1].attempt.error, "HTTP 404");
+    assert_eq!(page.rows[1].job, job("j2", 1, 100));
     let n = |q: AttemptQuery| async move { store.attempts(q).await.expect("attempts").total };
-    assert_eq!(
-        n(AttemptQuery {
-            http_code: Some(500),
-            ..all.clone()
-        })
-        .await,
-        1
-    );
-    assert_eq!(
-        n(AttemptQuery {
-            partners: vec![2],
-            ..all.clone()
-        })
-        .await,
-        0
-    );
-    assert_eq!(
-        n(AttemptQuery {
-            offers: vec![7],
-            ..all.clone()
-        })
-        .await,
-        2
-    );
-    assert_eq!(
-        n(AttemptQuery {
-            goal: Some("install".into()),
-            ..all.clone()
-        })
-        .await,
-        2
-    );
-    assert_eq!(
-        n(AttemptQuery {
-            status: Some(1),
-            ..all.clone()
-        })
-        .await,
-        2
-    );
-    assert_eq!(
-        n(AttemptQuery {
-            job_id: Some("j1".into()),
-            ..all.clone()
-        })
-        .await,
-        1
-    );
-    assert_eq!(
-        store.failed_jobs(1, 0, 1000).await.expect("failed"),
-        vec!["j2".to_string()]
-    );
-    // A re-send makes a failed job due again, with a new retry budget.
-    store
-        .apply_deliveries(
-            "d",
-            vec![DeliveryRecord::Resend {
-                job_id: "j2".into(),
-                at_us: 140,
-            }],
-            upto(7),
-        )
-        .await
-        .expect("resend");
-    let j2 = store
-        .jobs(vec!["j2".into(), "nope".into()])
-        .await
-        .expect("jobs");
-    assert_eq!(j2.len(), 1);
-    assert_eq!(
-        (j2[0].status, j2[0].round_base, j2[0].next_at_us),
-        (JobStatus::Pending, 1, 140)
-    );
-    store
-        .apply_deliveries(
-            "d",
-            vec![attempt("j2", 2, 150, 200, JobStatus::Delivered, None)],
-            upto(8),
-        )
-        .await
-        .expect("apply");
-    let j2 = store.jobs(vec!["j2".into()]).await.expect("jobs");
-    assert_eq!((j2[0].status, j2[0].attempts), (JobStatus::Delivered, 2));
-    assert!(store
-        .failed_jobs(1, 0, 1000)
-        .await
-        .expect("failed")
-        .is_empty());
-    assert_eq!(due_now(store, 1000).await.len(), 2, "j1 and j3");
+    for (q, want) in [
+        (
+            AttemptQuery {
+                http_code: Some(500),
+                ..all.clone()
+            },
+            1,
+        ),
+        (
+            AttemptQuery {
+                partners: vec![2],
+                ..all.clone()
+            },
+            1,
+        ),
+        (
+            AttemptQuery {
+                partners: vec![1, 2],
+                ..all.clone()
+            },
+            4,
+        ),
+        (
+            AttemptQuery {
+                offers: vec![7],
+                ..all.clone()
+            },
+            3,
+        ),
+        (
+            AttemptQuery {
+                goal: Some("INSTALL".into()),
+                ..all.clone()
+            },
+            3,
+        ),
+        (
+            AttemptQuery {
+                status: Some(2),
+                ..all.clone()
+            },
+            1,
+        ),
+        (
+            AttemptQuery {
+                job_id: Some("j1".into()),
+                ..all.clone()
+            },
+            2,
+        ),
+        (
+            AttemptQuery {
+                from_us: 131,
+                to_us: 140,
+                ..all.clone()
+            },
+            1,
+        ),
+    ] {
+        assert_eq!(n(q.clone()).await, want, "{q:?}");
+    }
 }
 
 /// A snapshot from a first page pins the listing: rows written afterwards (newer ones, which
 /// sort first) shift nothing, so paging on sees every row once and the same total; rows that
 /// were there show their current values.
-pub async fn snapshots_pin_a_growing_listing(store: &dyn Store) {
-    let first = Output {
-        postbacks: (0..10)
-            .map(|i| postback(&format!("p{i:02}"), 100 + i, "a=1", 1, true))
-            .collect(),
-        changes: (0..10)
-            .map(|i| ConversionChange {
-                created: true,
-                conversion: conversion(&format!("v{i:02}"), &format!("k{i}"), 2, 100 + i),
-            })
-            .collect(),
-        ..Default::default()
-    };
-    store.write("p", first, upto(10)).await.expect("write");
-    let jobs = |from: usize, to: usize| {
+async fn snapshots_pin_a_growing_listing(store: &dyn AnalyticsStore) {
+    let attempts = |from: usize, to: usize| {
         (from..to)
-            .flat_map(|i| {
+            .map(|i| {
                 let id = format!("j{i:02}");
-                [
-                    DeliveryRecord::Job(job(&id, 1, 100)),
-                    attempt(&id, 1, 100 + i as i64, 500, JobStatus::Pending, Some(999)),
-                ]
+                attempt_row(&id, 1, 100 + i as i64, 500)
             })
             .collect::<Vec<_>>()
     };
-    store
-        .apply_deliveries("d", jobs(0, 10), upto(20))
-        .await
-        .expect("apply");
+    let first = AnalyticsRows {
+        postbacks: (0..10)
+            .map(|i| postback(&format!("p{i:02}"), 100 + i, "a=1", 1, true))
+            .collect(),
+        conversions: (0..10)
+            .map(|i| conversion(&format!("v{i:02}"), &format!("k{i}"), 2, 100 + i))
+            .collect(),
+        attempts: attempts(0, 10),
+        ..Default::default()
+    };
+    store.insert(first).await.expect("insert");
     let pq = |offset, snapshot| ServerPostbackQuery {
         offset,
         limit: 4,
@@ -819,27 +778,20 @@ pub async fn snapshots_pin_a_growing_listing(store: &dyn Store) {
     assert_eq!((p1.total, c1.total, a1.total), (10, 10, 10));
 
     // The processor and the dispatcher go on while the listing is read.
-    let more = Output {
+    let mut v03 = conversion("v03", "k3", 1, 103);
+    v03.updated_us = 300;
+    let more = AnalyticsRows {
         postbacks: (10..15)
             .map(|i| postback(&format!("p{i:02}"), 200 + i, "a=1", 1, true))
             .collect(),
-        changes: (10..15)
-            .map(|i| ConversionChange {
-                created: true,
-                conversion: conversion(&format!("v{i:02}"), &format!("k{i}"), 2, 200 + i),
-            })
-            .chain([ConversionChange {
-                created: false,
-                conversion: conversion("v03", "k3", 1, 103),
-            }])
+        conversions: (10..15)
+            .map(|i| conversion(&format!("v{i:02}"), &format!("k{i}"), 2, 200 + i))
+            .chain([v03])
             .collect(),
+        attempts: attempts(10, 15),
         ..Default::default()
     };
-    store.write("p", more, upto(15)).await.expect("write");
-    store
-        .apply_deliveries("d", jobs(10, 15), upto(30))
-        .await
-        .expect("apply");
+    store.insert(more).await.expect("insert");
 
     let mut postbacks: Vec<String> = p1.rows.iter().map(|r| r.id.clone()).collect();
     let mut conversions: Vec<String> = c1.rows.iter().map(|c| c.id.clone()).collect();
@@ -883,7 +835,7 @@ pub async fn snapshots_pin_a_growing_listing(store: &dyn Store) {
 
 /// The summary counts the filtered log by group: postbacks, accepted and rejected ones,
 /// conversions with their payouts and revenue; time goes by the UTC hour.
-pub async fn summaries(store: &dyn Store) {
+async fn summaries(store: &dyn AnalyticsStore) {
     const HOUR: i64 = crate::seams::HOUR_US;
     let row = |i: i64, at_us: i64, offer: u64, ok: bool, created: bool| {
         let mut r = postback(&format!("s{i:03}"), at_us, "goal=Sale", offer, ok);
@@ -906,16 +858,12 @@ pub async fn summaries(store: &dyn Store) {
         row(6, 40 * HOUR, 3, true, true), // outside the range below
     ];
     store
-        .write(
-            "p",
-            Output {
-                postbacks: rows,
-                ..Default::default()
-            },
-            upto(7),
-        )
+        .insert(AnalyticsRows {
+            postbacks: rows,
+            ..Default::default()
+        })
         .await
-        .expect("write");
+        .expect("insert");
     let q = |group_by: Vec<SummaryKey>| SummaryQuery {
         filters: query(0, 24 * HOUR),
         group_by,
@@ -984,4 +932,332 @@ pub async fn summaries(store: &dyn Store) {
         ],
         "goals without case"
     );
+}
+
+/// Committing again changes nothing; positions are kept per consumer and partition; a later
+/// conversion state replaces the earlier one.
+async fn commits_are_idempotent_and_move_the_position(store: &dyn StateStore) {
+    assert_eq!(store.position("p", 0).await.expect("position"), 0);
+    let state = StateChanges {
+        clicks: vec![click("c1", 10)],
+        conversions: vec![conversion("v1", "k1", 2, 20)],
+    };
+    store
+        .commit("p", state.clone(), upto(7))
+        .await
+        .expect("commit");
+    store.commit("p", state, upto(7)).await.expect("recommit");
+    assert_eq!(store.position("p", 0).await.expect("position"), 7);
+    let spread = vec![
+        Position {
+            partition: 3,
+            offset: 40,
+        },
+        Position {
+            partition: 5,
+            offset: 2,
+        },
+    ];
+    store
+        .commit("p", StateChanges::default(), spread)
+        .await
+        .expect("commit");
+    assert_eq!(store.position("p", 3).await.expect("position"), 40);
+    assert_eq!(store.position("p", 5).await.expect("position"), 2);
+    assert_eq!(store.position("p", 0).await.expect("position"), 7, "kept");
+    assert_eq!(store.position("p", 1).await.expect("position"), 0);
+    assert_eq!(
+        store.position("q", 3).await.expect("position"),
+        0,
+        "per consumer"
+    );
+    let lookups = store
+        .lookup(
+            vec!["c1".into(), "zz".into()],
+            vec!["k1".into(), "k9".into()],
+        )
+        .await
+        .expect("lookup");
+    assert_eq!(lookups.clicks.len(), 1);
+    assert_eq!(lookups.clicks["c1"], click("c1", 10));
+    assert_eq!(lookups.conversions.len(), 1);
+    assert_eq!(lookups.conversions["k1"], conversion("v1", "k1", 2, 20));
+    // States of one batch in order: the last one is kept.
+    let mut approved = conversion("v1", "k1", 1, 20);
+    approved.updated_us = 30;
+    approved.comment = "ok".into();
+    let mut other = conversion("v2", "k2", 2, 25);
+    other.clickid = "c2".into();
+    store
+        .commit(
+            "p",
+            StateChanges {
+                clicks: vec![],
+                conversions: vec![other.clone(), approved.clone()],
+            },
+            upto(8),
+        )
+        .await
+        .expect("commit");
+    let lookups = store
+        .lookup(vec![], vec!["k1".into(), "k2".into()])
+        .await
+        .expect("lookup");
+    assert_eq!(lookups.conversions["k1"], approved);
+    assert_eq!(lookups.conversions["k2"], other);
+}
+
+/// Expiry forgets clicks and conversions older than the cut.
+async fn expiry_forgets_old_state(store: &dyn StateStore) {
+    let state = StateChanges {
+        clicks: vec![click("old", 0), click("new", 100 * DAY)],
+        conversions: vec![
+            conversion("v-old", "k-old", 1, DAY),
+            conversion("v-new", "k-new", 1, 100 * DAY),
+        ],
+    };
+    store.commit("p", state, upto(4)).await.expect("commit");
+    assert_eq!(store.expire(10 * DAY).await.expect("expire"), 2);
+    let lookups = store
+        .lookup(
+            vec!["old".into(), "new".into()],
+            vec!["k-old".into(), "k-new".into()],
+        )
+        .await
+        .expect("lookup");
+    assert_eq!(lookups.clicks.keys().collect::<Vec<_>>(), vec!["new"]);
+    assert_eq!(
+        lookups.conversions.keys().collect::<Vec<_>>(),
+        vec!["k-new"]
+    );
+    assert_eq!(store.position("p", 0).await.expect("position"), 4);
+}
+
+fn job(id: &str, pid: u64, at_us: i64) -> DeliveryJob {
+    DeliveryJob {
+        job_id: id.into(),
+        at_us,
+        setting_id: 1,
+        pid,
+        offer_id: 7,
+        lead_id: "lead".into(),
+        goal: "Install".into(),
+        status: 1,
+        payouts: 2.5,
+        revenue: 4.0,
+        currency: "USD".into(),
+        notice: "note".into(),
+        integration_type: "s2s".into(),
+        method: "GET".into(),
+        url: format!("http://aff.example/{id}"),
+    }
+}
+
+fn attempt(
+    id: &str,
+    n: u32,
+    at_us: i64,
+    code: u16,
+    state: JobStatus,
+    next: Option<i64>,
+) -> DeliveryRecord {
+    DeliveryRecord::Attempt(Attempt {
+        job_id: id.into(),
+        attempt: n,
+        at_us,
+        http_code: code,
+        error: if code == 200 {
+            String::new()
+        } else {
+            format!("HTTP {code}")
+        },
+        state,
+        next_at_us: next,
+    })
+}
+
+/// An attempt of job `id` (of partner 1) as the attempt log keeps it.
+fn attempt_row(id: &str, n: u32, at_us: i64, code: u16) -> AttemptRow {
+    let DeliveryRecord::Attempt(attempt) = attempt(
+        id,
+        n,
+        at_us,
+        code,
+        if code == 200 {
+            JobStatus::Delivered
+        } else {
+            JobStatus::Pending
+        },
+        None,
+    ) else {
+        unreachable!("attempt() makes attempts")
+    };
+    AttemptRow {
+        job: job(id, 1, 100),
+        attempt,
+    }
+}
+
+/// Due jobs of every host, as one call gives them.
+async fn due_now(store: &dyn DeliveryQueue, now_us: i64) -> Vec<crate::delivery::JobState> {
+    store
+        .due_jobs(DueQuery {
+            now_us,
+            per_host: 10,
+            after_host: String::new(),
+            limit: 100,
+            max_hosts: 100,
+        })
+        .await
+        .expect("due")
+        .jobs
+}
+
+/// Due jobs are taken fairly: at most `per_host` of each host's soonest, hosts in turn after
+/// the last one visited, so a host with many due jobs cannot crowd out another.
+async fn due_jobs_are_fair_across_hosts(store: &dyn DeliveryQueue) {
+    let at = |id: &str, host: &str, at_us: i64| {
+        let mut j = job(id, 1, at_us);
+        j.url = format!("https://{host}/pb?id={id}");
+        DeliveryRecord::Job(j)
+    };
+    let mut records: Vec<DeliveryRecord> = (0..50)
+        .map(|i| at(&format!("a{i:02}"), "a.example", 100 + i))
+        .collect();
+    records.push(at("b0", "B.example", 500));
+    records.push(at("c0", "c.example", 5_000)); // pending, not yet due
+    records.push(at("d0", "user@d.example:8080", 10));
+    store
+        .apply_deliveries("d", records, upto(53))
+        .await
+        .expect("apply");
+    let query = |after: &str, limit: usize, max_hosts: usize| DueQuery {
+        now_us: 1_000,
+        per_host: 3,
+        after_host: after.into(),
+        limit,
+        max_hosts,
+    };
+    let ids = |d: &crate::delivery::DueJobs| -> Vec<String> {
+        d.jobs.iter().map(|j| j.job.job_id.clone()).collect()
+    };
+    let all = store.due_jobs(query("", 100, 100)).await.expect("due");
+    assert_eq!(
+        ids(&all),
+        vec!["a00", "a01", "a02", "b0", "d0"],
+        "three of a's soonest, then every other host"
+    );
+    assert_eq!(all.last_host, "d.example:8080");
+    // Taken a host or two at a time, the hosts come in turn, wrapping around.
+    let first = store.due_jobs(query("", 3, 100)).await.expect("due");
+    assert_eq!(ids(&first), vec!["a00", "a01", "a02"]);
+    assert_eq!(first.last_host, "a.example");
+    let second = store
+        .due_jobs(query(&first.last_host, 100, 2))
+        .await
+        .expect("due");
+    assert_eq!(ids(&second), vec!["b0"], "b, then c (nothing due)");
+    assert_eq!(second.last_host, "c.example");
+    let third = store
+        .due_jobs(query(&second.last_host, 100, 2))
+        .await
+        .expect("due");
+    assert_eq!(ids(&third), vec!["d0", "a00", "a01", "a02"], "wraps around");
+    assert_eq!(third.last_host, "a.example");
+}
+
+/// Jobs, attempts and re-sends: state, due times, idempotence, expiry.
+async fn deliveries(store: &dyn DeliveryQueue) {
+    let records = vec![
+        DeliveryRecord::Job(job("j1", 1, 100)),
+        DeliveryRecord::Job(job("j2", 1, 110)),
+        DeliveryRecord::Job(job("j3", 2, 120)),
+        DeliveryRecord::Job(job("j1", 1, 100)), // a redone batch
+        attempt("j1", 1, 130, 500, JobStatus::Pending, Some(200)),
+        attempt("j2", 1, 131, 404, JobStatus::Failed, None),
+    ];
+    store
+        .apply_deliveries("d", records.clone(), upto(6))
+        .await
+        .expect("apply");
+    store
+        .apply_deliveries("d", records, upto(6))
+        .await
+        .expect("apply again");
+    assert_eq!(store.position("d", 0).await.expect("position"), 6);
+    let due = due_now(store, 150).await;
+    assert_eq!(
+        due.iter()
+            .map(|j| j.job.job_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["j3"]
+    );
+    let due = due_now(store, 200).await;
+    assert_eq!(
+        due.iter()
+            .map(|j| j.job.job_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["j3", "j1"],
+        "soonest first"
+    );
+    assert_eq!(due[1].attempts, 1);
+    assert_eq!(due[1].status, JobStatus::Pending);
+    assert_eq!(
+        store.failed_jobs(1, 0, 1000).await.expect("failed"),
+        vec!["j2".to_string()]
+    );
+    // A re-send makes a failed job due again, with a new retry budget.
+    store
+        .apply_deliveries(
+            "d",
+            vec![DeliveryRecord::Resend {
+                job_id: "j2".into(),
+                at_us: 140,
+            }],
+            upto(7),
+        )
+        .await
+        .expect("resend");
+    let j2 = store
+        .jobs(vec!["j2".into(), "nope".into()])
+        .await
+        .expect("jobs");
+    assert_eq!(j2.len(), 1);
+    assert_eq!(
+        (j2[0].status, j2[0].round_base, j2[0].next_at_us),
+        (JobStatus::Pending, 1, 140)
+    );
+    store
+        .apply_deliveries(
+            "d",
+            vec![attempt("j2", 2, 150, 200, JobStatus::Delivered, None)],
+            upto(8),
+        )
+        .await
+        .expect("apply");
+    let j2 = store.jobs(vec!["j2".into()]).await.expect("jobs");
+    assert_eq!((j2[0].status, j2[0].attempts), (JobStatus::Delivered, 2));
+    assert!(store
+        .failed_jobs(1, 0, 1000)
+        .await
+        .expect("failed")
+        .is_empty());
+    assert_eq!(due_now(store, 1000).await.len(), 2, "j1 and j3");
+    // An attempt seen again after a later one changes nothing.
+    store
+        .apply_deliveries(
+            "d",
+            vec![attempt("j2", 1, 131, 404, JobStatus::Failed, None)],
+            upto(9),
+        )
+        .await
+        .expect("apply");
+    let j2 = store.jobs(vec!["j2".into()]).await.expect("jobs");
+    assert_eq!((j2[0].status, j2[0].attempts), (JobStatus::Delivered, 2));
+    assert_eq!(store.expire(115).await.expect("expire"), 2, "j1 and j2");
+    let left = store
+        .jobs(vec!["j1".into(), "j2".into(), "j3".into()])
+        .await
+        .expect("jobs");
+    assert_eq!(left.len(), 1);
 }

@@ -612,7 +612,7 @@ async fn resend(engine: &Engine, p: &Params) -> Result<Response<Body>, ApiError>
         return Err(bad(format!("job_id: at most {MAX_RESEND} per request")));
     }
     let ids = if !named.is_empty() {
-        let known = engine.store.jobs(named.clone()).await?;
+        let known = engine.queue.jobs(named.clone()).await?;
         if let Some(missing) = named
             .iter()
             .find(|id| !known.iter().any(|j| &j.job.job_id == *id))
@@ -629,7 +629,7 @@ async fn resend(engine: &Engine, p: &Params) -> Result<Response<Body>, ApiError>
             .map_err(|_| bad("partner_id must be an integer"))?;
         let tz = crate::stats::timezone(p)?;
         let (from_us, to_us) = crate::stats::date_range(p, &tz, None)?;
-        engine.store.failed_jobs(partner, from_us, to_us).await?
+        engine.queue.failed_jobs(partner, from_us, to_us).await?
     };
     let at_us = now_us();
     let records = ids
@@ -667,7 +667,7 @@ async fn test_postback(engine: &Engine, id: u64, p: &Params) -> Result<Response<
         ..Default::default()
     };
     let conversion = engine
-        .store
+        .analytics
         .conversions(query)
         .await?
         .rows

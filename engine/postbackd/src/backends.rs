@@ -6,7 +6,8 @@ use crate::config::Config;
 use crate::embedded_log::{EmbeddedEventLog, Faults, LogOptions};
 use anyhow::Context as _;
 use postback_core::log::EventLog;
-use std::path::PathBuf;
+use postback_core::seams::{AnalyticsStore, DeliveryQueue, StateStore};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,35 @@ pub struct Logs {
     pub catalog: Arc<dyn EventLog>,
     /// Affiliate-postback jobs and the outcome of each attempt.
     pub deliveries: Arc<dyn EventLog>,
+}
+
+/// The engine's stores.
+pub struct Stores {
+    /// What the stats API reads.
+    pub analytics: Arc<dyn AnalyticsStore>,
+    /// The processor's state and positions.
+    pub state: Arc<dyn StateStore>,
+    /// The affiliate-postback jobs.
+    pub queue: Arc<dyn DeliveryQueue>,
+    /// The analytics store is the state store (both SQLite): its clicks and conversions are
+    /// written with the state, in the transaction that moves the positions.
+    pub analytics_is_state: bool,
+}
+
+/// Opens the stores: SQLite in the data directory (`store.sqlite`) for the state and the
+/// queue, and for the analytics unless the configuration names another store.
+pub fn open_stores(config: &Config, dir: &Path) -> anyhow::Result<Stores> {
+    let sqlite = Arc::new(
+        crate::sqlite_store::SqliteStore::open(&dir.join("store.sqlite"))
+            .context("opening the store")?
+            .with_query_budget(Duration::from_millis(config.query_timeout_ms)),
+    );
+    Ok(Stores {
+        analytics: sqlite.clone(),
+        state: sqlite.clone(),
+        queue: sqlite,
+        analytics_is_state: true,
+    })
 }
 
 /// Failures to inject into the embedded logs, for tests of recovery.

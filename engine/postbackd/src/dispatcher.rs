@@ -18,12 +18,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use postback_core::delivery::{
-    Attempt, AttemptResult, DeliveryJob, DeliveryRecord, DueQuery, JobState, JobStatus, Next,
-    RetryPolicy,
+    Attempt, AttemptResult, AttemptRow, DeliveryJob, DeliveryRecord, DueQuery, JobState, JobStatus,
+    Next, RetryPolicy,
 };
 use postback_core::keys::Partition;
 use postback_core::log::{any_of, Keyed, Position, Record};
-use postback_core::seams::SeamError;
+use postback_core::seams::{AnalyticsRows, SeamError};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -172,7 +172,7 @@ impl Dispatcher {
             .clone();
         let due = self
             .engine
-            .store
+            .queue
             .due_jobs(DueQuery {
                 now_us: now_us(),
                 per_host,
@@ -548,7 +548,7 @@ async fn apply_new(
             Some(pos) => *pos,
             None => {
                 let start = log.bounds(p).await?.0;
-                engine.store.position(CONSUMER, p).await?.max(start)
+                engine.queue.position(CONSUMER, p).await?.max(start)
             }
         };
         let end = until.and_then(|u| u.get(&p).copied()).unwrap_or(u64::MAX);
@@ -562,8 +562,19 @@ async fn apply_new(
                 partition: p,
                 offset: last + 1,
             }];
+            // The attempt log first (idempotent), then the queue and the positions.
+            let attempts = attempt_rows(engine, &records).await?;
+            if !attempts.is_empty() {
+                engine
+                    .analytics
+                    .insert(AnalyticsRows {
+                        attempts,
+                        ..Default::default()
+                    })
+                    .await?;
+            }
             engine
-                .store
+                .queue
                 .apply_deliveries(CONSUMER, records.clone(), at)
                 .await?;
             applied(&records);
@@ -572,6 +583,44 @@ async fn apply_new(
         next.insert(p, pos);
     }
     Ok(())
+}
+
+/// The attempts among `records`, each with its job (from the records, or from the queue);
+/// an attempt of a job the queue never had is left out.
+async fn attempt_rows(
+    engine: &Engine,
+    records: &[DeliveryRecord],
+) -> Result<Vec<AttemptRow>, SeamError> {
+    let mut jobs: HashMap<String, DeliveryJob> = HashMap::new();
+    let mut unknown = Vec::new();
+    for r in records {
+        match r {
+            DeliveryRecord::Job(j) => {
+                jobs.insert(j.job_id.clone(), j.clone());
+            }
+            DeliveryRecord::Attempt(a) if !jobs.contains_key(&a.job_id) => {
+                unknown.push(a.job_id.clone());
+            }
+            _ => {}
+        }
+    }
+    if !unknown.is_empty() {
+        unknown.sort();
+        unknown.dedup();
+        for state in engine.queue.jobs(unknown).await? {
+            jobs.insert(state.job.job_id.clone(), state.job);
+        }
+    }
+    Ok(records
+        .iter()
+        .filter_map(|r| match r {
+            DeliveryRecord::Attempt(a) => jobs.get(&a.job_id).map(|job| AttemptRow {
+                job: job.clone(),
+                attempt: a.clone(),
+            }),
+            _ => None,
+        })
+        .collect())
 }
 
 /// Applies the deliveries log, as it is now, to the store (a replay's second half).

@@ -9,12 +9,11 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use postback_core::catalog::{Catalog, CatalogEvent};
 use postback_core::ids::IdGenerator;
 use postback_core::log::{EventLog, Keyed};
-use postback_core::seams::Store;
+use postback_core::seams::{AnalyticsStore, DeliveryQueue, StateStore};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -28,7 +27,14 @@ pub struct Engine {
     pub catalog_log: Arc<dyn EventLog>,
     /// Affiliate-postback jobs and the outcome of each attempt.
     pub deliveries: Arc<dyn EventLog>,
-    pub store: Arc<dyn Store>,
+    /// What the stats API reads.
+    pub analytics: Arc<dyn AnalyticsStore>,
+    /// The processor's state and positions.
+    pub state: Arc<dyn StateStore>,
+    /// The affiliate-postback jobs.
+    pub queue: Arc<dyn DeliveryQueue>,
+    /// See `backends::Stores::analytics_is_state`.
+    pub analytics_is_state: bool,
     pub catalog: RwLock<Catalog>,
     /// Serialises catalog writes, so that new ids are assigned one at a time.
     pub catalog_writer: tokio::sync::Mutex<()>,
@@ -58,9 +64,7 @@ impl Engine {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let api_key = resolve_api_key(&config.api_key, &dir)?;
         let logs = crate::backends::open_logs(&config, faults).await?;
-        let store = SqliteStore::open(&dir.join("store.sqlite"))
-            .context("opening the store")?
-            .with_query_budget(Duration::from_millis(config.query_timeout_ms));
+        let stores = crate::backends::open_stores(&config, &dir)?;
         let catalog = load_catalog(logs.catalog.as_ref()).await?;
         let seed: [u8; 8] = rand::random();
         Ok(Arc::new(Self {
@@ -68,7 +72,10 @@ impl Engine {
             events: logs.events,
             catalog_log: logs.catalog,
             deliveries: logs.deliveries,
-            store: Arc::new(store),
+            analytics: stores.analytics,
+            state: stores.state,
+            queue: stores.queue,
+            analytics_is_state: stores.analytics_is_state,
             catalog: RwLock::new(catalog),
             catalog_writer: tokio::sync::Mutex::new(()),
             ids: IdGenerator::new(

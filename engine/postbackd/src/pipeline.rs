@@ -6,18 +6,20 @@
 //! the store holds for it; on a revocation it forgets what it held in memory (the batch before
 //! was already stored and committed: it commits before it polls again).
 //!
-//! Effectively once: the store writes a batch's rows and the next positions of its partitions
-//! in one transaction, and every row id comes from a log position. After a crash the processor
-//! resumes at the stored positions; a batch that was half-done was not written at all, and one
-//! that is redone writes the same rows.
+//! Effectively once: every row id comes from a log position, the analytics store keeps a row
+//! inserted twice once, and the state store commits a batch's state with the next positions of
+//! its partitions in one transaction, after the batch's rows are in. After a crash the processor
+//! resumes at the committed positions, from the state committed with them; a batch that is
+//! redone inserts the same rows.
 
 use crate::engine::Engine;
 use postback_core::delivery::DeliveryRecord;
 use postback_core::event::Event;
 use postback_core::keys::Partition;
 use postback_core::log::{Keyed, Polled, Position, Record};
-use postback_core::processor::{self, Lookups, Parsed, Processor};
-use postback_core::seams::SeamError;
+use postback_core::processor::{self, ConversionChange, Lookups, Output, Parsed, Processor};
+use postback_core::rules::Conversion;
+use postback_core::seams::{AnalyticsRows, SeamError, StateChanges};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,7 +80,7 @@ async fn consume(engine: &Arc<Engine>, stop: &mut watch::Receiver<bool>) -> Resu
             Polled::Assigned(partitions) => {
                 rebalances.increment(1);
                 for p in partitions {
-                    let at = engine.store.position(CONSUMER, p).await?;
+                    let at = engine.state.position(CONSUMER, p).await?;
                     tracing::info!(partition = p, at, "processing a partition");
                     sub.start_at(p, at);
                 }
@@ -103,7 +105,7 @@ pub async fn process_to_end(engine: &Arc<Engine>) -> Result<u64, SeamError> {
     let mut processed = 0;
     for p in 0..engine.events.partitions() {
         let (start, end) = engine.events.bounds(p).await?;
-        let mut next = engine.store.position(CONSUMER, p).await?.max(start);
+        let mut next = engine.state.position(CONSUMER, p).await?.max(start);
         while next < end {
             let records = engine
                 .events
@@ -182,14 +184,14 @@ impl<'e> Batcher<'e> {
             let mut lookups = if missing.is_empty() {
                 Lookups::default()
             } else {
-                engine.store.lookup(missing, Vec::new()).await?
+                engine.state.lookup(missing, Vec::new()).await?
             };
             let keys = {
                 let catalog = engine.catalog_read();
                 processor.missing_conversions(&catalog, &batch, &lookups)
             };
             if !keys.is_empty() {
-                lookups.conversions = engine.store.lookup(Vec::new(), keys).await?.conversions;
+                lookups.conversions = engine.state.lookup(Vec::new(), keys).await?.conversions;
             }
             let catalog = engine.catalog_read();
             processor.apply(&catalog, &batch, lookups)
@@ -211,11 +213,7 @@ impl<'e> Batcher<'e> {
             .into_iter()
             .map(|(partition, offset)| Position { partition, offset })
             .collect();
-        if let Err(e) = engine
-            .store
-            .write(CONSUMER, output, positions.clone())
-            .await
-        {
+        if let Err(e) = store(engine, output, positions.clone()).await {
             // The cache may hold conversions the store does not: start afresh.
             processor.forget();
             return Err(e);
@@ -232,12 +230,57 @@ impl<'e> Batcher<'e> {
     }
 }
 
+/// Stores a batch's output: its analytics rows first (idempotent), then its state and the next
+/// positions. A crash between the two redoes the batch from the state before it, which gives
+/// the same rows. Where the analytics store is the state store, the clicks and conversions go
+/// in with the state only: written earlier, a redone batch would find its own conversions.
+async fn store(engine: &Engine, output: Output, next: Vec<Position>) -> Result<(), SeamError> {
+    let conversions = latest_states(&output.changes);
+    let state = StateChanges {
+        clicks: output.clicks,
+        conversions: output.changes.into_iter().map(|c| c.conversion).collect(),
+    };
+    let rows = if engine.analytics_is_state {
+        AnalyticsRows {
+            postbacks: output.postbacks,
+            ..Default::default()
+        }
+    } else {
+        AnalyticsRows {
+            clicks: state.clicks.clone(),
+            postbacks: output.postbacks,
+            conversions,
+            attempts: Vec::new(),
+        }
+    };
+    if !rows.is_empty() {
+        engine.analytics.insert(rows).await?;
+    }
+    engine.state.commit(CONSUMER, state, next).await
+}
+
+/// The last state of each conversion a batch changed.
+fn latest_states(changes: &[ConversionChange]) -> Vec<Conversion> {
+    let mut latest: BTreeMap<&str, &Conversion> = BTreeMap::new();
+    for c in changes {
+        latest.insert(&c.conversion.id, &c.conversion);
+    }
+    latest.into_values().cloned().collect()
+}
+
 /// Deletes store rows past the retention once an hour (and at start). The logs expire their
 /// own records (the embedded log by segment age, Kafka by `retention.ms`).
 pub async fn run_retention(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
     loop {
         let cutoff = now_us() - i64::from(engine.config.retention_days) * 86_400 * 1_000_000;
-        match engine.store.expire(cutoff).await {
+        let expired = async {
+            let mut n = engine.analytics.expire(cutoff).await?;
+            if !engine.analytics_is_state {
+                n += engine.state.expire(cutoff).await?;
+            }
+            Ok::<_, SeamError>(n + engine.queue.expire(cutoff).await?)
+        };
+        match expired.await {
             Ok(n) if n > 0 => tracing::info!(rows = n, "expired rows past the retention"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "retention pass failed; will retry"),

@@ -1,6 +1,7 @@
-//! The embedded analytics store: SQLite (through `rusqlite`) in the data directory, in WAL mode,
-//! with one writer connection (the processor) and a few reader connections (the stats API).
-//! The schema is `schemas/sqlite.sql`.
+//! The embedded store: SQLite (through `rusqlite`) in the data directory, in WAL mode, with one
+//! writer connection (the processor and the dispatcher) and a few reader connections (the stats
+//! API). It is the analytics store, the processor's state store and the delivery queue at once;
+//! the schema is `schemas/sqlite.sql`.
 
 use postback_core::delivery::{
     Attempt, AttemptRow, DeliveryJob, DeliveryRecord, DueJobs, DueQuery, JobState, JobStatus,
@@ -8,11 +9,11 @@ use postback_core::delivery::{
 use postback_core::keys::Partition;
 use postback_core::log::Position;
 use postback_core::params::Params;
-use postback_core::processor::{Lookups, Output, ServerPostbackRow};
+use postback_core::processor::{Lookups, ServerPostbackRow};
 use postback_core::rules::{Click, Conversion};
 use postback_core::seams::{
-    AttemptQuery, BoxFuture, ConversionQuery, Page, SeamError, ServerPostbackQuery, Store,
-    SummaryQuery, SummaryRow,
+    AnalyticsRows, AnalyticsStore, AttemptQuery, BoxFuture, ConversionQuery, DeliveryQueue, Page,
+    SeamError, ServerPostbackQuery, StateChanges, StateStore, SummaryQuery, SummaryRow,
 };
 use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row, Transaction};
@@ -22,7 +23,7 @@ use std::sync::{Arc, Mutex};
 const SCHEMA: &str = include_str!("../../../schemas/sqlite.sql");
 /// Kept in `PRAGMA user_version`. Raise it with every change to `schemas/sqlite.sql`: a store of
 /// another version is not migrated but rebuilt from the logs, which hold everything it derives.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 const READERS: usize = 3;
 
 /// What an existing store file's schema is, compared with this build's.
@@ -253,31 +254,86 @@ fn save_positions(tx: &Transaction<'_>, consumer: &str, next: &[Position]) -> ru
     Ok(())
 }
 
-fn write_output(
-    conn: &mut Connection,
-    consumer: &str,
-    out: &Output,
-    next: &[Position],
-) -> rusqlite::Result<()> {
+fn upsert_clicks(tx: &Transaction<'_>, clicks: &[Click]) -> rusqlite::Result<()> {
+    let mut click = tx.prepare_cached(
+        "INSERT OR IGNORE INTO clicks (click_id, at_us, offer_id, pid, ip, ua, referrer, country, subs)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )?;
+    for c in clicks {
+        click.execute(params![
+            c.click_id,
+            c.at_us,
+            c.offer_id as i64,
+            c.pid as i64,
+            c.ip,
+            c.ua,
+            c.referrer,
+            c.country,
+            serde_json::to_string(&c.subs).unwrap_or_else(|_| "[]".into()),
+        ])?;
+    }
+    Ok(())
+}
+
+/// Conversion states by id; a state replaces the stored one unless that one is of a higher
+/// version. The row keeps its `seq`, so it keeps its place in listings and snapshots.
+fn upsert_conversions(tx: &Transaction<'_>, conversions: &[Conversion]) -> rusqlite::Result<()> {
+    let mut conv = tx.prepare_cached(
+        "INSERT INTO conversions (id, conv_key, offer_id, pid, advertiser_id, goal, goal_lc,
+           action_id, clickid, status, sum, payouts, revenue, currency, ip, ua, comment,
+           sub1, sub2, sub3, sub4, sub5, sub6, sub7, sub8, custom_fields, promo_code, user_id,
+           created_us, updated_us, click_us, version)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
+           ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (id) DO UPDATE SET status = excluded.status,
+           updated_us = excluded.updated_us, comment = excluded.comment,
+           version = excluded.version
+         WHERE excluded.version >= conversions.version",
+    )?;
+    for c in conversions {
+        let sub = |i: usize| c.subs.get(i).cloned().unwrap_or_default();
+        conv.execute(params![
+            c.id,
+            c.key,
+            c.offer_id as i64,
+            c.pid as i64,
+            c.advertiser_id,
+            c.goal,
+            c.goal.to_lowercase(),
+            c.action_id,
+            c.clickid,
+            c.status,
+            c.sum,
+            c.payouts,
+            c.revenue,
+            c.currency,
+            c.ip,
+            c.ua,
+            c.comment,
+            sub(0),
+            sub(1),
+            sub(2),
+            sub(3),
+            sub(4),
+            sub(5),
+            sub(6),
+            sub(7),
+            serde_json::to_string(&c.custom_fields).unwrap_or_else(|_| "[]".into()),
+            c.promo_code,
+            c.user_id,
+            c.created_us,
+            c.updated_us,
+            c.click_us,
+            c.version(),
+        ])?;
+    }
+    Ok(())
+}
+
+fn insert_rows(conn: &mut Connection, rows: &AnalyticsRows) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
+    upsert_clicks(&tx, &rows.clicks)?;
     {
-        let mut click = tx.prepare_cached(
-            "INSERT OR IGNORE INTO clicks (click_id, at_us, offer_id, pid, ip, ua, referrer, country, subs)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )?;
-        for c in &out.clicks {
-            click.execute(params![
-                c.click_id,
-                c.at_us,
-                c.offer_id as i64,
-                c.pid as i64,
-                c.ip,
-                c.ua,
-                c.referrer,
-                c.country,
-                serde_json::to_string(&c.subs).unwrap_or_else(|_| "[]".into()),
-            ])?;
-        }
         let mut pb = tx.prepare_cached(
             "INSERT OR IGNORE INTO server_postbacks (id, at_us, server, method, get_pairs, post_pairs,
                pixel, response_status, error, clickid, action_id, goal, goal_lc, status, offer_id,
@@ -286,7 +342,7 @@ fn write_output(
         )?;
         let mut search =
             tx.prepare_cached("INSERT INTO server_postbacks_search (rowid, params) VALUES (?, ?)")?;
-        for r in &out.postbacks {
+        for r in &rows.postbacks {
             let inserted = pb.execute(params![
                 r.id,
                 r.at_us,
@@ -317,56 +373,87 @@ fn write_output(
                 search.execute(params![tx.last_insert_rowid(), search_text(r)])?;
             }
         }
-        let mut conv = tx.prepare_cached(
-            "INSERT INTO conversions (id, conv_key, offer_id, pid, advertiser_id, goal, goal_lc,
-               action_id, clickid, status, sum, payouts, revenue, currency, ip, ua, comment,
-               sub1, sub2, sub3, sub4, sub5, sub6, sub7, sub8, custom_fields, promo_code, user_id,
-               created_us, updated_us, click_us)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
-               ?, ?, ?, ?, ?)
-             ON CONFLICT (id) DO UPDATE SET status = excluded.status,
-               updated_us = excluded.updated_us, comment = excluded.comment",
+        let mut attempt = tx.prepare_cached(
+            "INSERT OR IGNORE INTO delivery_attempts (job_id, attempt, at_us, http_code, error,
+               state, next_at_us, pid, offer_id, goal_lc, conv_status, job)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )?;
-        for change in &out.changes {
-            let c = &change.conversion;
-            let sub = |i: usize| c.subs.get(i).cloned().unwrap_or_default();
-            conv.execute(params![
-                c.id,
-                c.key,
-                c.offer_id as i64,
-                c.pid as i64,
-                c.advertiser_id,
-                c.goal,
-                c.goal.to_lowercase(),
-                c.action_id,
-                c.clickid,
-                c.status,
-                c.sum,
-                c.payouts,
-                c.revenue,
-                c.currency,
-                c.ip,
-                c.ua,
-                c.comment,
-                sub(0),
-                sub(1),
-                sub(2),
-                sub(3),
-                sub(4),
-                sub(5),
-                sub(6),
-                sub(7),
-                serde_json::to_string(&c.custom_fields).unwrap_or_else(|_| "[]".into()),
-                c.promo_code,
-                c.user_id,
-                c.created_us,
-                c.updated_us,
-                c.click_us,
+        for AttemptRow { job, attempt: a } in &rows.attempts {
+            attempt.execute(params![
+                a.job_id,
+                a.attempt,
+                a.at_us,
+                a.http_code,
+                a.error,
+                a.state.as_str(),
+                a.next_at_us,
+                job.pid as i64,
+                job.offer_id as i64,
+                job.goal.to_lowercase(),
+                job.status,
+                serde_json::to_string(job).unwrap_or_default(),
             ])?;
         }
-        save_positions(&tx, consumer, next)?;
     }
+    upsert_conversions(&tx, &rows.conversions)?;
     tx.commit()
+}
+
+fn commit_state(
+    conn: &mut Connection,
+    consumer: &str,
+    state: &StateChanges,
+    next: &[Position],
+) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    upsert_clicks(&tx, &state.clicks)?;
+    upsert_conversions(&tx, &state.conversions)?;
+    save_positions(&tx, consumer, next)?;
+    tx.commit()
+}
+
+fn position(c: &Connection, consumer: &str, partition: Partition) -> Result<u64, SeamError> {
+    c.query_row(
+        "SELECT next_offset FROM positions WHERE consumer = ? AND partition = ?",
+        params![consumer, partition],
+        |r| r.get::<_, i64>(0),
+    )
+    .optional()
+    .map(|o| o.unwrap_or(0) as u64)
+    .map_err(db_err)
+}
+
+/// Deletes the rows of `table` whose `column` is before `before_us`, in small transactions so
+/// that the processor is never held up for long; runs `also` on each chunk's keys first (to
+/// delete what hangs off them). Returns how many rows went.
+fn delete_before(
+    c: &mut Connection,
+    table: &str,
+    key: &str,
+    column: &str,
+    before_us: i64,
+    also: Option<&str>,
+) -> Result<u64, SeamError> {
+    let mut removed = 0u64;
+    let chunk = format!("SELECT {key} FROM {table} WHERE {column} < ?1 LIMIT 5000");
+    loop {
+        let tx = c.transaction().map_err(db_err)?;
+        if let Some(also) = also {
+            tx.execute(&also.replace("{chunk}", &chunk), [before_us])
+                .map_err(db_err)?;
+        }
+        let n = tx
+            .execute(
+                &format!("DELETE FROM {table} WHERE {key} IN ({chunk})"),
+                [before_us],
+            )
+            .map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+        removed += n as u64;
+        if n == 0 {
+            return Ok(removed);
+        }
+    }
 }
 
 const CLICK_COLUMNS: &str = "click_id, at_us, offer_id, pid, ip, ua, referrer, country, subs";
@@ -629,8 +716,7 @@ struct Listing {
 const POSTBACK_LISTING: Listing = Listing {
     table: "server_postbacks",
     columns: POSTBACK_COLUMNS,
-    // seq follows log order, which is the order of the derived ids.
-    order: "at_us DESC, seq DESC",
+    order: "at_us DESC, id DESC",
     seq: "seq",
     sequence: "server_postbacks",
 };
@@ -710,65 +796,9 @@ fn select_in<T>(
     Ok(out)
 }
 
-impl Store for SqliteStore {
-    fn position(
-        &self,
-        consumer: &str,
-        partition: Partition,
-    ) -> BoxFuture<'_, Result<u64, SeamError>> {
-        let consumer = consumer.to_string();
-        self.with_writer(move |c| {
-            c.query_row(
-                "SELECT next_offset FROM positions WHERE consumer = ? AND partition = ?",
-                params![consumer, partition],
-                |r| r.get::<_, i64>(0),
-            )
-            .optional()
-            .map(|o| o.unwrap_or(0) as u64)
-            .map_err(db_err)
-        })
-    }
-
-    fn lookup(
-        &self,
-        click_ids: Vec<String>,
-        conversion_keys: Vec<String>,
-    ) -> BoxFuture<'_, Result<Lookups, SeamError>> {
-        // The writer connection: the processor must see its own last write.
-        self.with_writer(move |c| {
-            let mut out = Lookups::default();
-            let clicks = select_in(
-                c,
-                &format!("SELECT {CLICK_COLUMNS} FROM clicks WHERE click_id IN"),
-                &click_ids,
-                click_from_row,
-            )
-            .map_err(db_err)?;
-            for click in clicks {
-                out.clicks.insert(click.click_id.clone(), click);
-            }
-            let convs = select_in(
-                c,
-                &format!("SELECT {CONVERSION_COLUMNS} FROM conversions WHERE conv_key IN"),
-                &conversion_keys,
-                conversion_from_row,
-            )
-            .map_err(db_err)?;
-            for conv in convs {
-                out.conversions.insert(conv.key.clone(), conv);
-            }
-            Ok(out)
-        })
-    }
-
-    fn write(
-        &self,
-        consumer: &str,
-        output: Output,
-        next: Vec<Position>,
-    ) -> BoxFuture<'_, Result<(), SeamError>> {
-        let consumer = consumer.to_string();
-        self.with_writer(move |c| write_output(c, &consumer, &output, &next).map_err(db_err))
+impl AnalyticsStore for SqliteStore {
+    fn insert(&self, rows: AnalyticsRows) -> BoxFuture<'_, Result<(), SeamError>> {
+        self.with_writer(move |c| insert_rows(c, &rows).map_err(db_err))
     }
 
     fn server_postbacks(
@@ -852,59 +882,129 @@ impl Store for SqliteStore {
         })
     }
 
-    fn expire(&self, before_us: i64) -> BoxFuture<'_, Result<u64, SeamError>> {
-        self.with_writer(move |c| {
-            let mut removed = 0u64;
-            // Small transactions, so the processor is never held up for long.
-            loop {
-                let tx = c.transaction().map_err(db_err)?;
-                tx.execute(
-                    "DELETE FROM server_postbacks_search WHERE rowid IN
-                       (SELECT seq FROM server_postbacks WHERE at_us < ? ORDER BY at_us LIMIT 5000)",
-                    [before_us],
-                )
-                .map_err(db_err)?;
-                let n = tx
-                    .execute(
-                        "DELETE FROM server_postbacks WHERE seq IN
-                           (SELECT seq FROM server_postbacks WHERE at_us < ? ORDER BY at_us LIMIT 5000)",
-                        [before_us],
-                    )
-                    .map_err(db_err)?;
-                let m = tx
-                    .execute(
-                        "DELETE FROM conversions WHERE id IN
-                           (SELECT id FROM conversions WHERE created_us < ? LIMIT 5000)",
-                        [before_us],
-                    )
-                    .map_err(db_err)?;
-                let k = tx
-                    .execute(
-                        "DELETE FROM clicks WHERE click_id IN
-                           (SELECT click_id FROM clicks WHERE at_us < ? LIMIT 5000)",
-                        [before_us],
-                    )
-                    .map_err(db_err)?;
-                tx.execute(
-                    "DELETE FROM delivery_attempts WHERE seq IN
-                       (SELECT seq FROM delivery_attempts WHERE at_us < ? LIMIT 5000)",
-                    [before_us],
-                )
-                .map_err(db_err)?;
-                tx.execute(
-                    "DELETE FROM delivery_jobs WHERE job_id IN
-                       (SELECT job_id FROM delivery_jobs WHERE at_us < ? LIMIT 5000)",
-                    [before_us],
-                )
-                .map_err(db_err)?;
-                tx.commit().map_err(db_err)?;
-                removed += (n + m + k) as u64;
-                if n + m + k == 0 {
-                    return Ok(removed);
-                }
+    fn attempts(&self, q: AttemptQuery) -> BoxFuture<'_, Result<Page<AttemptRow>, SeamError>> {
+        self.with_reader(move |c| {
+            let mut f = Filter::default();
+            f.add(
+                "at_us >= ? AND at_us < ?",
+                [Value::Integer(q.from_us), Value::Integer(q.to_us)],
+            );
+            f.any_of("offer_id", ints(&q.offers));
+            f.any_of("pid", ints(&q.partners));
+            if let Some(v) = q.goal {
+                f.add("goal_lc = ?", [Value::Text(v.to_lowercase())]);
             }
+            if let Some(v) = q.status {
+                f.add("conv_status = ?", [Value::Integer(v.into())]);
+            }
+            if let Some(v) = q.http_code {
+                f.add("http_code = ?", [Value::Integer(v.into())]);
+            }
+            if let Some(v) = q.job_id {
+                f.add("job_id = ?", [Value::Text(v)]);
+            }
+            query_page(
+                c,
+                &ATTEMPT_LISTING,
+                f,
+                (q.offset, q.limit, q.snapshot),
+                attempt_from_row,
+            )
+            .map_err(db_err)
         })
     }
+
+    fn expire(&self, before_us: i64) -> BoxFuture<'_, Result<u64, SeamError>> {
+        self.with_writer(move |c| {
+            let postbacks = delete_before(
+                c,
+                "server_postbacks",
+                "seq",
+                "at_us",
+                before_us,
+                Some("DELETE FROM server_postbacks_search WHERE rowid IN ({chunk})"),
+            )?;
+            let attempts = delete_before(c, "delivery_attempts", "seq", "at_us", before_us, None)?;
+            Ok(postbacks + attempts + expire_state(c, before_us)?)
+        })
+    }
+}
+
+/// Clicks and conversions are the state's and the analytics' at once.
+fn expire_state(c: &mut Connection, before_us: i64) -> Result<u64, SeamError> {
+    Ok(
+        delete_before(c, "conversions", "id", "created_us", before_us, None)?
+            + delete_before(c, "clicks", "click_id", "at_us", before_us, None)?,
+    )
+}
+
+impl StateStore for SqliteStore {
+    fn position(
+        &self,
+        consumer: &str,
+        partition: Partition,
+    ) -> BoxFuture<'_, Result<u64, SeamError>> {
+        let consumer = consumer.to_string();
+        self.with_writer(move |c| position(c, &consumer, partition))
+    }
+
+    fn lookup(
+        &self,
+        click_ids: Vec<String>,
+        conversion_keys: Vec<String>,
+    ) -> BoxFuture<'_, Result<Lookups, SeamError>> {
+        // The writer connection: the processor must see its own last write.
+        self.with_writer(move |c| {
+            let mut out = Lookups::default();
+            let clicks = select_in(
+                c,
+                &format!("SELECT {CLICK_COLUMNS} FROM clicks WHERE click_id IN"),
+                &click_ids,
+                click_from_row,
+            )
+            .map_err(db_err)?;
+            for click in clicks {
+                out.clicks.insert(click.click_id.clone(), click);
+            }
+            let convs = select_in(
+                c,
+                &format!("SELECT {CONVERSION_COLUMNS} FROM conversions WHERE conv_key IN"),
+                &conversion_keys,
+                conversion_from_row,
+            )
+            .map_err(db_err)?;
+            for conv in convs {
+                out.conversions.insert(conv.key.clone(), conv);
+            }
+            Ok(out)
+        })
+    }
+
+    fn commit(
+        &self,
+        consumer: &str,
+        state: StateChanges,
+        next: Vec<Position>,
+    ) -> BoxFuture<'_, Result<(), SeamError>> {
+        let consumer = consumer.to_string();
+        self.with_writer(move |c| commit_state(c, &consumer, &state, &next).map_err(db_err))
+    }
+
+    fn expire(&self, before_us: i64) -> BoxFuture<'_, Result<u64, SeamError>> {
+        self.with_writer(move |c| expire_state(c, before_us))
+    }
+}
+
+impl DeliveryQueue for SqliteStore {
+    fn position(
+        &self,
+        consumer: &str,
+        partition: Partition,
+    ) -> BoxFuture<'_, Result<u64, SeamError>> {
+        let consumer = consumer.to_string();
+        self.with_writer(move |c| position(c, &consumer, partition))
+    }
+
     fn apply_deliveries(
         &self,
         consumer: &str,
@@ -953,35 +1053,9 @@ impl Store for SqliteStore {
         })
     }
 
-    fn attempts(&self, q: AttemptQuery) -> BoxFuture<'_, Result<Page<AttemptRow>, SeamError>> {
-        self.with_reader(move |c| {
-            let mut f = Filter::default();
-            f.add(
-                "a.at_us >= ? AND a.at_us < ?",
-                [Value::Integer(q.from_us), Value::Integer(q.to_us)],
-            );
-            f.any_of("j.offer_id", ints(&q.offers));
-            f.any_of("j.pid", ints(&q.partners));
-            if let Some(v) = q.goal {
-                f.add("j.goal_lc = ?", [Value::Text(v.to_lowercase())]);
-            }
-            if let Some(v) = q.status {
-                f.add("j.conv_status = ?", [Value::Integer(v.into())]);
-            }
-            if let Some(v) = q.http_code {
-                f.add("a.http_code = ?", [Value::Integer(v.into())]);
-            }
-            if let Some(v) = q.job_id {
-                f.add("a.job_id = ?", [Value::Text(v)]);
-            }
-            query_page(
-                c,
-                &ATTEMPT_LISTING,
-                f,
-                (q.offset, q.limit, q.snapshot),
-                attempt_from_row,
-            )
-            .map_err(db_err)
+    fn expire(&self, before_us: i64) -> BoxFuture<'_, Result<u64, SeamError>> {
+        self.with_writer(move |c| {
+            delete_before(c, "delivery_jobs", "job_id", "at_us", before_us, None)
         })
     }
 }
@@ -1045,10 +1119,10 @@ fn job_from_row(r: &Row<'_>) -> rusqlite::Result<JobState> {
 }
 
 const ATTEMPT_LISTING: Listing = Listing {
-    table: "delivery_attempts a JOIN delivery_jobs j ON j.job_id = a.job_id",
-    columns: "j.job, a.attempt, a.at_us, a.http_code, a.error, a.state, a.next_at_us",
-    order: "a.at_us DESC, a.job_id DESC, a.attempt DESC",
-    seq: "a.seq",
+    table: "delivery_attempts",
+    columns: "job, attempt, at_us, http_code, error, state, next_at_us",
+    order: "at_us DESC, job_id DESC, attempt DESC",
+    seq: "seq",
     sequence: "delivery_attempts",
 };
 
@@ -1085,13 +1159,10 @@ fn apply_deliveries(
                conv_status, job, state, attempts, round_base, next_at_us)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, 0, ?)",
         )?;
-        let mut insert_attempt = tx.prepare_cached(
-            "INSERT OR IGNORE INTO delivery_attempts (job_id, attempt, at_us, http_code, error, state, next_at_us)
-             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7 WHERE EXISTS (SELECT 1 FROM delivery_jobs WHERE job_id = ?1)",
-        )?;
+        // Attempts of a job are numbered in order: one at or below the count was applied.
         let mut update_job = tx.prepare_cached(
             "UPDATE delivery_jobs SET attempts = ?2, state = ?3, next_at_us = COALESCE(?4, next_at_us)
-             WHERE job_id = ?1 AND attempts <= ?2",
+             WHERE job_id = ?1 AND attempts < ?2",
         )?;
         let mut resend = tx.prepare_cached(
             "UPDATE delivery_jobs SET state = 'pending', next_at_us = ?2, round_base = attempts WHERE job_id = ?1",
@@ -1112,23 +1183,12 @@ fn apply_deliveries(
                     ])?;
                 }
                 DeliveryRecord::Attempt(a) => {
-                    let inserted = insert_attempt.execute(params![
+                    update_job.execute(params![
                         a.job_id,
                         a.attempt,
-                        a.at_us,
-                        a.http_code,
-                        a.error,
                         a.state.as_str(),
-                        a.next_at_us,
+                        a.next_at_us
                     ])?;
-                    if inserted == 1 {
-                        update_job.execute(params![
-                            a.job_id,
-                            a.attempt,
-                            a.state.as_str(),
-                            a.next_at_us
-                        ])?;
-                    }
                 }
                 DeliveryRecord::Resend { job_id, at_us } => {
                     resend.execute(params![job_id, at_us])?;
@@ -1145,30 +1205,34 @@ mod tests {
     use super::*;
     use postback_core::store_conformance as suite;
 
-    fn open() -> (tempfile::TempDir, SqliteStore) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = SqliteStore::open(&dir.path().join("s.sqlite")).expect("opens");
-        (dir, store)
+    /// A fresh store in a directory of its own under `dir`, each time it is called.
+    fn fresh(dir: &Path) -> impl Fn() -> Arc<SqliteStore> + Sync + '_ {
+        let n = std::sync::atomic::AtomicUsize::new(0);
+        move || {
+            let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Arc::new(SqliteStore::open(&dir.join(format!("s{i}.sqlite"))).expect("opens"))
+        }
     }
 
     #[tokio::test]
     async fn conforms() {
-        let (_d, s) = open();
-        suite::writes_are_idempotent_and_move_the_position(&s).await;
-        let (_d, s) = open();
-        suite::filters_search_and_paging(&s).await;
-        let (_d, s) = open();
-        suite::conversion_filters(&s).await;
-        let (_d, s) = open();
-        suite::expiry_removes_old_rows_everywhere(&s).await;
-        let (_d, s) = open();
-        suite::deliveries(&s).await;
-        let (_d, s) = open();
-        suite::due_jobs_are_fair_across_hosts(&s).await;
-        let (_d, s) = open();
-        suite::snapshots_pin_a_growing_listing(&s).await;
-        let (_d, s) = open();
-        suite::summaries(&s).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let new = fresh(dir.path());
+        suite::analytics_suite(&|| {
+            let s: Arc<dyn AnalyticsStore> = new();
+            Box::pin(async move { s })
+        })
+        .await;
+        suite::state_suite(&|| {
+            let s: Arc<dyn StateStore> = new();
+            Box::pin(async move { s })
+        })
+        .await;
+        suite::queue_suite(&|| {
+            let s: Arc<dyn DeliveryQueue> = new();
+            Box::pin(async move { s })
+        })
+        .await;
     }
 
     /// Enough rows that counting them takes many SQLite VM steps.
@@ -1180,15 +1244,11 @@ mod tests {
                 row
             })
             .collect();
-        let output = Output {
+        let rows = AnalyticsRows {
             postbacks: rows,
             ..Default::default()
         };
-        let at = vec![Position {
-            partition: 0,
-            offset: 1,
-        }];
-        store.write("p", output, at).await.expect("write");
+        store.insert(rows).await.expect("insert");
     }
 
     fn postback_row(i: i64) -> ServerPostbackRow {
@@ -1285,11 +1345,26 @@ mod tests {
     async fn data_survives_reopening() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("s.sqlite");
-        suite::writes_are_idempotent_and_move_the_position(
-            &SqliteStore::open(&path).expect("opens"),
-        )
-        .await;
+        let store = SqliteStore::open(&path).expect("opens");
+        filled(&store).await;
+        let next = vec![Position {
+            partition: 2,
+            offset: 8,
+        }];
+        StateStore::commit(&store, "p", StateChanges::default(), next)
+            .await
+            .expect("commit");
+        drop(store);
         let again = SqliteStore::open(&path).expect("reopens");
-        assert_eq!(again.position("p", 0).await.expect("position"), 8);
+        assert_eq!(
+            StateStore::position(&again, "p", 2)
+                .await
+                .expect("position"),
+            8
+        );
+        assert_eq!(
+            again.server_postbacks(broad()).await.expect("query").total,
+            1111
+        );
     }
 }

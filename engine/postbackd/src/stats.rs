@@ -215,7 +215,7 @@ async fn server_postbacks(engine: &Arc<Engine>, p: &Params) -> Result<Response<B
         snapshot: paging.snapshot,
         ..postback_filters(p, &tz)?
     };
-    let result = engine.store.server_postbacks(query).await?;
+    let result = engine.analytics.server_postbacks(query).await?;
     let click_ids: Vec<String> = result
         .rows
         .iter()
@@ -226,7 +226,7 @@ async fn server_postbacks(engine: &Arc<Engine>, p: &Params) -> Result<Response<B
         HashMap::new()
     } else {
         engine
-            .store
+            .analytics
             .clicks(click_ids)
             .await?
             .into_iter()
@@ -277,7 +277,7 @@ async fn summary(engine: &Arc<Engine>, p: &Params) -> Result<Response<Body>, Api
     };
     // The store counts by UTC hour; the client's hours and days are made of those.
     let mut groups: BTreeMap<(String, GroupKey), SummaryRow> = BTreeMap::new();
-    for mut row in engine.store.summary(query).await? {
+    for mut row in engine.analytics.summary(query).await? {
         let label = match row.hour_us.take() {
             Some(at) if hour => local_hour(&tz, at),
             Some(at) => format_time(&tz, at)[..10].to_string(),
@@ -445,7 +445,7 @@ async fn conversions(engine: &Arc<Engine>, p: &Params) -> Result<Response<Body>,
         limit: paging.limit,
         snapshot: paging.snapshot,
     };
-    let result = engine.store.conversions(query).await?;
+    let result = engine.analytics.conversions(query).await?;
     let catalog = engine.catalog_read();
     let rows: Vec<Value> = result
         .rows
@@ -559,7 +559,7 @@ async fn affiliate_postbacks(engine: &Arc<Engine>, p: &Params) -> Result<Respons
         limit: paging.limit,
         snapshot: paging.snapshot,
     };
-    let result = engine.store.attempts(query).await?;
+    let result = engine.analytics.attempts(query).await?;
     let rows: Vec<Value> = result.rows.iter().map(attempt_json).collect();
     Ok(json(
         StatusCode::OK,
