@@ -236,6 +236,10 @@ pub struct AnalyticsRows {
     pub conversions: Vec<Conversion>,
     /// Delivery attempts, each with its job; keyed by (job id, attempt number).
     pub attempts: Vec<AttemptRow>,
+    /// Some of these rows may be in the store already: the batch is redone after a failure, a
+    /// restart or a hand-over, or replayed. A store that does not keep a row once by itself
+    /// (ClickHouse merges duplicates only eventually) looks before it inserts.
+    pub maybe_inserted: bool,
 }
 
 impl AnalyticsRows {
@@ -251,16 +255,19 @@ impl AnalyticsRows {
 ///
 /// Contract:
 /// - `insert` is idempotent: rows are keyed by their ids (clicks by click id, attempts by job
-///   id and attempt number), a row inserted again is kept once, and of a conversion's states
-///   the latest by [`Conversion::version`] is the one read, whatever order they came in.
+///   id and attempt number), a row inserted again (in a batch marked
+///   [`AnalyticsRows::maybe_inserted`]) is read once, and of a conversion's states the latest
+///   by [`Conversion::version`] is the one read, whatever order they came in.
 /// - Listings are ordered newest first, ties by id, and are read in a snapshot: a
 ///   store-defined number that grows with every insert. A query that names an earlier
 ///   [`Page::snapshot`] sees exactly the rows it saw then (with their current values), so pages
 ///   never repeat or skip a row while rows are added, and `total` stays the same.
 /// - Search (`ServerPostbackQuery::search`) is a case-insensitive substring of any of the
 ///   postback's `key=value` parameters (query and body), of any length.
-/// - `expire` deletes rows older than the given time (by their own time: a postback's,
-///   a click's, a conversion's creation, an attempt's) and says how many.
+/// - `expire` retires rows older than the given time (by their own time: a postback's, a
+///   click's, a conversion's creation, an attempt's): queries no longer return them, and the
+///   store deletes them, at once or (ClickHouse 18) by whole months; it says how many it
+///   deleted.
 pub trait AnalyticsStore: Send + Sync + 'static {
     fn insert(&self, rows: AnalyticsRows) -> BoxFuture<'_, Result<(), SeamError>>;
     fn server_postbacks(
@@ -278,6 +285,10 @@ pub trait AnalyticsStore: Send + Sync + 'static {
     fn clicks(&self, ids: Vec<String>) -> BoxFuture<'_, Result<Vec<Click>, SeamError>>;
     fn attempts(&self, query: AttemptQuery) -> BoxFuture<'_, Result<Page<AttemptRow>, SeamError>>;
     fn expire(&self, before_us: i64) -> BoxFuture<'_, Result<u64, SeamError>>;
+    /// Why the store cannot take rows now, if its last insert failed (for `/ready`).
+    fn health(&self) -> Option<String> {
+        None
+    }
 }
 
 /// What the processor remembers between batches and must look up: clicks, conversion states,

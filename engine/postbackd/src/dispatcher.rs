@@ -542,18 +542,22 @@ async fn apply_new(
     until: Option<&BTreeMap<Partition, u64>>,
     mut applied: impl FnMut(&[DeliveryRecord]),
 ) -> Result<(), SeamError> {
+    const BATCH: usize = 1024;
     let log = &engine.deliveries;
     for p in 0..log.partitions() {
-        let mut pos = match next.get(&p) {
-            Some(pos) => *pos,
+        // The first batch after a (re)start may have been inserted into the attempt log before
+        // the queue was committed; a replay (`until`) inserts everything again.
+        // Taken out until the partition is done: after an error it is read from the queue.
+        let (mut pos, mut maybe_inserted) = match next.remove(&p) {
+            Some(pos) => (pos, false),
             None => {
                 let start = log.bounds(p).await?.0;
-                engine.queue.position(CONSUMER, p).await?.max(start)
+                (engine.queue.position(CONSUMER, p).await?.max(start), true)
             }
         };
         let end = until.and_then(|u| u.get(&p).copied()).unwrap_or(u64::MAX);
         while pos < end {
-            let batch = log.read(p, pos, 1024, 4 << 20).await?;
+            let batch = log.read(p, pos, BATCH, 4 << 20).await?;
             let Some(last) = batch.last().map(|r| r.offset) else {
                 break;
             };
@@ -569,10 +573,12 @@ async fn apply_new(
                     .analytics
                     .insert(AnalyticsRows {
                         attempts,
+                        maybe_inserted: maybe_inserted || until.is_some(),
                         ..Default::default()
                     })
                     .await?;
             }
+            maybe_inserted = false;
             engine
                 .queue
                 .apply_deliveries(CONSUMER, records.clone(), at)

@@ -83,6 +83,7 @@ async fn consume(engine: &Arc<Engine>, stop: &mut watch::Receiver<bool>) -> Resu
                     let at = engine.state.position(CONSUMER, p).await?;
                     tracing::info!(partition = p, at, "processing a partition");
                     sub.start_at(p, at);
+                    batch.resumed_at(p, at);
                 }
             }
             Polled::Revoked(partitions) => {
@@ -102,6 +103,8 @@ async fn consume(engine: &Arc<Engine>, stop: &mut watch::Receiver<bool>) -> Resu
 /// creating no delivery jobs (a replay reads them back from the deliveries log).
 pub async fn process_to_end(engine: &Arc<Engine>) -> Result<u64, SeamError> {
     let mut batch = Batcher::new(engine, false);
+    // A replay inserts every row again.
+    batch.redo_all = true;
     let mut processed = 0;
     for p in 0..engine.events.partitions() {
         let (start, end) = engine.events.bounds(p).await?;
@@ -132,6 +135,12 @@ struct Batcher<'e> {
     buffers: simd_json::Buffers,
     /// Append the affiliate postbacks a batch triggers to the deliveries log.
     emit_jobs: bool,
+    /// Per partition, the offset below which rows may have been inserted already: a batch
+    /// before it failed or was cut short by a crash or a hand-over after its insert, and
+    /// started at the committed position with at most `processor_batch` records.
+    redo_below: BTreeMap<Partition, u64>,
+    /// Every batch may have been inserted already (a replay).
+    redo_all: bool,
 }
 
 impl<'e> Batcher<'e> {
@@ -144,7 +153,15 @@ impl<'e> Batcher<'e> {
             ),
             buffers: simd_json::Buffers::new(4096),
             emit_jobs,
+            redo_below: BTreeMap::new(),
+            redo_all: false,
         }
+    }
+
+    /// Processing of `partition` starts (again) at `at`, its committed position.
+    fn resumed_at(&mut self, partition: Partition, at: u64) {
+        let batch = self.engine.config.processor_batch as u64;
+        self.redo_below.insert(partition, at.saturating_add(batch));
     }
 
     /// Processes records (in order within each partition) and stores the result with the next
@@ -156,6 +173,12 @@ impl<'e> Batcher<'e> {
         let engine = self.engine;
         let mut next: BTreeMap<Partition, u64> = BTreeMap::new();
         let count = records.len() as u64;
+        let maybe_inserted = self.redo_all
+            || records.iter().any(|r| {
+                self.redo_below
+                    .get(&r.partition)
+                    .is_some_and(|below| r.offset < *below)
+            });
         // simd-json decodes our envelopes about 12% faster than serde_json (benches/core.rs);
         // it works in place, on the records the batch owns anyway.
         let batch: Vec<(Position, Parsed)> = records
@@ -213,7 +236,7 @@ impl<'e> Batcher<'e> {
             .into_iter()
             .map(|(partition, offset)| Position { partition, offset })
             .collect();
-        if let Err(e) = store(engine, output, positions.clone()).await {
+        if let Err(e) = store(engine, output, positions.clone(), maybe_inserted).await {
             // The cache may hold conversions the store does not: start afresh.
             processor.forget();
             return Err(e);
@@ -234,7 +257,12 @@ impl<'e> Batcher<'e> {
 /// positions. A crash between the two redoes the batch from the state before it, which gives
 /// the same rows. Where the analytics store is the state store, the clicks and conversions go
 /// in with the state only: written earlier, a redone batch would find its own conversions.
-async fn store(engine: &Engine, output: Output, next: Vec<Position>) -> Result<(), SeamError> {
+async fn store(
+    engine: &Engine,
+    output: Output,
+    next: Vec<Position>,
+    maybe_inserted: bool,
+) -> Result<(), SeamError> {
     let conversions = latest_states(&output.changes);
     let state = StateChanges {
         clicks: output.clicks,
@@ -243,6 +271,7 @@ async fn store(engine: &Engine, output: Output, next: Vec<Position>) -> Result<(
     let rows = if engine.analytics_is_state {
         AnalyticsRows {
             postbacks: output.postbacks,
+            maybe_inserted,
             ..Default::default()
         }
     } else {
@@ -251,6 +280,7 @@ async fn store(engine: &Engine, output: Output, next: Vec<Position>) -> Result<(
             postbacks: output.postbacks,
             conversions,
             attempts: Vec::new(),
+            maybe_inserted,
         }
     };
     if !rows.is_empty() {

@@ -1,0 +1,394 @@
+//! The SQL postbackd sends to ClickHouse, built as text: pure functions of the query and the
+//! database name, so that tests can run every template in a current engine (chdb) too. Values
+//! are always literals quoted here, never spliced raw.
+
+use postback_core::seams::{
+    AttemptQuery, ConversionQuery, ServerPostbackQuery, SummaryKey, SummaryQuery, HOUR_US,
+};
+use std::fmt::Write as _;
+
+/// A string literal: ClickHouse reads backslash escapes inside single quotes.
+pub fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('\'');
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\'' => out.push_str("\\'"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\0' => out.push_str("\\0"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+fn list<T>(values: &[T], f: impl Fn(&T) -> String) -> String {
+    values.iter().map(f).collect::<Vec<_>>().join(", ")
+}
+
+/// A WHERE clause under construction.
+#[derive(Default)]
+struct Where(Vec<String>);
+
+impl Where {
+    fn add(&mut self, clause: String) {
+        self.0.push(clause);
+    }
+    fn any_of<T>(&mut self, column: &str, values: &[T], f: impl Fn(&T) -> String) {
+        if !values.is_empty() {
+            self.add(format!("{column} IN ({})", list(values, f)));
+        }
+    }
+    fn sql(&self) -> String {
+        if self.0.is_empty() {
+            "1".into()
+        } else {
+            self.0.join(" AND ")
+        }
+    }
+}
+
+/// Lowercases as the search text is lowercased (Rust's Unicode lowercase, per `key=value`
+/// line), so that a search is a byte substring match.
+pub fn search_needle(term: &str) -> String {
+    term.to_lowercase()
+}
+
+/// The search text of a postback's parameters: `key=value` lines, lowercased.
+pub fn search_text<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> String {
+    let mut s = String::new();
+    for (k, v) in pairs {
+        s.push_str(&format!("{k}={v}").to_lowercase());
+        s.push('\n');
+    }
+    s
+}
+
+/// The server-postback filters; `floor_us` hides rows past the retention, `snapshot` rows
+/// written after it.
+fn postback_where(q: &ServerPostbackQuery, floor_us: i64, snapshot: i64) -> String {
+    let mut w = Where::default();
+    w.add(format!(
+        "at_us >= {} AND at_us < {}",
+        q.from_us.max(floor_us),
+        q.to_us
+    ));
+    w.any_of("offer_id", &q.offers, u64::to_string);
+    w.any_of("pid", &q.partners, u64::to_string);
+    w.any_of("advertiser_id", &q.suppliers, |s| quote(s));
+    if let Some(v) = &q.click_id {
+        w.add(format!("clickid = {}", quote(v)));
+    }
+    if let Some(v) = &q.action_id {
+        w.add(format!("action_id = {}", quote(v)));
+    }
+    if let Some(v) = &q.goal {
+        w.add(format!("goal_lc = {}", quote(&v.to_lowercase())));
+    }
+    if let Some(v) = q.status {
+        w.add(format!("status = {v}"));
+    }
+    if let Some(v) = q.response_status {
+        w.add(format!("response_status = {v}"));
+    }
+    if let Some(s) = q.search.as_ref().filter(|s| !s.is_empty()) {
+        w.add(format!(
+            "position(search, {}) > 0",
+            quote(&search_needle(s))
+        ));
+    }
+    w.add(format!("written_us <= {snapshot}"));
+    w.sql()
+}
+
+pub const POSTBACK_COLUMNS: &str = "id, at_us, server, method, get_pairs, post_pairs, pixel, \
+    response_status, error, clickid, action_id, goal, status, offer_id, pid, advertiser_id, \
+    conversion_id, delta, ip, created, payouts, revenue";
+
+/// How many rows match.
+pub fn postbacks_count(db: &str, q: &ServerPostbackQuery, floor_us: i64, snapshot: i64) -> String {
+    format!(
+        "SELECT count() AS n FROM {db}.server_postbacks WHERE {}",
+        postback_where(q, floor_us, snapshot)
+    )
+}
+
+/// One page, newest first, ties by id. The page's keys are found first, reading two columns;
+/// then only its rows are read whole.
+pub fn postbacks_page(db: &str, q: &ServerPostbackQuery, floor_us: i64, snapshot: i64) -> String {
+    let w = postback_where(q, floor_us, snapshot);
+    format!(
+        "SELECT {POSTBACK_COLUMNS} FROM {db}.server_postbacks \
+         WHERE {w} AND (at_us, id) IN (SELECT at_us, id FROM {db}.server_postbacks WHERE {w} \
+           ORDER BY at_us DESC, id DESC LIMIT {}, {}) \
+         ORDER BY at_us DESC, id DESC LIMIT 1 BY id",
+        q.offset, q.limit
+    )
+}
+
+/// The summary: one GROUP BY; keys not grouped by are constants (the caller leaves them out).
+/// Output names differ from the columns' (`k_`, `n_`): an alias that shadows a column would
+/// change what the aggregates read.
+pub fn summary(db: &str, q: &SummaryQuery, floor_us: i64, snapshot: i64) -> String {
+    let has = |k| q.group_by.contains(&k);
+    let key = |on: bool, expr: &str, none: &str, alias: &str| {
+        format!("{} AS {alias}", if on { expr } else { none })
+    };
+    let hour = format!("intDiv(at_us, {HOUR_US}) * {HOUR_US}");
+    let keys = [
+        key(
+            has(SummaryKey::Hour) || has(SummaryKey::Day),
+            &hour,
+            "toInt64(0)",
+            "k_hour",
+        ),
+        key(has(SummaryKey::Offer), "offer_id", "toUInt64(0)", "k_offer"),
+        key(
+            has(SummaryKey::Advertiser),
+            "advertiser_id",
+            "''",
+            "k_advertiser",
+        ),
+        key(has(SummaryKey::Partner), "pid", "toUInt64(0)", "k_partner"),
+        key(has(SummaryKey::Goal), "goal_lc", "''", "k_goal"),
+        key(
+            has(SummaryKey::ResponseStatus),
+            "response_status",
+            "toUInt8(0)",
+            "k_response",
+        ),
+        key(has(SummaryKey::Error), "error", "''", "k_error"),
+    ];
+    let aliases = "k_hour, k_offer, k_advertiser, k_partner, k_goal, k_response, k_error";
+    format!(
+        "SELECT {keys}, count() AS n_postbacks, countIf(response_status = 1) AS n_accepted, \
+           countIf(response_status != 1) AS n_rejected, countIf(created = 1) AS n_conversions, \
+           sumIf(payouts, created = 1) AS n_payouts, sumIf(revenue, created = 1) AS n_revenue \
+         FROM {db}.server_postbacks WHERE {w} \
+         GROUP BY {aliases} ORDER BY {aliases}",
+        keys = keys.join(", "),
+        w = postback_where(&q.filters, floor_us, snapshot)
+    )
+}
+
+/// Columns a conversion's states share (set at creation).
+const CONVERSION_FIXED: [&str; 20] = [
+    "conv_key",
+    "offer_id",
+    "pid",
+    "advertiser_id",
+    "goal",
+    "goal_lc",
+    "action_id",
+    "clickid",
+    "sum",
+    "payouts",
+    "revenue",
+    "currency",
+    "ip",
+    "ua",
+    "subs",
+    "custom_fields",
+    "promo_code",
+    "user_id",
+    "created_us",
+    "click_us",
+];
+/// Columns a later state changes.
+const CONVERSION_CHANGING: [&str; 3] = ["status", "comment", "updated_us"];
+
+pub const CONVERSION_COLUMNS: &str = "id, conv_key, offer_id, pid, advertiser_id, goal, \
+    action_id, clickid, status, sum, payouts, revenue, currency, ip, ua, comment, subs, \
+    custom_fields, promo_code, user_id, created_us, updated_us, click_us";
+
+/// Each conversion once, in its latest state, among those first written by `snapshot`; the
+/// filters on what never changes narrow the states read, the status is filtered once they are
+/// resolved.
+fn conversions_resolved(db: &str, q: &ConversionQuery, floor_us: i64, snapshot: i64) -> String {
+    let mut w = Where::default();
+    w.add(format!(
+        "created_us >= {} AND created_us < {}",
+        q.from_us.max(floor_us),
+        q.to_us
+    ));
+    w.any_of("offer_id", &q.offers, u64::to_string);
+    w.any_of("advertiser_id", &q.advertisers, |s| quote(s));
+    w.any_of("pid", &q.partners, u64::to_string);
+    if let Some(v) = &q.goal {
+        w.add(format!("goal_lc = {}", quote(&v.to_lowercase())));
+    }
+    if let Some(v) = &q.action_id {
+        w.add(format!("action_id = {}", quote(v)));
+    }
+    if let Some(v) = &q.clickid {
+        w.add(format!("clickid = {}", quote(v)));
+    }
+    if let Some(v) = &q.conversion_id {
+        w.add(format!("id = {}", quote(v)));
+    }
+    for (i, sub) in q.subs.iter().enumerate() {
+        if let Some(v) = sub {
+            w.add(format!("subs[{}] = {}", i + 1, quote(v)));
+        }
+    }
+    let mut columns = vec!["id".to_string()];
+    columns.extend(
+        CONVERSION_FIXED
+            .iter()
+            .map(|c| format!("any({c}) AS c_{c}")),
+    );
+    columns.extend(
+        CONVERSION_CHANGING
+            .iter()
+            .map(|c| format!("argMax({c}, version) AS c_{c}")),
+    );
+    let mut having = vec![format!("min(written_us) <= {snapshot}")];
+    if !q.statuses.is_empty() {
+        having.push(format!(
+            "c_status IN ({})",
+            list(&q.statuses, u8::to_string)
+        ));
+    }
+    let outer = CONVERSION_COLUMNS
+        .split(", ")
+        .map(|c| {
+            if c == "id" {
+                "id".to_string()
+            } else {
+                format!("c_{c} AS {c}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "SELECT {outer} FROM (SELECT {columns} FROM {db}.conversions WHERE {w} GROUP BY id \
+         HAVING {having})",
+        columns = columns.join(", "),
+        w = w.sql(),
+        having = having.join(" AND ")
+    )
+}
+
+pub fn conversions_count(db: &str, q: &ConversionQuery, floor_us: i64, snapshot: i64) -> String {
+    format!(
+        "SELECT count() AS n FROM ({})",
+        conversions_resolved(db, q, floor_us, snapshot)
+    )
+}
+
+pub fn conversions_page(db: &str, q: &ConversionQuery, floor_us: i64, snapshot: i64) -> String {
+    format!(
+        "{} ORDER BY created_us DESC, id DESC LIMIT {}, {}",
+        conversions_resolved(db, q, floor_us, snapshot),
+        q.offset,
+        q.limit
+    )
+}
+
+fn attempt_where(q: &AttemptQuery, floor_us: i64, snapshot: i64) -> String {
+    let mut w = Where::default();
+    w.add(format!(
+        "at_us >= {} AND at_us < {}",
+        q.from_us.max(floor_us),
+        q.to_us
+    ));
+    w.any_of("offer_id", &q.offers, u64::to_string);
+    w.any_of("pid", &q.partners, u64::to_string);
+    if let Some(v) = &q.goal {
+        w.add(format!("goal_lc = {}", quote(&v.to_lowercase())));
+    }
+    if let Some(v) = q.status {
+        w.add(format!("conv_status = {v}"));
+    }
+    if let Some(v) = q.http_code {
+        w.add(format!("http_code = {v}"));
+    }
+    if let Some(v) = &q.job_id {
+        w.add(format!("job_id = {}", quote(v)));
+    }
+    w.add(format!("written_us <= {snapshot}"));
+    w.sql()
+}
+
+pub const ATTEMPT_COLUMNS: &str =
+    "job, attempt, at_us, http_code, error, state, next_at_us, job_id";
+
+pub fn attempts_count(db: &str, q: &AttemptQuery, floor_us: i64, snapshot: i64) -> String {
+    format!(
+        "SELECT count() AS n FROM {db}.delivery_attempts WHERE {}",
+        attempt_where(q, floor_us, snapshot)
+    )
+}
+
+pub fn attempts_page(db: &str, q: &AttemptQuery, floor_us: i64, snapshot: i64) -> String {
+    format!(
+        "SELECT {ATTEMPT_COLUMNS} FROM {db}.delivery_attempts WHERE {} \
+         ORDER BY at_us DESC, job_id DESC, attempt DESC LIMIT 1 BY job_id, attempt LIMIT {}, {}",
+        attempt_where(q, floor_us, snapshot),
+        q.offset,
+        q.limit
+    )
+}
+
+pub const CLICK_COLUMNS: &str = "click_id, at_us, offer_id, pid, ip, ua, referrer, country, subs";
+
+pub fn clicks_by_id(db: &str, ids: &[String], floor_us: i64) -> String {
+    format!(
+        "SELECT {CLICK_COLUMNS} FROM {db}.clicks WHERE click_id IN ({}) AND at_us >= {floor_us} \
+         LIMIT 1 BY click_id",
+        list(ids, |s| quote(s))
+    )
+}
+
+/// Which of a redone batch's rows are in already: ids within the batch's time range.
+pub fn existing(
+    db: &str,
+    table: &str,
+    key: &str,
+    time: &str,
+    keys: &[String],
+    span: (i64, i64),
+) -> String {
+    format!(
+        "SELECT DISTINCT {key} AS k FROM {db}.{table} WHERE {time} >= {} AND {time} <= {} \
+         AND {key} IN ({})",
+        span.0,
+        span.1,
+        list(keys, |s| quote(s))
+    )
+}
+
+/// The active partitions of the analytics tables, with their rows (for retention on servers
+/// without TTL).
+pub fn partitions(db: &str) -> String {
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        "SELECT table, partition, toUInt64(sum(rows)) AS rows FROM system.parts \
+         WHERE database = {} AND active AND table IN ('server_postbacks', 'conversions', \
+         'clicks', 'delivery_attempts') GROUP BY table, partition ORDER BY table, partition",
+        quote(db)
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literals_are_quoted() {
+        assert_eq!(quote("a'b\\c\nd"), "'a\\'b\\\\c\\nd'");
+        assert_eq!(quote("é"), "'é'");
+    }
+
+    #[test]
+    fn search_text_is_lowercased_lines() {
+        let text = search_text([("Key", "VÄLUE"), ("b", "2")].into_iter());
+        assert_eq!(text, "key=välue\nb=2\n");
+    }
+}
