@@ -19,7 +19,15 @@ install() {
     echo "clickhouse.sh: clickhouse-server is missing and apt-get is not here to install it" >&2
     exit 1
   fi
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || {
+      echo "clickhouse.sh: installing clickhouse-server needs root (or sudo)" >&2
+      exit 1
+    }
+    sudo="sudo"
+  fi
+  ($sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
     clickhouse-server clickhouse-client) >&2
 }
 

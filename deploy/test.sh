@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: formatting, lints, then every test.
 # Services and tools the tests need are installed and started here: a Kafka broker (KRaft, from
-# Maven Central with the machine's Java and Maven: deploy/kafka.sh) for the Kafka suites, and
-# the API fuzzer (schemathesis, from PyPI into target/py; needs Python 3).
+# Maven Central with the machine's Java and Maven: deploy/kafka.sh) for the Kafka suites, a
+# ClickHouse server (Debian's package, as a plain process: deploy/clickhouse.sh) for the
+# ClickHouse suites, a current ClickHouse engine in process (chdb, from PyPI into target/py)
+# for the modern DDL and queries, and the API fuzzer (schemathesis, from PyPI into target/py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,9 +30,12 @@ rm -f "$results"
 echo "== Kafka suites"
 kafka_dir=$(mktemp -d)
 kafka_port=19192
+clickhouse_dir=$(mktemp -d)
 cleanup() {
   bash deploy/kafka.sh stop "$kafka_dir" || true
   rm -rf "$kafka_dir"
+  bash deploy/clickhouse.sh stop "$clickhouse_dir" || true
+  rm -rf "$clickhouse_dir"
   if [ -n "${fuzz_pid:-}" ]; then kill "$fuzz_pid" 2>/dev/null || true; fi
   if [ -n "${fuzz_data:-}" ]; then rm -rf "$fuzz_data"; fi
 }
@@ -45,9 +50,28 @@ failed=$((failed + $(awk '/^test result:/ {f += $6} END {print f + 0}' "$kafka_r
 rm -f "$kafka_results"
 bash deploy/kafka.sh stop "$kafka_dir"
 
+# The ClickHouse analytics store, against Debian's server (18.16): the analytics conformance
+# suite, the HTTP suites with the engine's analytics on ClickHouse, and the server stopped for
+# 20 s under load; then the DDL and every query template in a current engine (chdb).
+echo "== ClickHouse suites"
+clickhouse_port=18123
+bash deploy/clickhouse.sh start "$clickhouse_dir" "$clickhouse_port"
+python3 -m venv target/py >/dev/null
+target/py/bin/pip install --quiet --disable-pip-version-check chdb==4.4.0
+clickhouse_results=$(mktemp)
+export POSTBACKD_TEST_CLICKHOUSE=clickhouse://127.0.0.1:$clickhouse_port
+export POSTBACKD_TEST_CLICKHOUSE_DIR=$clickhouse_dir POSTBACKD_TEST_CHDB_PYTHON=$PWD/target/py/bin/python
+cargo test --locked -p postback-clickhouse -- --include-ignored 2>&1 | tee "$clickhouse_results"
+cargo test --locked -p postbackd --test e2e --test paging --test delivery --test clickhouse_outage \
+  -- --include-ignored 2>&1 | tee -a "$clickhouse_results"
+unset POSTBACKD_TEST_CLICKHOUSE POSTBACKD_TEST_CLICKHOUSE_DIR POSTBACKD_TEST_CHDB_PYTHON
+passed=$((passed + $(awk '/^test result:/ {p += $4} END {print p + 0}' "$clickhouse_results")))
+failed=$((failed + $(awk '/^test result:/ {f += $6} END {print f + 0}' "$clickhouse_results")))
+rm -f "$clickhouse_results"
+bash deploy/clickhouse.sh stop "$clickhouse_dir"
+
 # The HTTP API, fuzzed from its OpenAPI description: no input may produce a server error.
 echo "== schemathesis against schemas/openapi.yaml"
-python3 -m venv target/py >/dev/null
 target/py/bin/pip install --quiet --disable-pip-version-check schemathesis==4.32.5
 fuzz_data=$(mktemp -d)
 data=$fuzz_data

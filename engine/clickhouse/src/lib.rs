@@ -17,6 +17,8 @@
 //! - Snapshots: each insert carries the writer's `written_us` (strictly increasing in this
 //!   process); a listing's snapshot is a `written_us` no insert still in flight is below.
 
+#[cfg(test)]
+mod chdb_check;
 mod rows;
 pub mod sql;
 
@@ -93,10 +95,9 @@ impl ClickHouseConfig {
 }
 
 fn percent_decode(s: &str) -> Result<String, std::str::Utf8Error> {
-    url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
-        .next()
-        .map(|(_, v)| Ok(v.into_owned()))
-        .unwrap_or_else(|| Ok(String::new()))
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .map(|v| v.into_owned())
 }
 
 /// ClickHouse's error codes that say "later" rather than "never" (from its ErrorCodes.cpp).
@@ -259,7 +260,7 @@ impl Drop for InFlight<'_> {
 }
 
 impl ClickHouseStore {
-    /// Connects, reads the server's version, and applies the migrations not applied yet.
+    /// Connects and reads the server's version. The schema is [`Self::migrate`]'s.
     pub async fn connect(config: &ClickHouseConfig) -> Result<Self, SeamError> {
         let mut admin = Client::default()
             .with_url(&config.url)
@@ -295,7 +296,6 @@ impl ClickHouseStore {
             floor_us: AtomicI64::new(i64::MIN),
             trouble: Mutex::new(None),
         };
-        store.migrate().await?;
         tracing::info!(
             version = ?store.version,
             database = %store.db,
@@ -320,19 +320,15 @@ impl ClickHouseStore {
                 .await
                 .map_err(write_err)
         };
-        run(format!("CREATE DATABASE IF NOT EXISTS {db}")).await?;
-        run(format!(
-            "CREATE TABLE IF NOT EXISTS {db}.schema_migrations \
-             (version UInt32, name String, applied_us Int64) ENGINE = TinyLog"
-        ))
-        .await?;
+        run(sql::create_database(db)).await?;
+        run(sql::create_migrations_table(db)).await?;
         #[derive(clickhouse::Row, serde::Deserialize)]
         struct Applied {
             version: u32,
         }
         let applied: HashSet<u32> = self
             .admin
-            .query_raw(&format!("SELECT version FROM {db}.schema_migrations"))
+            .query_raw(&sql::applied_migrations(db))
             .fetch_all::<Applied>()
             .await
             .map_err(write_err)?
@@ -349,16 +345,44 @@ impl ClickHouseStore {
             {
                 run(statement).await?;
             }
-            run(format!(
-                "INSERT INTO {db}.schema_migrations VALUES ({version}, {}, {})",
-                sql::quote(name),
-                now_us()
-            ))
-            .await?;
+            run(sql::record_migration(db, *version, name, now_us())).await?;
             tracing::info!(version, name, "applied a ClickHouse migration");
             count += 1;
         }
         Ok(count)
+    }
+
+    /// Fails unless every migration of this build is applied: a schema that is behind is
+    /// upgraded by `postbackd migrate` (or `--migrate`), never silently.
+    pub async fn check_schema(&self) -> Result<(), SeamError> {
+        #[derive(clickhouse::Row, serde::Deserialize)]
+        struct Applied {
+            version: u32,
+        }
+        let db = &self.db;
+        let applied: HashSet<u32> = match self
+            .admin
+            .query_raw(&sql::applied_migrations(db))
+            .fetch_all::<Applied>()
+            .await
+        {
+            Ok(rows) => rows.into_iter().map(|a| a.version).collect(),
+            Err(e) if matches!(error_code(&e.to_string()), Some(60 | 81)) => HashSet::new(),
+            Err(e) => return Err(write_err(e)),
+        };
+        let missing: Vec<u32> = MIGRATIONS
+            .iter()
+            .map(|(v, _, _)| *v)
+            .filter(|v| !applied.contains(v))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(SeamError::Fatal(format!(
+                "the ClickHouse database {db} lacks migrations {missing:?} of this build: run \
+                 `postbackd migrate --store ...` (or start with --migrate)"
+            )))
+        }
     }
 
     /// The next `written_us`: the clock, but strictly after the last one.
@@ -573,14 +597,11 @@ impl ClickHouseStore {
             .map_err(write_err)?;
         let mut dropped = 0;
         for p in parts {
-            let Some(end) = month_end_us(&p.partition) else {
+            let Some((month, end)) = month_end_us(&p.partition) else {
                 continue;
             };
             if end <= before_us {
-                let sql = format!(
-                    "ALTER TABLE {}.{} DROP PARTITION {}",
-                    self.db, p.table, p.partition
-                );
+                let sql = sql::drop_partition(&self.db, &p.table, month);
                 self.client
                     .query_raw(&sql)
                     .execute()
@@ -601,10 +622,10 @@ impl ClickHouseStore {
     }
 }
 
-/// The first microsecond after the month of a `toYYYYMM` partition id (UTC).
-fn month_end_us(partition: &str) -> Option<i64> {
-    let n: i64 = partition.trim_matches('\'').parse().ok()?;
-    let (year, month) = (n / 100, n % 100);
+/// A `toYYYYMM` partition id, and the first microsecond after its month (UTC).
+fn month_end_us(partition: &str) -> Option<(u32, i64)> {
+    let n: u32 = partition.trim_matches('\'').parse().ok()?;
+    let (year, month) = (i64::from(n / 100), i64::from(n % 100));
     if !(1..=12).contains(&month) {
         return None;
     }
@@ -613,7 +634,7 @@ fn month_end_us(partition: &str) -> Option<i64> {
     } else {
         (year, month + 1)
     };
-    Some(days_from_civil(y, m) * 86_400_000_000)
+    Some((n, days_from_civil(y, m) * 86_400_000_000))
 }
 
 /// Days since 1970-01-01 of the first of a month (Howard Hinnant's algorithm).
@@ -788,6 +809,7 @@ pub async fn fresh_for_tests(url: &str, database: &str) -> Result<Arc<ClickHouse
         ClickHouseConfig::from_url(&format!("{url}/{database}")).map_err(SeamError::Fatal)?;
     config.retention_days = 92;
     let store = ClickHouseStore::connect(&config).await?;
+    store.migrate().await?;
     for (table, _) in [
         ("server_postbacks", ()),
         ("conversions", ()),
@@ -848,11 +870,11 @@ mod tests {
 
     #[test]
     fn month_ends() {
-        assert_eq!(month_end_us("197001"), Some(31 * 86_400_000_000));
-        assert_eq!(month_end_us("197012"), Some(365 * 86_400_000_000));
+        assert_eq!(month_end_us("197001"), Some((197001, 31 * 86_400_000_000)));
+        assert_eq!(month_end_us("197012"), Some((197012, 365 * 86_400_000_000)));
         assert_eq!(
             month_end_us("202402"),
-            Some(days_from_civil(2024, 3) * 86_400_000_000)
+            Some((202402, days_from_civil(2024, 3) * 86_400_000_000))
         );
         assert_eq!(days_from_civil(2024, 3) - days_from_civil(2024, 2), 29);
         assert_eq!(month_end_us("tuple()"), None);

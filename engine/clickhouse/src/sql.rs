@@ -362,6 +362,33 @@ pub fn existing(
     )
 }
 
+pub fn create_database(db: &str) -> String {
+    format!("CREATE DATABASE IF NOT EXISTS {db}")
+}
+
+pub fn create_migrations_table(db: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {db}.schema_migrations \
+         (version UInt32, name String, applied_us Int64) ENGINE = TinyLog"
+    )
+}
+
+pub fn applied_migrations(db: &str) -> String {
+    format!("SELECT version FROM {db}.schema_migrations")
+}
+
+pub fn record_migration(db: &str, version: u32, name: &str, at_us: i64) -> String {
+    format!(
+        "INSERT INTO {db}.schema_migrations VALUES ({version}, {}, {at_us})",
+        quote(name)
+    )
+}
+
+/// Drops a month of a table; `partition` is a `toYYYYMM` partition id from [`partitions`].
+pub fn drop_partition(db: &str, table: &str, partition: u32) -> String {
+    format!("ALTER TABLE {db}.{table} DROP PARTITION {partition}")
+}
+
 /// The active partitions of the analytics tables, with their rows (for retention on servers
 /// without TTL).
 pub fn partitions(db: &str) -> String {

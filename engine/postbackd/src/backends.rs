@@ -35,19 +35,75 @@ pub struct Stores {
 }
 
 /// Opens the stores: SQLite in the data directory (`store.sqlite`) for the state and the
-/// queue, and for the analytics unless the configuration names another store.
-pub fn open_stores(config: &Config, dir: &Path) -> anyhow::Result<Stores> {
+/// queue, and for the analytics unless the configuration names ClickHouse.
+pub async fn open_stores(config: &Config, dir: &Path) -> anyhow::Result<Stores> {
     let sqlite = Arc::new(
         crate::sqlite_store::SqliteStore::open(&dir.join("store.sqlite"))
             .context("opening the store")?
             .with_query_budget(Duration::from_millis(config.query_timeout_ms)),
     );
+    let store = config.store.trim();
+    if store.is_empty() {
+        return Ok(Stores {
+            analytics: sqlite.clone(),
+            state: sqlite.clone(),
+            queue: sqlite,
+            analytics_is_state: true,
+        });
+    }
+    let clickhouse = postback_clickhouse::ClickHouseStore::connect(&clickhouse_config(config)?)
+        .await
+        .with_context(|| format!("connecting to the analytics store {}", redact(store)))?;
+    if config.migrate {
+        clickhouse
+            .migrate()
+            .await
+            .context("migrating the ClickHouse schema")?;
+    }
+    clickhouse
+        .check_schema()
+        .await
+        .context("checking the ClickHouse schema")?;
     Ok(Stores {
-        analytics: sqlite.clone(),
+        analytics: Arc::new(clickhouse),
         state: sqlite.clone(),
         queue: sqlite,
-        analytics_is_state: true,
+        analytics_is_state: false,
     })
+}
+
+fn clickhouse_config(config: &Config) -> anyhow::Result<postback_clickhouse::ClickHouseConfig> {
+    let mut c = postback_clickhouse::ClickHouseConfig::from_url(config.store.trim())
+        .map_err(anyhow::Error::msg)?;
+    c.retention_days = config.retention_days;
+    c.query_timeout = Duration::from_millis(config.query_timeout_ms);
+    Ok(c)
+}
+
+/// `postbackd migrate`: brings the ClickHouse schema up to this build's; returns how many
+/// migrations it applied.
+pub async fn migrate(config: &Config) -> anyhow::Result<usize> {
+    if config.store.trim().is_empty() {
+        anyhow::bail!(
+            "migrate: no --store given; the embedded store needs no migrations (a store of an \
+             older schema is rebuilt from the logs at start)"
+        );
+    }
+    let store = postback_clickhouse::ClickHouseStore::connect(&clickhouse_config(config)?)
+        .await
+        .with_context(|| format!("connecting to {}", redact(config.store.trim())))?;
+    Ok(store.migrate().await?)
+}
+
+/// A store URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
 }
 
 /// Failures to inject into the embedded logs, for tests of recovery.

@@ -17,6 +17,13 @@ pub struct Config {
     /// DIR), `kafka://HOST:PORT[,HOST:PORT]/PREFIX` for topics `PREFIX.events`,
     /// `PREFIX.catalog` and `PREFIX.deliveries` on a Kafka cluster.
     pub log: String,
+    /// The analytics store: empty for the embedded SQLite store in the data directory, or
+    /// `clickhouse://[USER[:PASSWORD]@]HOST:PORT/DATABASE` (the HTTP port). The processor's
+    /// state and the delivery queue stay in the data directory either way.
+    pub store: String,
+    /// Apply the ClickHouse schema's migrations at start (`postbackd migrate` does it alone).
+    /// Off: a store whose schema is behind this build's is refused with a clear error.
+    pub migrate: bool,
     /// The key for everything under `/3.0/`. Empty: generated once and kept in the data dir.
     pub api_key: String,
     /// The platform-level secure code every postback must carry. Empty: none.
@@ -53,6 +60,10 @@ pub struct Config {
     pub processor_batch_bytes: usize,
     /// Memory for the recent clicks and conversions the processor keeps, in bytes.
     pub processor_cache_bytes: usize,
+    /// After a batch smaller than `processor_batch`, wait this long (milliseconds) before the
+    /// next, so that a store that prefers few large inserts (ClickHouse) gets them. Default: 0
+    /// with the embedded store, 200 with ClickHouse.
+    pub processor_linger_ms: Option<u64>,
     /// Seconds a client has to send its request headers and body.
     pub request_timeout_secs: u64,
     /// Milliseconds a stats query may run before it is stopped and refused (400).
@@ -84,6 +95,8 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("./data"),
             log: String::new(),
+            store: String::new(),
+            migrate: false,
             api_key: String::new(),
             platform_secure: String::new(),
             retention_days: 92,
@@ -99,6 +112,7 @@ impl Default for Config {
             processor_batch: 2048,
             processor_batch_bytes: 8 << 20,
             processor_cache_bytes: 64 << 20,
+            processor_linger_ms: None,
             request_timeout_secs: 10,
             append_timeout_ms: 5000,
             query_timeout_ms: 10_000,
@@ -120,6 +134,8 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
     pub log: Option<String>,
+    pub store: Option<String>,
+    pub migrate: bool,
     pub api_key: Option<String>,
     pub allow_private_postback_targets: bool,
 }
@@ -133,6 +149,12 @@ impl Config {
             } else {
                 1
             })
+    }
+
+    /// The processor's pause after a short batch: as configured, or the store's default.
+    pub fn processor_linger(&self) -> std::time::Duration {
+        let default = if self.store.is_empty() { 0 } else { 200 };
+        std::time::Duration::from_millis(self.processor_linger_ms.unwrap_or(default))
     }
 
     /// The dispatcher's settings.
@@ -180,6 +202,12 @@ impl Config {
         config.trusted_proxy_nets()?;
         if let Some(v) = &flags.log {
             config.log = v.clone();
+        }
+        if let Some(v) = &flags.store {
+            config.store = v.clone();
+        }
+        if flags.migrate {
+            config.migrate = true;
         }
         if !(1..=256).contains(&config.partitions()) {
             anyhow::bail!("partitions must be from 1 to 256");
@@ -236,6 +264,11 @@ impl Config {
                 "METRICS_LISTEN" => self.metrics_listen = Some(value.parse().map_err(|e| bad(&e))?),
                 "PARTITIONS" => self.partitions = Some(value.parse().map_err(|e| bad(&e))?),
                 "LOG" => self.log = value.clone(),
+                "STORE" => self.store = value.clone(),
+                "MIGRATE" => self.migrate = value.parse().map_err(|e| bad(&e))?,
+                "PROCESSOR_LINGER_MS" => {
+                    self.processor_linger_ms = Some(value.parse().map_err(|e| bad(&e))?)
+                }
                 "PROCESSOR_BATCH" => self.processor_batch = value.parse().map_err(|e| bad(&e))?,
                 "PROCESSOR_BATCH_BYTES" => {
                     self.processor_batch_bytes = value.parse().map_err(|e| bad(&e))?

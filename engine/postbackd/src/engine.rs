@@ -64,7 +64,7 @@ impl Engine {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let api_key = resolve_api_key(&config.api_key, &dir)?;
         let logs = crate::backends::open_logs(&config, faults).await?;
-        let stores = crate::backends::open_stores(&config, &dir)?;
+        let stores = crate::backends::open_stores(&config, &dir).await?;
         let catalog = load_catalog(logs.catalog.as_ref()).await?;
         let seed: [u8; 8] = rand::random();
         Ok(Arc::new(Self {
@@ -121,6 +121,12 @@ impl Engine {
         ];
         logs.iter()
             .find_map(|(name, log)| log.health().map(|why| format!("{name}: {why}")))
+            // The processor waits for the analytics store (nothing is lost; the lag grows).
+            .or_else(|| {
+                self.analytics
+                    .health()
+                    .map(|why| format!("analytics store: {why}"))
+            })
     }
 
     pub fn catalog_read(&self) -> std::sync::RwLockReadGuard<'_, Catalog> {

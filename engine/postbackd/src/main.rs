@@ -28,6 +28,10 @@ struct Common {
     /// kafka://HOST:PORT[,HOST:PORT]/PREFIX.
     #[arg(long)]
     log: Option<String>,
+    /// The analytics store: empty for the embedded one (SQLite in the data directory), or
+    /// clickhouse://[USER[:PASSWORD]@]HOST:PORT/DATABASE.
+    #[arg(long)]
+    store: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -45,6 +49,15 @@ enum Command {
         /// Let affiliate postbacks reach loopback, private and link-local addresses.
         #[arg(long)]
         allow_private_postback_targets: bool,
+        /// Apply the ClickHouse schema's migrations first (as `postbackd migrate` does).
+        #[arg(long)]
+        migrate: bool,
+    },
+    /// Create or upgrade the ClickHouse schema (--store clickhouse://...), then exit.
+    /// Idempotent: applied migrations are recorded in the database's `schema_migrations`.
+    Migrate {
+        #[command(flatten)]
+        common: Common,
     },
     /// Rebuild the analytics store from the event log, then exit.
     Replay {
@@ -67,6 +80,7 @@ fn main() -> anyhow::Result<()> {
         listen: None,
         api_key: None,
         allow_private_postback_targets: false,
+        migrate: false,
     };
     match cli.command.unwrap_or(default) {
         Command::Serve {
@@ -74,11 +88,14 @@ fn main() -> anyhow::Result<()> {
             listen,
             api_key,
             allow_private_postback_targets,
+            migrate,
         } => {
             let flags = Overrides {
                 listen,
                 data_dir: common.data_dir,
                 log: common.log,
+                store: common.store,
+                migrate,
                 api_key,
                 allow_private_postback_targets,
             };
@@ -87,10 +104,23 @@ fn main() -> anyhow::Result<()> {
                 metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
             runtime.block_on(serve(config, metrics))
         }
+        Command::Migrate { common } => {
+            let flags = Overrides {
+                data_dir: common.data_dir,
+                log: common.log,
+                store: common.store,
+                ..Default::default()
+            };
+            let config = Config::load(common.config.as_deref(), &env, &flags)?;
+            let applied = runtime.block_on(postbackd::backends::migrate(&config))?;
+            println!("applied {applied} migration(s); the schema is current");
+            Ok(())
+        }
         Command::Replay { common } => {
             let flags = Overrides {
                 data_dir: common.data_dir,
                 log: common.log,
+                store: common.store,
                 ..Default::default()
             };
             let config = Config::load(common.config.as_deref(), &env, &flags)?;

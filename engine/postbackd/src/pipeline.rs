@@ -92,8 +92,16 @@ async fn consume(engine: &Arc<Engine>, stop: &mut watch::Receiver<bool>) -> Resu
                 batch.processor.forget();
             }
             Polled::Records(records) => {
+                let short = records.len() < engine.config.processor_batch;
                 let next = batch.process(records).await?;
                 sub.commit(next).await?;
+                let linger = engine.config.processor_linger();
+                if short && !linger.is_zero() {
+                    tokio::select! {
+                        _ = tokio::time::sleep(linger) => {}
+                        _ = stop.changed() => {}
+                    }
+                }
             }
         }
     }

@@ -12,6 +12,8 @@ async fn start(dir: &std::path::Path, platform_secure: &str) -> Server {
         listen: "127.0.0.1:0".parse().expect("addr"),
         data_dir: dir.to_path_buf(),
         log: common::test_log(dir),
+        store: common::test_store(dir),
+        migrate: true,
         api_key: KEY.into(),
         platform_secure: platform_secure.into(),
         ..Config::default()
@@ -593,6 +595,8 @@ async fn several_partitions_give_the_same_answers() {
         listen: "127.0.0.1:0".parse().expect("addr"),
         data_dir: dir.to_path_buf(),
         log: common::test_log(dir),
+        store: common::test_store(dir),
+        migrate: true,
         api_key: KEY.into(),
         partitions: Some(4),
         ..Config::default()

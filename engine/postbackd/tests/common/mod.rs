@@ -155,3 +155,22 @@ pub fn today() -> String {
         .as_micros() as i64;
     postback_core::delivery::civil(now_us).0
 }
+
+/// The analytics store of a test engine in `dir`: the embedded one, or, when the test command
+/// started a ClickHouse server (`POSTBACKD_TEST_CLICKHOUSE=clickhouse://host:port`), a database
+/// of its own there (named after the data directory, so a restarted engine finds it again).
+pub fn test_store(dir: &std::path::Path) -> String {
+    match std::env::var("POSTBACKD_TEST_CLICKHOUSE") {
+        Ok(server) if !server.is_empty() => {
+            let name: String = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+                .chars()
+                .filter(char::is_ascii_alphanumeric)
+                .collect();
+            format!("{server}/t{name}")
+        }
+        _ => String::new(),
+    }
+}
