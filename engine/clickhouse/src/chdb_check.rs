@@ -402,6 +402,11 @@ fn the_modern_ddl_and_every_query_run_in_a_current_engine() {
         ),
         (sql::partitions(DB), json!(4)),
         (sql::drop_partition(DB, "clicks", 202609), json!([])),
+        (sql::truncate(DB, "delivery_attempts"), json!([])),
+        (
+            sql::attempts_count(DB, &attempts, i64::MIN, s),
+            json!([[0]]),
+        ),
         (
             sql::clicks_by_id(DB, &["c1".into(), "c2".into()], i64::MIN),
             json!(0),

@@ -36,6 +36,14 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// The analytics tables.
+const TABLES: [&str; 4] = [
+    "server_postbacks",
+    "conversions",
+    "clicks",
+    "delivery_attempts",
+];
+
 /// The migrations, in order: (version, name, DDL template).
 pub const MIGRATIONS: &[(u32, &str, &str)] = &[(
     1,
@@ -795,6 +803,19 @@ impl AnalyticsStore for ClickHouseStore {
         })
     }
 
+    fn clear(&self) -> BoxFuture<'_, Result<(), SeamError>> {
+        Box::pin(async move {
+            for table in TABLES {
+                self.client
+                    .query_raw(&sql::truncate(&self.db, table))
+                    .execute()
+                    .await
+                    .map_err(write_err)?;
+            }
+            Ok(())
+        })
+    }
+
     fn health(&self) -> Option<String> {
         self.trouble
             .lock()
@@ -810,19 +831,7 @@ pub async fn fresh_for_tests(url: &str, database: &str) -> Result<Arc<ClickHouse
     config.retention_days = 92;
     let store = ClickHouseStore::connect(&config).await?;
     store.migrate().await?;
-    for (table, _) in [
-        ("server_postbacks", ()),
-        ("conversions", ()),
-        ("clicks", ()),
-        ("delivery_attempts", ()),
-    ] {
-        store
-            .client
-            .query_raw(&format!("TRUNCATE TABLE {}.{table}", store.db))
-            .execute()
-            .await
-            .map_err(write_err)?;
-    }
+    store.clear().await?;
     Ok(Arc::new(store))
 }
 

@@ -384,6 +384,10 @@ pub fn record_migration(db: &str, version: u32, name: &str, at_us: i64) -> Strin
     )
 }
 
+pub fn truncate(db: &str, table: &str) -> String {
+    format!("TRUNCATE TABLE {db}.{table}")
+}
+
 /// Drops a month of a table; `partition` is a `toYYYYMM` partition id from [`partitions`].
 pub fn drop_partition(db: &str, table: &str, partition: u32) -> String {
     format!("ALTER TABLE {db}.{table} DROP PARTITION {partition}")

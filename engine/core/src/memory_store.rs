@@ -266,6 +266,15 @@ impl AnalyticsStore for MemoryStore {
             .retain(|_, (_, a)| a.attempt.at_us >= before_us);
         ready(Ok((before - count(&inner)) as u64))
     }
+
+    fn clear(&self) -> BoxFuture<'_, Result<(), SeamError>> {
+        let mut inner = self.lock();
+        inner.clicks.clear();
+        inner.postbacks.clear();
+        inner.conversions.clear();
+        inner.attempts.clear();
+        ready(Ok(()))
+    }
 }
 
 impl StateStore for MemoryStore {

@@ -237,7 +237,7 @@ pub struct AnalyticsRows {
     /// Delivery attempts, each with its job; keyed by (job id, attempt number).
     pub attempts: Vec<AttemptRow>,
     /// Some of these rows may be in the store already: the batch is redone after a failure, a
-    /// restart or a hand-over, or replayed. A store that does not keep a row once by itself
+    /// restart or a hand-over. A store that does not keep a row once by itself
     /// (ClickHouse merges duplicates only eventually) looks before it inserts.
     pub maybe_inserted: bool,
 }
@@ -285,6 +285,8 @@ pub trait AnalyticsStore: Send + Sync + 'static {
     fn clicks(&self, ids: Vec<String>) -> BoxFuture<'_, Result<Vec<Click>, SeamError>>;
     fn attempts(&self, query: AttemptQuery) -> BoxFuture<'_, Result<Page<AttemptRow>, SeamError>>;
     fn expire(&self, before_us: i64) -> BoxFuture<'_, Result<u64, SeamError>>;
+    /// Deletes every row: a replay rebuilds them from the logs.
+    fn clear(&self) -> BoxFuture<'_, Result<(), SeamError>>;
     /// Why the store cannot take rows now, if its last insert failed (for `/ready`).
     fn health(&self) -> Option<String> {
         None

@@ -26,6 +26,7 @@ pub async fn analytics_suite(fresh: Fresh<'_, dyn AnalyticsStore>) {
     attempt_filters(&*fresh().await).await;
     snapshots_pin_a_growing_listing(&*fresh().await).await;
     summaries(&*fresh().await).await;
+    clear_forgets_every_row(&*fresh().await).await;
 }
 
 /// Every check of the processor's state store.
@@ -837,6 +838,59 @@ async fn snapshots_pin_a_growing_listing(store: &dyn AnalyticsStore) {
     assert!(now.snapshot > p1.snapshot);
     assert_eq!(store.conversions(cq(0, None)).await.expect("now").total, 15);
     assert_eq!(store.attempts(aq(0, None)).await.expect("now").total, 15);
+}
+
+/// `clear` leaves nothing to read.
+async fn clear_forgets_every_row(store: &dyn AnalyticsStore) {
+    let rows = AnalyticsRows {
+        clicks: vec![click("c1", 10)],
+        postbacks: vec![postback("p1", 20, "clickid=c1", 1, true)],
+        conversions: vec![conversion("v1", "k1", 1, 20)],
+        attempts: vec![attempt_row("j1", 1, 30, 200)],
+        maybe_inserted: false,
+    };
+    store.insert(rows.clone()).await.expect("insert");
+    store.clear().await.expect("clear");
+    assert_eq!(
+        store
+            .server_postbacks(query(0, 100))
+            .await
+            .expect("query")
+            .total,
+        0
+    );
+    assert!(store
+        .clicks(vec!["c1".into()])
+        .await
+        .expect("clicks")
+        .is_empty());
+    let convs = ConversionQuery {
+        from_us: 0,
+        to_us: 100,
+        limit: 10,
+        ..Default::default()
+    };
+    assert_eq!(
+        store.conversions(convs).await.expect("conversions").total,
+        0
+    );
+    let attempts = AttemptQuery {
+        from_us: 0,
+        to_us: 100,
+        limit: 10,
+        ..Default::default()
+    };
+    assert_eq!(
+        store
+            .attempts(attempts.clone())
+            .await
+            .expect("attempts")
+            .total,
+        0
+    );
+    // And it takes rows again.
+    store.insert(rows).await.expect("insert");
+    assert_eq!(store.attempts(attempts).await.expect("attempts").total, 1);
 }
 
 /// The summary counts the filtered log by group: postbacks, accepted and rejected ones,

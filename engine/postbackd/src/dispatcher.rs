@@ -546,7 +546,7 @@ async fn apply_new(
     let log = &engine.deliveries;
     for p in 0..log.partitions() {
         // The first batch after a (re)start may have been inserted into the attempt log before
-        // the queue was committed; a replay (`until`) inserts everything again.
+        // the queue was committed.
         // Taken out until the partition is done: after an error it is read from the queue.
         let (mut pos, mut maybe_inserted) = match next.remove(&p) {
             Some(pos) => (pos, false),
@@ -573,7 +573,7 @@ async fn apply_new(
                     .analytics
                     .insert(AnalyticsRows {
                         attempts,
-                        maybe_inserted: maybe_inserted || until.is_some(),
+                        maybe_inserted,
                         ..Default::default()
                     })
                     .await?;

@@ -309,6 +309,14 @@ pub async fn replay(config: Config) -> anyhow::Result<u64> {
         }
     }
     let engine = Engine::open(config, None, InjectedFaults::default()).await?;
+    if !engine.analytics_is_state {
+        // Rows of a replay may differ from the stored ones (a rule changed): start afresh.
+        engine
+            .analytics
+            .clear()
+            .await
+            .context("clearing the analytics store")?;
+    }
     let processed = pipeline::process_to_end(&engine).await?;
     crate::dispatcher::apply_log(&engine).await?;
     engine.events.close();

@@ -111,8 +111,6 @@ async fn consume(engine: &Arc<Engine>, stop: &mut watch::Receiver<bool>) -> Resu
 /// creating no delivery jobs (a replay reads them back from the deliveries log).
 pub async fn process_to_end(engine: &Arc<Engine>) -> Result<u64, SeamError> {
     let mut batch = Batcher::new(engine, false);
-    // A replay inserts every row again.
-    batch.redo_all = true;
     let mut processed = 0;
     for p in 0..engine.events.partitions() {
         let (start, end) = engine.events.bounds(p).await?;
@@ -147,8 +145,6 @@ struct Batcher<'e> {
     /// before it failed or was cut short by a crash or a hand-over after its insert, and
     /// started at the committed position with at most `processor_batch` records.
     redo_below: BTreeMap<Partition, u64>,
-    /// Every batch may have been inserted already (a replay).
-    redo_all: bool,
 }
 
 impl<'e> Batcher<'e> {
@@ -162,7 +158,6 @@ impl<'e> Batcher<'e> {
             buffers: simd_json::Buffers::new(4096),
             emit_jobs,
             redo_below: BTreeMap::new(),
-            redo_all: false,
         }
     }
 
@@ -181,12 +176,11 @@ impl<'e> Batcher<'e> {
         let engine = self.engine;
         let mut next: BTreeMap<Partition, u64> = BTreeMap::new();
         let count = records.len() as u64;
-        let maybe_inserted = self.redo_all
-            || records.iter().any(|r| {
-                self.redo_below
-                    .get(&r.partition)
-                    .is_some_and(|below| r.offset < *below)
-            });
+        let maybe_inserted = records.iter().any(|r| {
+            self.redo_below
+                .get(&r.partition)
+                .is_some_and(|below| r.offset < *below)
+        });
         // simd-json decodes our envelopes about 12% faster than serde_json (benches/core.rs);
         // it works in place, on the records the batch owns anyway.
         let batch: Vec<(Position, Parsed)> = records

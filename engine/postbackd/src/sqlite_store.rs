@@ -928,6 +928,18 @@ impl AnalyticsStore for SqliteStore {
             Ok(postbacks + attempts + expire_state(c, before_us)?)
         })
     }
+
+    /// Clicks and conversions go too: here they are the state's as well.
+    fn clear(&self) -> BoxFuture<'_, Result<(), SeamError>> {
+        self.with_writer(|c| {
+            c.execute_batch(
+                "BEGIN; DELETE FROM server_postbacks_search; DELETE FROM server_postbacks;
+                 DELETE FROM delivery_attempts; DELETE FROM conversions; DELETE FROM clicks;
+                 COMMIT;",
+            )
+            .map_err(db_err)
+        })
+    }
 }
 
 /// Clicks and conversions are the state's and the analytics' at once.
