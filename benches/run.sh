@@ -7,10 +7,14 @@
 #
 #   bash benches/run.sh                 # the full run (about 20 minutes)
 #   QUICK=1 bash benches/run.sh         # shorter steps and a smaller log, for a first look
-#   ONLY="bare kafka" bash benches/run.sh   # some sections only (bare nginx engine e2e kafka stats)
+#   ONLY="bare kafka" bash benches/run.sh   # some sections only (bare nginx engine e2e kafka
+#                                           # stats stats-clickhouse)
 #
 # The kafka section starts a single-node broker (deploy/kafka.sh) and measures postbackd with
 # its logs on Kafka (acks=all): the ingest peak, and the end-to-end lag at half of it.
+# The stats sections fill a store with ROWS logged postbacks over 30 days (kept in target/ for
+# the next run) and time the insert rate and every query kind: `stats` the embedded SQLite
+# store, `stats-clickhouse` a ClickHouse server started on loopback (deploy/clickhouse.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,14 +31,16 @@ if ! command -v nginx >/dev/null; then
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-ONLY=${ONLY:-bare nginx engine e2e kafka stats}
+ONLY=${ONLY:-bare nginx engine e2e kafka stats stats-clickhouse}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 
 work=$(mktemp -d)
+clickhouse_dir=target/stats-clickhouse-$ROWS
 pids=()
 cleanup() {
   for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done
   [ -d "$work/kafka" ] && bash deploy/kafka.sh stop "$work/kafka" >/dev/null 2>&1
+  [ -f "$clickhouse_dir/pid" ] && bash deploy/clickhouse.sh stop "$clickhouse_dir" >/dev/null 2>&1
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -135,6 +141,13 @@ echo "== stats queries over $ROWS logged postbacks" >&2
 "$BIN/stats_query" "target/stats-bench-$ROWS" "$ROWS" | tee "$work/stats.txt" >&2
 fi
 
+if want stats-clickhouse; then
+echo "== stats queries over $ROWS logged postbacks, ClickHouse" >&2
+bash deploy/clickhouse.sh start "$clickhouse_dir" 18123 >&2
+"$BIN/stats_query" clickhouse://127.0.0.1:18123/stats_bench "$ROWS" | tee "$work/stats-clickhouse.txt" >&2
+bash deploy/clickhouse.sh stop "$clickhouse_dir" >&2
+fi
+
 ratio() { python3 -c "a,b=float('$1' or 0),float('$2' or 0); print('%.2fx' % (a/b) if b else '?')"; }
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 echo
@@ -152,6 +165,10 @@ echo "End to end (accepted → visible in the stats) at $half req/s, full mix, e
 echo "End to end at $kafka_half req/s, full mix, on Kafka: $kafka_e2e"
 echo
 if [ -f "$work/stats.txt" ]; then
-  echo "Stats queries (first page of 100, embedded store):"
+  echo "Stats queries (first page of 100), embedded store:"
   sed 's/^/    /' "$work/stats.txt"
+fi
+if [ -f "$work/stats-clickhouse.txt" ]; then
+  echo "Stats queries (first page of 100), ClickHouse:"
+  sed 's/^/    /' "$work/stats-clickhouse.txt"
 fi

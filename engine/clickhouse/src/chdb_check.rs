@@ -279,13 +279,16 @@ fn the_modern_ddl_and_every_query_run_in_a_current_engine() {
     let s = i64::MAX;
     let checks: Vec<(String, Value)> = vec![
         (sql::applied_migrations(DB), json!([[1]])),
-        (sql::postbacks_count(DB, &all, i64::MIN, s), json!([[3]])),
         (
-            sql::postbacks_count(DB, &every_filter, i64::MIN, s),
-            json!([[1]]),
+            sql::postbacks_by_day(DB, &all, i64::MIN, s),
+            json!([[T0, T0 + 2 * HOUR, 3]]),
         ),
         (
-            sql::postbacks_count(
+            sql::postbacks_by_day(DB, &every_filter, i64::MIN, s),
+            json!([[T0, T0, 1]]),
+        ),
+        (
+            sql::postbacks_by_day(
                 DB,
                 &ServerPostbackQuery {
                     search: Some("k=vÉ".into()),
@@ -294,13 +297,13 @@ fn the_modern_ddl_and_every_query_run_in_a_current_engine() {
                 i64::MIN,
                 s,
             ),
-            json!([[1]]),
+            json!([[T0 + 2 * HOUR, T0 + 2 * HOUR, 1]]),
         ),
+        (sql::postbacks_by_day(DB, &all, i64::MIN, w - 1), json!(0)),
         (
-            sql::postbacks_count(DB, &all, i64::MIN, w - 1),
-            json!([[0]]),
+            sql::postbacks_by_day(DB, &all, T0 + 1, s),
+            json!([[T0 + HOUR, T0 + 2 * HOUR, 2]]),
         ),
-        (sql::postbacks_count(DB, &all, T0 + 1, s), json!([[2]])),
         (
             sql::postbacks_page(DB, &all, i64::MIN, s),
             json!(["p3", "p2"]),

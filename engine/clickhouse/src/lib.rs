@@ -675,18 +675,32 @@ impl AnalyticsStore for ClickHouseStore {
         Box::pin(async move {
             let snapshot = q.snapshot.map_or_else(|| self.snapshot_now(), |s| s as i64);
             let (db, floor) = (&self.db, self.floor());
-            let total = self.count(sql::postbacks_count(db, &q, floor, snapshot));
-            let page = async {
-                let sql = sql::postbacks_page(db, &q, floor, snapshot);
-                self.read(&sql)
-                    .fetch_all::<PostbackOut>()
-                    .await
-                    .map_err(read_err)
+            let days: Vec<DayCount> = self
+                .read(&sql::postbacks_by_day(db, &q, floor, snapshot))
+                .fetch_all()
+                .await
+                .map_err(read_err)?;
+            let days: Vec<_> = days.iter().map(|d| (d.first_us, d.last_us, d.n)).collect();
+            let total = days.iter().map(|d| d.2).sum();
+            let page = match sql::page_window(&days, q.offset, q.limit) {
+                None => Vec::new(),
+                Some((from_us, to_us, offset)) => {
+                    let window = ServerPostbackQuery {
+                        from_us,
+                        to_us,
+                        offset,
+                        ..q
+                    };
+                    let sql = sql::postbacks_page(db, &window, floor, snapshot);
+                    self.read(&sql)
+                        .fetch_all::<PostbackOut>()
+                        .await
+                        .map_err(read_err)?
+                }
             };
-            let (total, page) = tokio::join!(total, page);
             Ok(Page {
-                rows: page?.into_iter().map(Into::into).collect(),
-                total: total?,
+                rows: page.into_iter().map(Into::into).collect(),
+                total,
                 snapshot: snapshot as u64,
             })
         })

@@ -416,6 +416,13 @@ pub struct SummaryOut {
 }
 
 #[derive(Row, Deserialize)]
+pub struct DayCount {
+    pub first_us: i64,
+    pub last_us: i64,
+    pub n: u64,
+}
+
+#[derive(Row, Deserialize)]
 pub struct Count {
     pub n: u64,
 }

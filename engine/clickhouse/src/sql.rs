@@ -68,14 +68,20 @@ pub fn search_text<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> Strin
     s
 }
 
-/// The server-postback filters; `floor_us` hides rows past the retention, `snapshot` rows
-/// written after it.
-fn postback_where(q: &ServerPostbackQuery, floor_us: i64, snapshot: i64) -> String {
+/// The server-postback filters (`WHERE ...`); `floor_us` hides rows past the retention,
+/// `snapshot` rows written after it.
+fn postback_filter(q: &ServerPostbackQuery, floor_us: i64, snapshot: i64) -> String {
     let mut w = Where::default();
+    let from_us = q.from_us.max(floor_us);
+    w.add(format!("at_us >= {from_us} AND at_us < {}", q.to_us));
+    // The same range on the sorting key's first column: ClickHouse (18.16 at least) does not
+    // derive it from the `at_us` range through the functions of the key. Clamped to the years
+    // both old and new servers convert to dates (to 2099).
+    let second = |us: i64| us.div_euclid(1_000_000).clamp(0, LAST_DATE_SECOND);
     w.add(format!(
-        "at_us >= {} AND at_us < {}",
-        q.from_us.max(floor_us),
-        q.to_us
+        "{DAY_KEY} >= toDate(toDateTime({}, 'UTC')) AND {DAY_KEY} <= toDate(toDateTime({}, 'UTC'))",
+        second(from_us),
+        second(q.to_us.saturating_sub(1))
     ));
     w.any_of("offer_id", &q.offers, u64::to_string);
     w.any_of("pid", &q.partners, u64::to_string);
@@ -96,37 +102,75 @@ fn postback_where(q: &ServerPostbackQuery, floor_us: i64, snapshot: i64) -> Stri
         w.add(format!("response_status = {v}"));
     }
     if let Some(s) = q.search.as_ref().filter(|s| !s.is_empty()) {
+        // Left to WHERE (not PREWHERE): measured on 18.16, PREWHERE on the search text makes
+        // rare terms 20% faster and common ones 40% slower.
         w.add(format!(
             "position(search, {}) > 0",
             quote(&search_needle(s))
         ));
     }
     w.add(format!("written_us <= {snapshot}"));
-    w.sql()
+    format!("WHERE {}", w.sql())
 }
 
 pub const POSTBACK_COLUMNS: &str = "id, at_us, server, method, get_pairs, post_pairs, pixel, \
     response_status, error, clickid, action_id, goal, status, offer_id, pid, advertiser_id, \
     conversion_id, delta, ip, created, payouts, revenue";
 
-/// How many rows match.
-pub fn postbacks_count(db: &str, q: &ServerPostbackQuery, floor_us: i64, snapshot: i64) -> String {
+/// 2099-12-31 23:59:59 UTC: 18.16 turns later times into the date 0.
+const LAST_DATE_SECOND: i64 = 4_102_444_799;
+
+/// The server-postback table's first sorting key column: the row's UTC day.
+const DAY_KEY: &str = "toDate(toDateTime(intDiv(at_us, 1000000), 'UTC'))";
+
+/// How many rows match, per UTC day (newest first), with each day's first and last time: the
+/// total, and where a page's rows lie, so the page reads those days only.
+pub fn postbacks_by_day(db: &str, q: &ServerPostbackQuery, floor_us: i64, snapshot: i64) -> String {
     format!(
-        "SELECT count() AS n FROM {db}.server_postbacks WHERE {}",
-        postback_where(q, floor_us, snapshot)
+        "SELECT min(at_us) AS first_us, max(at_us) AS last_us, count() AS n \
+         FROM {db}.server_postbacks {} GROUP BY {DAY_KEY} AS day ORDER BY day DESC",
+        postback_filter(q, floor_us, snapshot)
     )
 }
 
-/// One page, newest first, ties by id. The page's keys are found first, reading two columns;
-/// then only its rows are read whole.
+/// Where rows `offset..offset + limit` of a listing lie, given its rows per day newest first
+/// (`(first_us, last_us, n)`): the time range holding them and the offset within it. `None`
+/// when the page is empty.
+pub fn page_window(days: &[(i64, i64, u64)], offset: u64, limit: u64) -> Option<(i64, i64, u64)> {
+    let end = offset.saturating_add(limit);
+    let (mut before, mut seen) = (0, 0);
+    let mut window: Option<(i64, i64)> = None;
+    for &(first, last, n) in days {
+        if seen + n > offset && seen < end {
+            if window.is_none() {
+                before = seen;
+            }
+            window = Some((first, window.map_or(last, |w| w.1)));
+        }
+        seen += n;
+    }
+    window
+        .filter(|_| limit > 0)
+        .map(|(first, last)| (first, last + 1, offset - before))
+}
+
+/// One page, newest first, ties by id. The page's keys are found first, reading the filters'
+/// columns; then only its rows are read whole (first the keys, PREWHERE; the filters that
+/// narrow the granules again, the search text not).
 pub fn postbacks_page(db: &str, q: &ServerPostbackQuery, floor_us: i64, snapshot: i64) -> String {
-    let w = postback_where(q, floor_us, snapshot);
+    let keys = ServerPostbackQuery {
+        search: None,
+        ..q.clone()
+    };
     format!(
         "SELECT {POSTBACK_COLUMNS} FROM {db}.server_postbacks \
-         WHERE {w} AND (at_us, id) IN (SELECT at_us, id FROM {db}.server_postbacks WHERE {w} \
+         PREWHERE (at_us, id) IN (SELECT at_us, id FROM {db}.server_postbacks {} \
            ORDER BY at_us DESC, id DESC LIMIT {}, {}) \
-         ORDER BY at_us DESC, id DESC LIMIT 1 BY id",
-        q.offset, q.limit
+         {} ORDER BY at_us DESC, id DESC LIMIT 1 BY id",
+        postback_filter(q, floor_us, snapshot),
+        q.offset,
+        q.limit,
+        postback_filter(&keys, floor_us, snapshot),
     )
 }
 
@@ -168,10 +212,10 @@ pub fn summary(db: &str, q: &SummaryQuery, floor_us: i64, snapshot: i64) -> Stri
         "SELECT {keys}, count() AS n_postbacks, countIf(response_status = 1) AS n_accepted, \
            countIf(response_status != 1) AS n_rejected, countIf(created = 1) AS n_conversions, \
            sumIf(payouts, created = 1) AS n_payouts, sumIf(revenue, created = 1) AS n_revenue \
-         FROM {db}.server_postbacks WHERE {w} \
+         FROM {db}.server_postbacks {w} \
          GROUP BY {aliases} ORDER BY {aliases}",
         keys = keys.join(", "),
-        w = postback_where(&q.filters, floor_us, snapshot)
+        w = postback_filter(&q.filters, floor_us, snapshot)
     )
 }
 
@@ -291,10 +335,16 @@ pub fn conversions_page(db: &str, q: &ConversionQuery, floor_us: i64, snapshot: 
 
 fn attempt_where(q: &AttemptQuery, floor_us: i64, snapshot: i64) -> String {
     let mut w = Where::default();
+    let from_us = q.from_us.max(floor_us);
+    w.add(format!("at_us >= {from_us} AND at_us < {}", q.to_us));
+    // The same range on the sorting key's first column: ClickHouse (18.16 at least) does not
+    // derive it from the `at_us` range through the functions of the key. Clamped to the years
+    // both old and new servers convert to dates (to 2099).
+    let second = |us: i64| us.div_euclid(1_000_000).clamp(0, LAST_DATE_SECOND);
     w.add(format!(
-        "at_us >= {} AND at_us < {}",
-        q.from_us.max(floor_us),
-        q.to_us
+        "{DAY_KEY} >= toDate(toDateTime({}, 'UTC')) AND {DAY_KEY} <= toDate(toDateTime({}, 'UTC'))",
+        second(from_us),
+        second(q.to_us.saturating_sub(1))
     ));
     w.any_of("offer_id", &q.offers, u64::to_string);
     w.any_of("pid", &q.partners, u64::to_string);
@@ -415,6 +465,21 @@ mod tests {
     fn literals_are_quoted() {
         assert_eq!(quote("a'b\\c\nd"), "'a\\'b\\\\c\\nd'");
         assert_eq!(quote("é"), "'é'");
+    }
+
+    #[test]
+    fn a_page_reads_only_the_days_holding_its_rows() {
+        // Newest day first: 3 rows on day 30, none on 29, 5 on 28, 2 on 27.
+        let days = [(300, 309, 3), (280, 289, 5), (270, 279, 2)];
+        assert_eq!(page_window(&days, 0, 2), Some((300, 310, 0)));
+        assert_eq!(page_window(&days, 0, 3), Some((300, 310, 0)));
+        assert_eq!(page_window(&days, 2, 2), Some((280, 310, 2)));
+        assert_eq!(page_window(&days, 3, 5), Some((280, 290, 0)));
+        assert_eq!(page_window(&days, 4, 100), Some((270, 290, 1)));
+        assert_eq!(page_window(&days, 9, 100), Some((270, 280, 1)));
+        assert_eq!(page_window(&days, 10, 100), None);
+        assert_eq!(page_window(&days, 0, 0), None);
+        assert_eq!(page_window(&[], 0, 100), None);
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub type Fresh<'a, T> = &'a (dyn Fn() -> BoxFuture<'static, Arc<T>> + Sync);
 pub async fn analytics_suite(fresh: Fresh<'_, dyn AnalyticsStore>) {
     inserts_are_idempotent(&*fresh().await).await;
     filters_search_and_paging(&*fresh().await).await;
+    pages_across_days(&*fresh().await).await;
     search_has_one_meaning(&*fresh().await).await;
     expiry_removes_old_rows(&*fresh().await).await;
     conversion_filters(&*fresh().await).await;
@@ -356,6 +357,81 @@ async fn filters_search_and_paging(store: &dyn AnalyticsStore) {
     assert_eq!(page.total, 30);
     assert_eq!(page.rows.len(), 5);
     assert_eq!(page.rows[0].id, "p04", "newest first");
+}
+
+/// Pages over rows spread across days (some empty, several rows of one time) walk every row
+/// once, newest first and ties by id, however wide the range.
+async fn pages_across_days(store: &dyn AnalyticsStore) {
+    const DAY: i64 = 86_400_000_000;
+    let t0 = 1_790_000_000_000_000;
+    // Days 0, 1, 3 and 6; on day 3 three rows share one time.
+    let times = [
+        0,
+        5,
+        DAY,
+        DAY + 9,
+        3 * DAY,
+        3 * DAY,
+        3 * DAY,
+        6 * DAY - 1,
+        6 * DAY,
+    ];
+    let rows: Vec<_> = times
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let q = format!(
+                "clickid=c{i}&tag={}",
+                if i % 2 == 0 { "even" } else { "odd" }
+            );
+            postback(&format!("p{i}"), t0 + t, &q, 1, true)
+        })
+        .collect();
+    let mut want: Vec<_> = rows.iter().map(|r| (r.at_us, r.id.clone())).collect();
+    want.sort_by(|a, b| b.cmp(a));
+    store
+        .insert(AnalyticsRows {
+            postbacks: rows,
+            ..Default::default()
+        })
+        .await
+        .expect("insert");
+    for (range, search) in [
+        ((t0, t0 + 7 * DAY), None),
+        ((0, i64::MAX), None),
+        ((i64::MIN, i64::MAX), Some("even")),
+    ] {
+        let matching: Vec<_> = want
+            .iter()
+            .filter(|(_, id)| {
+                let i: usize = id[1..].parse().expect("n");
+                search.is_none() || i.is_multiple_of(2)
+            })
+            .cloned()
+            .collect();
+        for limit in [1, 2, 4, 100] {
+            let mut seen = Vec::new();
+            let mut offset = 0;
+            loop {
+                let page = store
+                    .server_postbacks(ServerPostbackQuery {
+                        offset,
+                        limit,
+                        search: search.map(Into::into),
+                        ..query(range.0, range.1)
+                    })
+                    .await
+                    .expect("page");
+                assert_eq!(page.total, matching.len() as u64, "{range:?} {search:?}");
+                if page.rows.is_empty() {
+                    break;
+                }
+                seen.extend(page.rows.into_iter().map(|r| (r.at_us, r.id)));
+                offset += limit;
+            }
+            assert_eq!(seen, matching, "{range:?} {search:?}, pages of {limit}");
+        }
+    }
 }
 
 /// Search means the same in every store: a case-insensitive substring of a `key=value`
