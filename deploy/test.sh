@@ -44,7 +44,7 @@ bash deploy/kafka.sh start "$kafka_dir" "$kafka_port"
 kafka_results=$(mktemp)
 POSTBACKD_TEST_KAFKA=127.0.0.1:$kafka_port POSTBACKD_TEST_KAFKA_DIR=$kafka_dir \
   cargo test --locked -p postback-kafka -p postbackd --test conformance --test e2e --test paging \
-  --test delivery --test kafka_outage -- --include-ignored 2>&1 | tee "$kafka_results"
+  --test delivery --test kafka_outage --test cluster --test roles -- --include-ignored 2>&1 | tee "$kafka_results"
 passed=$((passed + $(awk '/^test result:/ {p += $4} END {print p + 0}' "$kafka_results")))
 failed=$((failed + $(awk '/^test result:/ {f += $6} END {print f + 0}' "$kafka_results")))
 rm -f "$kafka_results"

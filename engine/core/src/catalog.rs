@@ -172,6 +172,18 @@ impl CatalogEvent {
     }
 }
 
+/// A catalog change as the catalog log holds it. Every process applies the log in order, so
+/// the log decides between writers: a creation whose id is already taken (another process
+/// created an entity with that id first) is void everywhere, and its writer tries again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CatalogRecord {
+    /// The writer created the entity (records written before this flag existed are updates).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub create: bool,
+    #[serde(flatten)]
+    pub event: CatalogEvent,
+}
+
 /// An entity's states by the time they took effect (ascending). `None` marks a removal.
 #[derive(Debug, Clone)]
 struct Versions<T>(Vec<(i64, Option<T>)>);
@@ -234,6 +246,31 @@ impl Catalog {
             CatalogEvent::PostbackSettingRemoved { at_us, id } => {
                 self.postbacks.entry(id).or_default().push(at_us, None)
             }
+        }
+    }
+
+    /// Applies a record of the catalog log; false when it is a creation whose id was taken
+    /// first (the record is then void: nothing changes).
+    pub fn apply_record(&mut self, record: CatalogRecord) -> bool {
+        if record.create && self.has_id_of(&record.event) {
+            return false;
+        }
+        self.apply(record.event);
+        true
+    }
+
+    /// Whether the entity the event writes has (or had) a state already.
+    fn has_id_of(&self, event: &CatalogEvent) -> bool {
+        match event {
+            CatalogEvent::Advertiser { advertiser, .. } => {
+                self.advertisers.contains_key(&advertiser.id)
+            }
+            CatalogEvent::Offer { offer, .. } => self.offers.contains_key(&offer.id),
+            CatalogEvent::Partner { partner, .. } => self.partners.contains_key(&partner.id),
+            CatalogEvent::PostbackSetting { postback, .. } => {
+                self.postbacks.contains_key(&postback.id)
+            }
+            CatalogEvent::PostbackSettingRemoved { id, .. } => self.postbacks.contains_key(id),
         }
     }
 
@@ -383,6 +420,60 @@ mod tests {
         );
         assert_eq!(c.offer(1).map(|o| o.status), Some(OfferStatus::Paused));
         assert_eq!(c.next_offer_id(), 2);
+    }
+
+    #[test]
+    fn the_first_creation_of_an_id_wins() {
+        let mut c = Catalog::default();
+        let create = |at_us, title: &str| {
+            let mut o = offer(1, OfferStatus::Active);
+            o.title = title.into();
+            CatalogRecord {
+                create: true,
+                event: CatalogEvent::Offer { at_us, offer: o },
+            }
+        };
+        assert!(c.apply_record(create(10, "first")));
+        assert!(!c.apply_record(create(5, "second")), "id 1 is taken");
+        assert_eq!(c.offer(1).map(|o| o.title.as_str()), Some("first"));
+        assert_eq!(c.next_offer_id(), 2);
+        let update = CatalogRecord {
+            create: false,
+            ..create(20, "renamed")
+        };
+        assert!(c.apply_record(update));
+        assert_eq!(c.offer(1).map(|o| o.title.as_str()), Some("renamed"));
+    }
+
+    #[test]
+    fn records_keep_the_event_format() {
+        let event = CatalogEvent::Offer {
+            at_us: 7,
+            offer: offer(2, OfferStatus::Active),
+        };
+        // A record written before `create` existed reads as an update.
+        let old = serde_json::to_string(&event).expect("encode");
+        let record: CatalogRecord = serde_json::from_str(&old).expect("decode");
+        assert_eq!(
+            record,
+            CatalogRecord {
+                create: false,
+                event: event.clone()
+            }
+        );
+        let new = CatalogRecord {
+            create: true,
+            event,
+        };
+        let text = serde_json::to_string(&new).expect("encode");
+        assert!(
+            text.starts_with(r#"{"create":true,"type":"offer","#),
+            "{text}"
+        );
+        assert_eq!(
+            serde_json::from_str::<CatalogRecord>(&text).expect("decode"),
+            new
+        );
     }
 
     #[test]

@@ -686,6 +686,25 @@ pub mod conformance {
         assert_eq!(got[2].payload.len(), 100_000);
     }
 
+    /// A reader that reached the end reads what is appended after, at once: the reader
+    /// that follows the catalog relies on it. One partition.
+    pub async fn reads_follow_a_growing_log(log: Arc<dyn EventLog>) {
+        for n in 0..5u64 {
+            log.append(keyed("r", "k", 1)).await.expect("append");
+            let got = log.read(0, n, 10, usize::MAX).await.expect("read");
+            assert_eq!(
+                got.iter().map(|r| r.offset).collect::<Vec<_>>(),
+                vec![n],
+                "round {n}"
+            );
+            assert!(log
+                .read(0, n + 1, 10, usize::MAX)
+                .await
+                .expect("end")
+                .is_empty());
+        }
+    }
+
     /// `wait_for` resolves once a record exists at the offset. One partition.
     pub async fn wait_for_wakes_on_append(log: Arc<dyn EventLog>) {
         log.append(keyed("x", "k", 1)).await.expect("append");
@@ -903,6 +922,7 @@ mod tests {
         block_on(conformance::records_are_kept_exactly(memory(1)));
         block_on(conformance::reads_stop_at_the_byte_limit(memory(1)));
         block_on(conformance::wait_for_wakes_on_append(memory(1)));
+        block_on(conformance::reads_follow_a_growing_log(memory(1)));
         block_on(conformance::concurrent_appends_are_all_kept(memory(1)));
         let wait = Duration::from_millis(1);
         block_on(conformance::a_member_reads_every_partition_once(

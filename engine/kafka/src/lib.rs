@@ -346,7 +346,14 @@ impl Reader {
             match self.consumer.poll(Duration::from_millis(200)) {
                 None if out.is_empty() => continue,
                 None => break,
-                Some(Err(KafkaError::PartitionEOF(p))) if p == partition as i32 => break,
+                // Records are there (`next < end`): an end-of-partition with none read yet is
+                // left from an earlier read that reached the end then.
+                Some(Err(KafkaError::PartitionEOF(p))) if p == partition as i32 => {
+                    if out.is_empty() {
+                        continue;
+                    }
+                    break;
+                }
                 Some(Err(KafkaError::PartitionEOF(_))) => continue,
                 Some(Err(e)) => {
                     self.at = None;

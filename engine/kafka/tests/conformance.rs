@@ -36,6 +36,7 @@ async fn kafka_log_conforms() {
     conformance::reads_stop_at_the_byte_limit(fresh("c", 1).await).await;
     conformance::wait_for_wakes_on_append(fresh("d", 1).await).await;
     conformance::concurrent_appends_are_all_kept(fresh("e", 1).await).await;
+    conformance::reads_follow_a_growing_log(fresh("h", 1).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

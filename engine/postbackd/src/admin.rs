@@ -18,8 +18,12 @@ pub async fn route(engine: &Arc<Engine>, req: Req) -> Result<Response<Body>, Api
     let segments: Vec<&str> = path.split('/').skip(2).collect(); // after "/3.0"
     let m = &req.method;
     match (m, segments.as_slice()) {
-        (&Method::POST, ["admin", "advertiser"]) => save_advertiser(engine, None, &p).await,
-        (&Method::POST, ["admin", "advertiser", id]) => save_advertiser(engine, Some(id), &p).await,
+        (&Method::POST, ["admin", "advertiser"]) => {
+            publish(engine, || advertiser_change(engine, None, &p)).await
+        }
+        (&Method::POST, ["admin", "advertiser", id]) => {
+            publish(engine, || advertiser_change(engine, Some(id), &p)).await
+        }
         (&Method::GET, ["admin", "advertiser", id]) => {
             let c = engine.catalog_read();
             let a = c.advertiser(id).ok_or(ApiError::NotFound)?;
@@ -35,9 +39,12 @@ pub async fn route(engine: &Arc<Engine>, req: Req) -> Result<Response<Body>, Api
                 advertiser_json,
             )
         }
-        (&Method::POST, ["admin", "offer"]) => save_offer(engine, None, &p).await,
+        (&Method::POST, ["admin", "offer"]) => {
+            publish(engine, || offer_change(engine, None, &p)).await
+        }
         (&Method::POST, ["admin", "offer", id]) => {
-            save_offer(engine, Some(parse_id(id)?), &p).await
+            let id = parse_id(id)?;
+            publish(engine, || offer_change(engine, Some(id), &p)).await
         }
         (&Method::GET, ["offer", id]) => {
             let c = engine.catalog_read();
@@ -48,9 +55,12 @@ pub async fn route(engine: &Arc<Engine>, req: Req) -> Result<Response<Body>, Api
             let c = engine.catalog_read();
             list(&p, &c, "offers", |t| c.offers_at(t), offer_json)
         }
-        (&Method::POST, ["admin", "partner"]) => save_partner(engine, None, &p).await,
+        (&Method::POST, ["admin", "partner"]) => {
+            publish(engine, || partner_change(engine, None, &p)).await
+        }
         (&Method::POST, ["admin", "partner", id]) => {
-            save_partner(engine, Some(parse_id(id)?), &p).await
+            let id = parse_id(id)?;
+            publish(engine, || partner_change(engine, Some(id), &p)).await
         }
         (&Method::GET, ["admin", "partner", id]) => {
             let c = engine.catalog_read();
@@ -61,12 +71,16 @@ pub async fn route(engine: &Arc<Engine>, req: Req) -> Result<Response<Body>, Api
             let c = engine.catalog_read();
             list(&p, &c, "partners", |t| c.partners_at(t), partner_json)
         }
-        (&Method::POST, ["partner", "postback"]) => save_postback(engine, None, &p).await,
+        (&Method::POST, ["partner", "postback"]) => {
+            publish(engine, || postback_change(engine, None, &p)).await
+        }
         (&Method::POST, ["partner", "postback", id]) => {
-            save_postback(engine, Some(parse_id(id)?), &p).await
+            let id = parse_id(id)?;
+            publish(engine, || postback_change(engine, Some(id), &p)).await
         }
         (&Method::DELETE | &Method::POST, ["partner", "postback", id, "remove"]) => {
-            remove_postback(engine, parse_id(id)?).await
+            let id = parse_id(id)?;
+            publish(engine, || postback_removal(engine, id)).await
         }
         (&Method::POST, ["admin", "affiliatepostbacks", "resend"]) => resend(engine, &p).await,
         (&Method::GET, ["partner", "postback", id, "test"]) => {
@@ -108,14 +122,32 @@ fn existing<T>(
     id.map(|id| find(id).ok_or(ApiError::NotFound)).transpose()
 }
 
-/// Appends a catalog change and answers with the entity as the API shows it.
+/// A catalog change built by a handler, and the entity as the API shows it.
+struct Change {
+    record: CatalogRecord,
+    key: &'static str,
+    value: Value,
+}
+
+impl Change {
+    fn new(create: bool, event: CatalogEvent, key: &'static str, value: Value) -> Self {
+        Self {
+            record: CatalogRecord { create, event },
+            key,
+            value,
+        }
+    }
+}
+
+/// Appends a catalog change and answers with the entity. `build` runs on a catalog that has
+/// every change of the log, and again if another process took the new entity's id first.
 async fn publish(
     engine: &Engine,
-    event: CatalogEvent,
-    key: &str,
-    value: Value,
+    build: impl Fn() -> Result<Change, ApiError>,
 ) -> Result<Response<Body>, ApiError> {
-    engine.change_catalog(event).await?;
+    let (key, value) = engine
+        .change_catalog(|| build().map(|c| (c.record, (c.key, c.value))))
+        .await?;
     ok(key, value)
 }
 
@@ -174,12 +206,7 @@ fn allowed_ip(p: &Params, current: &[String]) -> Result<Vec<String>, ApiError> {
     }
 }
 
-async fn save_advertiser(
-    engine: &Engine,
-    id: Option<&str>,
-    p: &Params,
-) -> Result<Response<Body>, ApiError> {
-    let _writer = engine.catalog_writer.lock().await;
+fn advertiser_change(engine: &Engine, id: Option<&str>, p: &Params) -> Result<Change, ApiError> {
     let current = match id {
         Some(id) => Some(
             engine
@@ -209,16 +236,15 @@ async fn save_advertiser(
         allowed_ip: allowed_ip(p, current.as_ref().map_or(&[], |c| &c.allowed_ip))?,
     };
     let value = advertiser_json(&advertiser);
-    publish(
-        engine,
+    Ok(Change::new(
+        current.is_none(),
         CatalogEvent::Advertiser {
             at_us: now_us(),
             advertiser,
         },
         "advertiser",
         value,
-    )
-    .await
+    ))
 }
 
 fn advertiser_json(a: &Advertiser) -> Value {
@@ -299,12 +325,7 @@ fn parse_payments(p: &Params) -> Result<Vec<Payment>, ApiError> {
     Ok(out)
 }
 
-async fn save_offer(
-    engine: &Engine,
-    id: Option<u64>,
-    p: &Params,
-) -> Result<Response<Body>, ApiError> {
-    let _writer = engine.catalog_writer.lock().await;
+fn offer_change(engine: &Engine, id: Option<u64>, p: &Params) -> Result<Change, ApiError> {
     let (current, next_id) = {
         let c = engine.catalog_read();
         (existing(id, |id| c.offer(id).cloned())?, c.next_offer_id())
@@ -380,16 +401,15 @@ async fn save_offer(
         hold_period,
     };
     let value = offer_json(&offer);
-    publish(
-        engine,
+    Ok(Change::new(
+        current.is_none(),
         CatalogEvent::Offer {
             at_us: now_us(),
             offer,
         },
         "offer",
         value,
-    )
-    .await
+    ))
 }
 
 pub fn offer_json(o: &Offer) -> Value {
@@ -415,12 +435,7 @@ pub fn offer_json(o: &Offer) -> Value {
     })
 }
 
-async fn save_partner(
-    engine: &Engine,
-    id: Option<u64>,
-    p: &Params,
-) -> Result<Response<Body>, ApiError> {
-    let _writer = engine.catalog_writer.lock().await;
+fn partner_change(engine: &Engine, id: Option<u64>, p: &Params) -> Result<Change, ApiError> {
     let (current, next_id) = {
         let c = engine.catalog_read();
         (
@@ -452,16 +467,15 @@ async fn save_partner(
         email,
     };
     let value = partner_json(&partner);
-    publish(
-        engine,
+    Ok(Change::new(
+        current.is_none(),
         CatalogEvent::Partner {
             at_us: now_us(),
             partner,
         },
         "partner",
         value,
-    )
-    .await
+    ))
 }
 
 pub fn partner_json(a: &Partner) -> Value {
@@ -477,12 +491,7 @@ const POSTBACK_STATUSES: [&str; 6] = [
     "hold",
 ];
 
-async fn save_postback(
-    engine: &Engine,
-    id: Option<u64>,
-    p: &Params,
-) -> Result<Response<Body>, ApiError> {
-    let _writer = engine.catalog_writer.lock().await;
+fn postback_change(engine: &Engine, id: Option<u64>, p: &Params) -> Result<Change, ApiError> {
     let c = engine.catalog_read().clone();
     let current = existing(id, |id| c.postback(id).cloned())?;
     let partner_id = match p.get_nonempty("partner_id") {
@@ -559,33 +568,33 @@ async fn save_postback(
         method,
     };
     let value = postback_json(&postback);
-    publish(
-        engine,
+    Ok(Change::new(
+        current.is_none(),
         CatalogEvent::PostbackSetting {
             at_us: now_us(),
             postback,
         },
         "postback",
         value,
-    )
-    .await
+    ))
 }
 
-async fn remove_postback(engine: &Engine, id: u64) -> Result<Response<Body>, ApiError> {
-    let _writer = engine.catalog_writer.lock().await;
+fn postback_removal(engine: &Engine, id: u64) -> Result<Change, ApiError> {
     let value = postback_json(
         engine
             .catalog_read()
             .postback(id)
             .ok_or(ApiError::NotFound)?,
     );
-    engine
-        .change_catalog(CatalogEvent::PostbackSettingRemoved {
+    Ok(Change::new(
+        false,
+        CatalogEvent::PostbackSettingRemoved {
             at_us: now_us(),
             id,
-        })
-        .await?;
-    ok("postback", value)
+        },
+        "postback",
+        value,
+    ))
 }
 
 fn postback_json(s: &PostbackSetting) -> Value {

@@ -21,6 +21,10 @@ pub struct Config {
     /// `clickhouse://[USER[:PASSWORD]@]HOST:PORT/DATABASE` (the HTTP port). The processor's
     /// state and the delivery queue stay in the data directory either way.
     pub store: String,
+    /// What this process does (`ingest`, `process`, `dispatch`, `api`; all by default), so that
+    /// a deployment scales the front end, the processors, the dispatchers and the stats API
+    /// apart. `/health`, `/ready` and `/metrics` are served whatever the roles.
+    pub roles: Roles,
     /// Apply the ClickHouse schema's migrations at start (`postbackd migrate` does it alone).
     /// Off: a store whose schema is behind this build's is refused with a clear error.
     pub migrate: bool,
@@ -96,6 +100,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             log: String::new(),
             store: String::new(),
+            roles: Roles::ALL,
             migrate: false,
             api_key: String::new(),
             platform_secure: String::new(),
@@ -128,6 +133,94 @@ impl Default for Config {
     }
 }
 
+/// What a process does: take tracking requests (`ingest`), process the event log into the
+/// store (`process`), deliver affiliate postbacks (`dispatch`), serve `/3.0/` (`api`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    pub ingest: bool,
+    pub process: bool,
+    pub dispatch: bool,
+    pub api: bool,
+}
+
+impl Roles {
+    pub const ALL: Roles = Roles {
+        ingest: true,
+        process: true,
+        dispatch: true,
+        api: true,
+    };
+}
+
+impl std::str::FromStr for Roles {
+    type Err = String;
+
+    /// A comma-separated list, e.g. `ingest,api`; `all` for every role.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut roles = Roles {
+            ingest: false,
+            process: false,
+            dispatch: false,
+            api: false,
+        };
+        for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            match name {
+                "all" => roles = Roles::ALL,
+                "ingest" => roles.ingest = true,
+                "process" => roles.process = true,
+                "dispatch" => roles.dispatch = true,
+                "api" => roles.api = true,
+                other => {
+                    return Err(format!(
+                        "unknown role {other:?} (roles: ingest, process, dispatch, api, all)"
+                    ))
+                }
+            }
+        }
+        if roles
+            == (Roles {
+                ingest: false,
+                process: false,
+                dispatch: false,
+                api: false,
+            })
+        {
+            return Err("no role given (roles: ingest, process, dispatch, api, all)".into());
+        }
+        Ok(roles)
+    }
+}
+
+impl std::fmt::Display for Roles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names = [
+            (self.ingest, "ingest"),
+            (self.process, "process"),
+            (self.dispatch, "dispatch"),
+            (self.api, "api"),
+        ];
+        let on: Vec<&str> = names.iter().filter(|r| r.0).map(|r| r.1).collect();
+        f.write_str(&on.join(","))
+    }
+}
+
+/// In the configuration file: `roles = "ingest,api"` or `roles = ["ingest", "api"]`.
+impl<'de> Deserialize<'de> for Roles {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Given {
+            Text(String),
+            List(Vec<String>),
+        }
+        let text = match Given::deserialize(d)? {
+            Given::Text(t) => t,
+            Given::List(l) => l.join(","),
+        };
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Values given on the command line; `None` leaves the lower layers' value.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
@@ -135,6 +228,7 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub log: Option<String>,
     pub store: Option<String>,
+    pub roles: Option<Roles>,
     pub migrate: bool,
     pub api_key: Option<String>,
     pub allow_private_postback_targets: bool,
@@ -206,6 +300,9 @@ impl Config {
         if let Some(v) = &flags.store {
             config.store = v.clone();
         }
+        if let Some(v) = flags.roles {
+            config.roles = v;
+        }
         if flags.migrate {
             config.migrate = true;
         }
@@ -265,6 +362,7 @@ impl Config {
                 "PARTITIONS" => self.partitions = Some(value.parse().map_err(|e| bad(&e))?),
                 "LOG" => self.log = value.clone(),
                 "STORE" => self.store = value.clone(),
+                "ROLES" => self.roles = value.parse().map_err(|e| bad(&e))?,
                 "MIGRATE" => self.migrate = value.parse().map_err(|e| bad(&e))?,
                 "PROCESSOR_LINGER_MS" => {
                     self.processor_linger_ms = Some(value.parse().map_err(|e| bad(&e))?)
@@ -350,5 +448,36 @@ mod tests {
         let env: HashMap<String, String> =
             [("POSTBACKD_LISTN".to_string(), "x".to_string())].into();
         assert!(Config::load(None, &env, &Overrides::default()).is_err());
+    }
+
+    #[test]
+    fn roles_from_every_layer() {
+        assert_eq!(Config::default().roles, Roles::ALL);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "roles = [\"ingest\", \"api\"]\n").expect("write");
+        let c = Config::load(Some(&file), &HashMap::new(), &Overrides::default()).expect("file");
+        assert_eq!(c.roles.to_string(), "ingest,api");
+        let env: HashMap<String, String> = [(
+            "POSTBACKD_ROLES".to_string(),
+            " process , dispatch".to_string(),
+        )]
+        .into();
+        let c = Config::load(Some(&file), &env, &Overrides::default()).expect("env");
+        assert_eq!(c.roles.to_string(), "process,dispatch");
+        let flags = Overrides {
+            roles: Some("all".parse().expect("all")),
+            ..Default::default()
+        };
+        assert_eq!(
+            Config::load(None, &env, &flags).expect("flag").roles,
+            Roles::ALL
+        );
+        for bad in ["", " , ", "ingest,web"] {
+            let env: HashMap<String, String> =
+                [("POSTBACKD_ROLES".to_string(), bad.to_string())].into();
+            let err = Config::load(None, &env, &Overrides::default()).expect_err(bad);
+            assert!(err.to_string().contains("role"), "{bad:?}: {err}");
+        }
     }
 }

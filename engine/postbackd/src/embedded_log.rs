@@ -1081,6 +1081,8 @@ mod tests {
         let d = dir(());
         conformance::concurrent_appends_are_all_kept(partitioned(d.path(), 1)).await;
         let d = dir(());
+        conformance::reads_follow_a_growing_log(partitioned(d.path(), 1)).await;
+        let d = dir(());
         conformance::a_member_reads_every_partition_once(partitioned(d.path(), 3), wait).await;
         let d = dir(());
         conformance::a_group_shares_and_hands_over_partitions(partitioned(d.path(), 4), wait).await;

@@ -6,14 +6,15 @@ use crate::pipeline;
 use crate::sqlite_store::{SchemaState, SqliteStore, SCHEMA_VERSION};
 use anyhow::Context as _;
 use metrics_exporter_prometheus::PrometheusHandle;
-use postback_core::catalog::{Catalog, CatalogEvent};
+use postback_core::catalog::{Catalog, CatalogRecord};
 use postback_core::ids::IdGenerator;
-use postback_core::log::{EventLog, Keyed};
-use postback_core::seams::{AnalyticsStore, DeliveryQueue, StateStore};
+use postback_core::log::{EventLog, Keyed, Record};
+use postback_core::seams::{AnalyticsStore, DeliveryQueue, SeamError, StateStore};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -36,8 +37,9 @@ pub struct Engine {
     /// See `backends::Stores::analytics_is_state`.
     pub analytics_is_state: bool,
     pub catalog: RwLock<Catalog>,
-    /// Serialises catalog writes, so that new ids are assigned one at a time.
-    pub catalog_writer: tokio::sync::Mutex<()>,
+    /// The offset of the catalog log after the last record applied to `catalog`. Held while
+    /// applying records and while writing, so that this process assigns new ids one at a time.
+    pub catalog_writer: tokio::sync::Mutex<u64>,
     pub ids: IdGenerator,
     pub metrics: Option<PrometheusHandle>,
     pub http_metrics: crate::http::HttpMetrics,
@@ -65,7 +67,7 @@ impl Engine {
         let api_key = resolve_api_key(&config.api_key, &dir)?;
         let logs = crate::backends::open_logs(&config, faults).await?;
         let stores = crate::backends::open_stores(&config, &dir).await?;
-        let catalog = load_catalog(logs.catalog.as_ref()).await?;
+        let (catalog, catalog_next) = load_catalog(logs.catalog.as_ref()).await?;
         let seed: [u8; 8] = rand::random();
         Ok(Arc::new(Self {
             api_key,
@@ -77,7 +79,7 @@ impl Engine {
             queue: stores.queue,
             analytics_is_state: stores.analytics_is_state,
             catalog: RwLock::new(catalog),
-            catalog_writer: tokio::sync::Mutex::new(()),
+            catalog_writer: tokio::sync::Mutex::new(catalog_next),
             ids: IdGenerator::new(
                 [seed[0], seed[1], seed[2], seed[3], seed[4]],
                 u32::from_le_bytes([seed[5], seed[6], seed[7], 0]),
@@ -94,18 +96,96 @@ impl Engine {
         }))
     }
 
-    /// Appends a catalog change durably, then applies it to the catalog in memory.
-    pub async fn change_catalog(
+    /// Appends a catalog change durably and applies it, with every change before it in the
+    /// log. `build` makes the change from the catalog as the log has it (one writer of this
+    /// process at a time); when another process's creation took the new entity's id first, the
+    /// appended record is void and `build` runs again on the catalog that now has that id.
+    pub async fn change_catalog<T, E: From<SeamError>>(
         &self,
-        event: CatalogEvent,
-    ) -> Result<(), postback_core::seams::SeamError> {
-        let bytes = serde_json::to_vec(&event)
-            .map_err(|e| postback_core::seams::SeamError::Fatal(format!("encoding: {e}")))?;
-        self.catalog_log
-            .append(vec![Keyed::new(CATALOG_KEY, bytes)])
-            .await?;
-        self.catalog_write().apply(event);
-        Ok(())
+        build: impl Fn() -> Result<(CatalogRecord, T), E>,
+    ) -> Result<T, E> {
+        let mut next = self.catalog_writer.lock().await;
+        for _ in 0..CATALOG_TRIES {
+            self.catch_up(&mut next, None).await?;
+            let (record, out) = build()?;
+            let bytes = serde_json::to_vec(&record)
+                .map_err(|e| SeamError::Fatal(format!("encoding a catalog change: {e}")))?;
+            let at = self
+                .catalog_log
+                .append(vec![Keyed::new(CATALOG_KEY, bytes)])
+                .await?;
+            let offset = at.first().map(|p| p.offset).ok_or_else(|| {
+                SeamError::Fatal("the catalog log acknowledged no position".into())
+            })?;
+            if self.catch_up(&mut next, Some(offset)).await? == Some(true) {
+                return Ok(out);
+            }
+            tracing::info!(
+                offset,
+                "another process created this id first; trying again"
+            );
+        }
+        Err(SeamError::Unavailable("catalog: too many concurrent creations".into()).into())
+    }
+
+    /// Applies the catalog log from `next` to its end (and through `through`, waiting for it
+    /// as long as an append may take): then whether the record at `through` took effect.
+    async fn catch_up(
+        &self,
+        next: &mut u64,
+        through: Option<u64>,
+    ) -> Result<Option<bool>, SeamError> {
+        let deadline = Instant::now() + Duration::from_millis(self.config.append_timeout_ms.max(1));
+        let mut outcome = None;
+        loop {
+            let end = self.catalog_log.bounds(0).await?.1;
+            let goal = through.map_or(end, |offset| end.max(offset + 1));
+            while *next < end {
+                let batch = self.catalog_log.read(0, *next, 4096, 4 << 20).await?;
+                let Some(last) = batch.last().map(|r| r.offset) else {
+                    break; // not readable yet: wait below
+                };
+                let mut catalog = self.catalog_write();
+                for r in batch {
+                    let applied = catalog.apply_record(decode_catalog(&r)?);
+                    if Some(r.offset) == through {
+                        outcome = Some(applied);
+                    }
+                }
+                *next = last + 1;
+            }
+            if *next >= goal {
+                return Ok(outcome);
+            }
+            if Instant::now() > deadline {
+                return Err(SeamError::Unavailable(format!(
+                    "the catalog log did not give offsets {}..{goal} in time",
+                    *next
+                )));
+            }
+            self.catalog_log.wait_for(0, *next).await;
+        }
+    }
+
+    /// Applies the changes other processes make to the catalog as they reach the log (within
+    /// about 100 ms on Kafka), until `stop`.
+    pub async fn follow_catalog(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            let from = *self.catalog_writer.lock().await;
+            tokio::select! {
+                _ = self.catalog_log.wait_for(0, from) => {}
+                _ = stop.changed() => return,
+            }
+            let mut next = self.catalog_writer.lock().await;
+            if let Err(e) = self.catch_up(&mut next, None).await {
+                drop(next);
+                tracing::warn!(error = %e, "following the catalog log failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        }
     }
 
     /// Why the engine should not get traffic now, if it should not: shutting down, or a log
@@ -125,6 +205,7 @@ impl Engine {
             .or_else(|| {
                 self.analytics
                     .health()
+                    .filter(|_| self.config.roles.process)
                     .map(|why| format!("analytics store: {why}"))
             })
     }
@@ -141,26 +222,33 @@ impl Engine {
 /// Every catalog change has this key: one partition keeps them in order.
 const CATALOG_KEY: &str = "catalog";
 
-async fn load_catalog(log: &dyn EventLog) -> anyhow::Result<Catalog> {
+/// How often a writer builds a change again after losing its new id to another process.
+const CATALOG_TRIES: usize = 16;
+
+fn decode_catalog(r: &Record) -> Result<CatalogRecord, SeamError> {
+    serde_json::from_slice(&r.payload).map_err(|e| {
+        SeamError::Fatal(format!(
+            "catalog record {:?} does not decode: {e}",
+            r.position()
+        ))
+    })
+}
+
+/// The catalog as the log has it, and the offset after the last record applied.
+async fn load_catalog(log: &dyn EventLog) -> anyhow::Result<(Catalog, u64)> {
     let mut catalog = Catalog::default();
-    for p in 0..log.partitions() {
-        let mut from = log.bounds(p).await?.0;
-        loop {
-            let batch = log.read(p, from, 4096, 4 << 20).await?;
-            let Some(last) = batch.last().map(|r| r.offset) else {
-                break;
-            };
-            from = last + 1;
-            for r in batch {
-                let event: CatalogEvent =
-                    serde_json::from_slice(&r.payload).with_context(|| {
-                        format!("catalog record {:?} does not decode", r.position())
-                    })?;
-                catalog.apply(event);
-            }
+    let mut from = log.bounds(0).await?.0;
+    loop {
+        let batch = log.read(0, from, 4096, 4 << 20).await?;
+        let Some(last) = batch.last().map(|r| r.offset) else {
+            break;
+        };
+        from = last + 1;
+        for r in batch {
+            catalog.apply_record(decode_catalog(&r)?);
         }
     }
-    Ok(catalog)
+    Ok((catalog, from))
 }
 
 /// The configured key, or the one kept in the data directory, or a new one kept there.
@@ -189,9 +277,11 @@ pub struct Server {
     stop: watch::Sender<bool>,
     http: JoinHandle<()>,
     metrics_http: Option<JoinHandle<()>>,
-    processor: JoinHandle<()>,
-    dispatcher: JoinHandle<()>,
+    /// The processor and the dispatcher run where the roles say.
+    processor: Option<JoinHandle<()>>,
+    dispatcher: Option<JoinHandle<()>>,
     housekeeping: JoinHandle<()>,
+    catalog: JoinHandle<()>,
 }
 
 impl Server {
@@ -222,13 +312,20 @@ impl Server {
         rebuild_stale_store(&config).await?;
         let engine = Engine::open(config, metrics, faults).await?;
         let (stop, stop_rx) = watch::channel(false);
-        let processor = tokio::spawn(pipeline::run_processor(engine.clone(), stop_rx.clone()));
+        let roles = engine.config.roles;
+        tracing::info!(%roles, "starting");
+        let processor = roles
+            .process
+            .then(|| tokio::spawn(pipeline::run_processor(engine.clone(), stop_rx.clone())));
         let housekeeping = tokio::spawn(pipeline::run_retention(engine.clone(), stop_rx.clone()));
-        let dispatcher = tokio::spawn(crate::dispatcher::run(
-            engine.clone(),
-            engine.config.delivery(),
-            stop_rx.clone(),
-        ));
+        let catalog = tokio::spawn(engine.clone().follow_catalog(stop_rx.clone()));
+        let dispatcher = roles.dispatch.then(|| {
+            tokio::spawn(crate::dispatcher::run(
+                engine.clone(),
+                engine.config.delivery(),
+                stop_rx.clone(),
+            ))
+        });
         engine.ready.store(true, Ordering::Release);
         let metrics_http = metrics_listener
             .map(|l| tokio::spawn(crate::http::serve(engine.clone(), l, stop_rx.clone(), true)));
@@ -242,6 +339,7 @@ impl Server {
             processor,
             dispatcher,
             housekeeping,
+            catalog,
         })
     }
 
@@ -259,9 +357,14 @@ impl Server {
         if let Some(m) = self.metrics_http {
             let _ = m.await;
         }
-        let _ = self.processor.await;
-        let _ = self.dispatcher.await;
+        if let Some(p) = self.processor {
+            let _ = p.await;
+        }
+        if let Some(d) = self.dispatcher {
+            let _ = d.await;
+        }
         let _ = self.housekeeping.await;
+        let _ = self.catalog.await;
         // Close the logs now rather than when the last reference goes.
         self.engine.events.close();
         self.engine.catalog_log.close();

@@ -37,6 +37,9 @@ pub enum ApiError {
     NotFound,
     #[error("Page Not Found")]
     NoRoute,
+    /// The route exists, but this process's roles leave it to others.
+    #[error("Page Not Found: this process does not serve {0} (its roles: {1})")]
+    NotServedHere(&'static str, crate::config::Roles),
     #[error("Method Not Allowed")]
     Method,
     #[error("Request is too large")]
@@ -69,7 +72,9 @@ impl ApiError {
             ApiError::NoKey => StatusCode::UNAUTHORIZED,
             ApiError::WrongKey => StatusCode::FORBIDDEN,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::NotFound | ApiError::NoRoute => StatusCode::NOT_FOUND,
+            ApiError::NotFound | ApiError::NoRoute | ApiError::NotServedHere(..) => {
+                StatusCode::NOT_FOUND
+            }
             ApiError::Method => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Timeout => StatusCode::REQUEST_TIMEOUT,
@@ -301,6 +306,13 @@ async fn respond(
         }
         Route::Stats | Route::Admin => authorize(engine, &parts.headers, query)?,
         Route::Postback | Route::Click | Route::Pixel => {}
+    }
+    let roles = engine.config.roles;
+    if route.is_tracking() && !roles.ingest {
+        return Err(ApiError::NotServedHere("tracking requests", roles));
+    }
+    if matches!(route, Route::Stats | Route::Admin) && !roles.api {
+        return Err(ApiError::NotServedHere("the API", roles));
     }
     let limit = if route.is_tracking() {
         engine.config.max_request_bytes

@@ -52,6 +52,10 @@ enum Command {
         /// Apply the ClickHouse schema's migrations first (as `postbackd migrate` does).
         #[arg(long)]
         migrate: bool,
+        /// What this process does: ingest, process, dispatch, api (comma-separated; all by
+        /// default).
+        #[arg(long)]
+        roles: Option<postbackd::config::Roles>,
     },
     /// Create or upgrade the ClickHouse schema (--store clickhouse://...), then exit.
     /// Idempotent: applied migrations are recorded in the database's `schema_migrations`.
@@ -81,6 +85,7 @@ fn main() -> anyhow::Result<()> {
         api_key: None,
         allow_private_postback_targets: false,
         migrate: false,
+        roles: None,
     };
     match cli.command.unwrap_or(default) {
         Command::Serve {
@@ -89,12 +94,14 @@ fn main() -> anyhow::Result<()> {
             api_key,
             allow_private_postback_targets,
             migrate,
+            roles,
         } => {
             let flags = Overrides {
                 listen,
                 data_dir: common.data_dir,
                 log: common.log,
                 store: common.store,
+                roles,
                 migrate,
                 api_key,
                 allow_private_postback_targets,

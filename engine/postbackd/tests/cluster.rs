@@ -1,0 +1,129 @@
+//! Several engine processes on one Kafka: one catalog that every process sees, and ids that
+//! no two processes hand out twice.
+
+mod common;
+
+use common::{Api, KEY};
+use postbackd::{Config, Server};
+use std::time::{Duration, Instant};
+
+async fn start(dir: &std::path::Path, log: &str, roles: &str) -> (Server, Api) {
+    let config = Config {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        data_dir: dir.to_path_buf(),
+        log: log.into(),
+        api_key: KEY.into(),
+        roles: roles.parse().expect("roles"),
+        ..Config::default()
+    };
+    let server = Server::start(config, None).await.expect("starts");
+    let api = Api::new(server.addr());
+    (server, api)
+}
+
+/// Polls `path` on `api` until `check` holds for its JSON (bounded wait).
+async fn eventually(api: &Api, path: &str, check: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, body) = api.get_json(path).await;
+        if code == 200 && check(&body) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{path}: {code} {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a Kafka broker: POSTBACKD_TEST_KAFKA=host:port"]
+async fn processes_share_one_catalog_and_never_hand_out_an_id_twice() {
+    let broker = std::env::var("POSTBACKD_TEST_KAFKA").expect("POSTBACKD_TEST_KAFKA");
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let run: String = dir_a
+        .path()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .collect();
+    let log = format!("kafka://{broker}/cluster{run}");
+    let (server_a, a) = start(dir_a.path(), &log, "api").await;
+    let (server_b, b) = start(dir_b.path(), &log, "api").await;
+
+    // Twenty partners created at once, half through each process: twenty different ids.
+    let mut creating = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let api = if i % 2 == 0 { a.clone() } else { b.clone() };
+        creating.spawn(async move {
+            let email = format!("p{i}@example.com");
+            let body = api
+                .admin_post("/3.0/admin/partner", &[("email", email.as_str())])
+                .await;
+            assert_eq!(body["partner"]["email"], email.as_str());
+            (body["partner"]["id"].as_u64().expect("id"), email)
+        });
+    }
+    let mut created = Vec::new();
+    while let Some(r) = creating.join_next().await {
+        created.push(r.expect("created"));
+    }
+    let mut ids: Vec<u64> = created.iter().map(|c| c.0).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (1..=20).collect::<Vec<_>>(), "{created:?}");
+
+    // Each process sees every partner, whichever process created it.
+    for api in [&a, &b] {
+        for (id, email) in &created {
+            eventually(api, &format!("/3.0/admin/partner/{id}"), |body| {
+                body["partner"]["email"] == email.as_str()
+            })
+            .await;
+        }
+    }
+
+    // A write on one process may name what the other just created: a writer reads the log
+    // up to its end before it checks and writes.
+    let advertiser = a
+        .admin_post("/3.0/admin/advertiser", &[("title", "Adv")])
+        .await["advertiser"]["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let offer = b
+        .admin_post(
+            "/3.0/admin/offer",
+            &[
+                ("title", "O"),
+                ("url", "https://x.example/?clickid={clickid}"),
+                ("advertiser", advertiser.as_str()),
+            ],
+        )
+        .await;
+    assert_eq!(offer["offer"]["advertiser"], advertiser.as_str());
+    let offer_id = offer["offer"]["id"].as_u64().expect("id");
+
+    // An update through one process reaches the other.
+    b.admin_post("/3.0/admin/partner/3", &[("title", "renamed")])
+        .await;
+    eventually(&a, "/3.0/admin/partner/3", |body| {
+        body["partner"]["title"] == "renamed"
+    })
+    .await;
+    eventually(&a, &format!("/3.0/offer/{offer_id}"), |body| {
+        body["offer"]["advertiser"] == advertiser.as_str()
+    })
+    .await;
+
+    // A process started later loads the whole catalog from the log.
+    let dir_c = tempfile::tempdir().expect("c");
+    let (server_c, c) = start(dir_c.path(), &log, "api").await;
+    let (code, body) = c.get_json("/3.0/admin/partner/3").await;
+    assert_eq!((code, &body["partner"]["title"]), (200, &"renamed".into()));
+    for server in [server_a, server_b, server_c] {
+        server.shutdown().await;
+    }
+}
