@@ -120,6 +120,7 @@ CREATE INDEX IF NOT EXISTS conv_sub1 ON conversions (sub1, created_us);
 -- Affiliate postback deliveries, derived from the deliveries log.
 CREATE TABLE IF NOT EXISTS delivery_jobs (
     job_id TEXT PRIMARY KEY,
+    part INTEGER NOT NULL,       -- the deliveries-log partition the job came from
     at_us INTEGER NOT NULL,
     host TEXT NOT NULL,          -- the URL's host: due jobs are taken fairly across hosts
     pid INTEGER NOT NULL,

@@ -7,6 +7,7 @@
 
 use crate::catalog::{Catalog, PostbackSetting};
 use crate::ids::{IdTag, ObjectId};
+use crate::keys::Partition;
 use crate::processor::ConversionChange;
 use crate::rules::status_name;
 use serde::{Deserialize, Serialize};
@@ -70,6 +71,8 @@ pub struct DueQuery {
     pub limit: usize,
     /// ...or this many hosts were visited, or every host once.
     pub max_hosts: usize,
+    /// Only jobs of these partitions of the deliveries log (`None`: every partition).
+    pub partitions: Option<Vec<Partition>>,
 }
 
 /// Due jobs, and the last host visited (the next query's `after_host`).

@@ -36,6 +36,8 @@ struct Inner {
     // The delivery queue.
     queue_positions: HashMap<(String, Partition), u64>,
     jobs: HashMap<String, JobState>,
+    /// The deliveries-log partition each job came from.
+    job_partitions: HashMap<String, Partition>,
 }
 
 impl Inner {
@@ -355,7 +357,7 @@ impl DeliveryQueue for MemoryStore {
         &self,
         consumer: &str,
         records: Vec<DeliveryRecord>,
-        next: Vec<Position>,
+        next: Position,
     ) -> BoxFuture<'_, Result<(), SeamError>> {
         let mut inner = self.lock();
         for record in records {
@@ -363,6 +365,10 @@ impl DeliveryQueue for MemoryStore {
                 DeliveryRecord::Job(job) => {
                     let id = job.job_id.clone();
                     let next_at_us = job.at_us;
+                    inner
+                        .job_partitions
+                        .entry(id.clone())
+                        .or_insert(next.partition);
                     inner.jobs.entry(id).or_insert(JobState {
                         job,
                         status: JobStatus::Pending,
@@ -391,21 +397,24 @@ impl DeliveryQueue for MemoryStore {
                 }
             }
         }
-        for p in next {
-            inner
-                .queue_positions
-                .insert((consumer.to_string(), p.partition), p.offset);
-        }
+        inner
+            .queue_positions
+            .insert((consumer.to_string(), next.partition), next.offset);
         ready(Ok(()))
     }
 
     fn due_jobs(&self, q: DueQuery) -> BoxFuture<'_, Result<DueJobs, SeamError>> {
         let inner = self.lock();
         let mut by_host: BTreeMap<String, Vec<&JobState>> = BTreeMap::new();
+        let wanted = |id: &String| {
+            q.partitions
+                .as_ref()
+                .is_none_or(|ps| inner.job_partitions.get(id).is_some_and(|p| ps.contains(p)))
+        };
         for j in inner
             .jobs
             .values()
-            .filter(|j| j.status == JobStatus::Pending)
+            .filter(|j| j.status == JobStatus::Pending && wanted(&j.job.job_id))
         {
             by_host.entry(j.job.host()).or_default().push(j);
         }
@@ -466,6 +475,12 @@ impl DeliveryQueue for MemoryStore {
         let mut inner = self.lock();
         let before = inner.jobs.len();
         inner.jobs.retain(|_, j| j.job.at_us >= before_us);
+        let Inner {
+            jobs,
+            job_partitions,
+            ..
+        } = &mut *inner;
+        job_partitions.retain(|id, _| jobs.contains_key(id));
         ready(Ok((before - inner.jobs.len()) as u64))
     }
 }

@@ -338,9 +338,11 @@ pub struct StateChanges {
 /// The affiliate-postback jobs the dispatcher works through, derived from the deliveries log.
 ///
 /// Contract:
-/// - `apply_deliveries` applies records of the deliveries log and the dispatcher's next
-///   positions atomically; a job seen twice is kept once, an attempt seen twice (by job id and
-///   attempt number) is applied once.
+/// - `apply_deliveries` applies records of one partition of the deliveries log and the
+///   dispatcher's next position there (`next`) atomically; a job seen twice is kept once, an
+///   attempt seen twice (by job id and attempt number) is applied once. A job belongs to the
+///   partition it came from: `due_jobs` can be asked for some partitions only (those a
+///   dispatcher owns in a cluster).
 /// - `position` is the consumer's next offset in a partition of the deliveries log.
 /// - `expire` forgets jobs created before the given time.
 pub trait DeliveryQueue: Send + Sync + 'static {
@@ -353,7 +355,7 @@ pub trait DeliveryQueue: Send + Sync + 'static {
         &self,
         consumer: &str,
         records: Vec<DeliveryRecord>,
-        next: Vec<Position>,
+        next: Position,
     ) -> BoxFuture<'_, Result<(), SeamError>>;
     /// Pending jobs due at `query.now_us`, fairly across hosts (see [`DueQuery`]): hosts in
     /// order after `after_host`, wrapping around, each host's soonest due first.

@@ -3,6 +3,7 @@
 //! which the caller's `fresh` makes.
 
 use crate::delivery::{Attempt, AttemptRow, DeliveryJob, DeliveryRecord, DueQuery, JobStatus};
+use crate::keys::Partition;
 use crate::log::Position;
 use crate::params::{parse_form, Params};
 use crate::processor::ServerPostbackRow;
@@ -40,11 +41,20 @@ pub async fn state_suite(fresh: Fresh<'_, dyn StateStore>) {
 pub async fn queue_suite(fresh: Fresh<'_, dyn DeliveryQueue>) {
     deliveries(&*fresh().await).await;
     due_jobs_are_fair_across_hosts(&*fresh().await).await;
+    due_jobs_of_some_partitions(&*fresh().await).await;
 }
 
 const DAY: i64 = 86_400_000_000;
 
 /// A consumer's next position in partition 0.
+/// The deliveries' next position in partition 0.
+fn next_at(offset: u64) -> Position {
+    Position {
+        partition: 0,
+        offset,
+    }
+}
+
 fn upto(offset: u64) -> Vec<Position> {
     vec![Position {
         partition: 0,
@@ -1236,6 +1246,15 @@ fn attempt_row(id: &str, n: u32, at_us: i64, code: u16) -> AttemptRow {
 
 /// Due jobs of every host, as one call gives them.
 async fn due_now(store: &dyn DeliveryQueue, now_us: i64) -> Vec<crate::delivery::JobState> {
+    due_in(store, now_us, None).await
+}
+
+/// Due jobs of every host in some partitions (`None`: all), as one call gives them.
+async fn due_in(
+    store: &dyn DeliveryQueue,
+    now_us: i64,
+    partitions: Option<Vec<Partition>>,
+) -> Vec<crate::delivery::JobState> {
     store
         .due_jobs(DueQuery {
             now_us,
@@ -1243,10 +1262,60 @@ async fn due_now(store: &dyn DeliveryQueue, now_us: i64) -> Vec<crate::delivery:
             after_host: String::new(),
             limit: 100,
             max_hosts: 100,
+            partitions,
         })
         .await
         .expect("due")
         .jobs
+}
+
+/// A job belongs to the partition it came from; due jobs can be asked for some partitions
+/// (a dispatcher's, in a cluster), and positions are kept per partition.
+async fn due_jobs_of_some_partitions(store: &dyn DeliveryQueue) {
+    for (p, ids) in [(0, ["a", "b"]), (2, ["c", "d"])] {
+        let records = ids
+            .iter()
+            .map(|id| DeliveryRecord::Job(job(id, 1, 100)))
+            .collect();
+        store
+            .apply_deliveries(
+                "d",
+                records,
+                Position {
+                    partition: p,
+                    offset: 2,
+                },
+            )
+            .await
+            .expect("apply");
+    }
+    // A job seen again from another partition stays where it came from first.
+    store
+        .apply_deliveries(
+            "d",
+            vec![DeliveryRecord::Job(job("a", 1, 100))],
+            Position {
+                partition: 1,
+                offset: 1,
+            },
+        )
+        .await
+        .expect("apply");
+    let ids = |jobs: Vec<crate::delivery::JobState>| {
+        let mut ids: Vec<String> = jobs.into_iter().map(|j| j.job.job_id).collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(ids(due_in(store, 1_000, None).await), ["a", "b", "c", "d"]);
+    assert_eq!(ids(due_in(store, 1_000, Some(vec![2])).await), ["c", "d"]);
+    assert_eq!(
+        ids(due_in(store, 1_000, Some(vec![0, 1])).await),
+        ["a", "b"]
+    );
+    assert!(due_in(store, 1_000, Some(vec![])).await.is_empty());
+    for (p, at) in [(0, 2), (1, 1), (2, 2), (3, 0)] {
+        assert_eq!(store.position("d", p).await.expect("position"), at);
+    }
 }
 
 /// Due jobs are taken fairly: at most `per_host` of each host's soonest, hosts in turn after
@@ -1264,7 +1333,7 @@ async fn due_jobs_are_fair_across_hosts(store: &dyn DeliveryQueue) {
     records.push(at("c0", "c.example", 5_000)); // pending, not yet due
     records.push(at("d0", "user@d.example:8080", 10));
     store
-        .apply_deliveries("d", records, upto(53))
+        .apply_deliveries("d", records, next_at(53))
         .await
         .expect("apply");
     let query = |after: &str, limit: usize, max_hosts: usize| DueQuery {
@@ -1273,6 +1342,7 @@ async fn due_jobs_are_fair_across_hosts(store: &dyn DeliveryQueue) {
         after_host: after.into(),
         limit,
         max_hosts,
+        partitions: None,
     };
     let ids = |d: &crate::delivery::DueJobs| -> Vec<String> {
         d.jobs.iter().map(|j| j.job.job_id.clone()).collect()
@@ -1313,11 +1383,11 @@ async fn deliveries(store: &dyn DeliveryQueue) {
         attempt("j2", 1, 131, 404, JobStatus::Failed, None),
     ];
     store
-        .apply_deliveries("d", records.clone(), upto(6))
+        .apply_deliveries("d", records.clone(), next_at(6))
         .await
         .expect("apply");
     store
-        .apply_deliveries("d", records, upto(6))
+        .apply_deliveries("d", records, next_at(6))
         .await
         .expect("apply again");
     assert_eq!(store.position("d", 0).await.expect("position"), 6);
@@ -1350,7 +1420,7 @@ async fn deliveries(store: &dyn DeliveryQueue) {
                 job_id: "j2".into(),
                 at_us: 140,
             }],
-            upto(7),
+            next_at(7),
         )
         .await
         .expect("resend");
@@ -1367,7 +1437,7 @@ async fn deliveries(store: &dyn DeliveryQueue) {
         .apply_deliveries(
             "d",
             vec![attempt("j2", 2, 150, 200, JobStatus::Delivered, None)],
-            upto(8),
+            next_at(8),
         )
         .await
         .expect("apply");
@@ -1384,7 +1454,7 @@ async fn deliveries(store: &dyn DeliveryQueue) {
         .apply_deliveries(
             "d",
             vec![attempt("j2", 1, 131, 404, JobStatus::Failed, None)],
-            upto(9),
+            next_at(9),
         )
         .await
         .expect("apply");

@@ -1,6 +1,12 @@
 //! The affiliate-postback dispatcher: applies the deliveries log to the store, and delivers
 //! due jobs over HTTP with bounded concurrency per host and overall, timeouts, and retries.
 //!
+//! Dispatchers form a consumer group on the deliveries log: each partition (and so each job,
+//! keyed by its id) belongs to one dispatcher at a time, which applies its records to its own
+//! queue and alone attempts its jobs. A partition is let go only once its attempts under way
+//! are recorded in the log, so no job is attempted by two dispatchers at once; the next owner
+//! reads the partition from where its queue stopped, those records included.
+//!
 //! Each attempt's outcome is appended to the deliveries log before it counts, so the attempt
 //! log survives a crash and a replay. Delivery is at least once: a process that dies after an
 //! affiliate answered but before the answer reached the log sends that state again on restart;
@@ -21,10 +27,10 @@ use postback_core::delivery::{
     Attempt, AttemptResult, AttemptRow, DeliveryJob, DeliveryRecord, DueQuery, JobState, JobStatus,
     Next, RetryPolicy,
 };
-use postback_core::keys::Partition;
-use postback_core::log::{any_of, Keyed, Position, Record};
+use postback_core::keys::{partition_of, Partition};
+use postback_core::log::{Keyed, Polled, Position, Record};
 use postback_core::seams::{AnalyticsRows, SeamError};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -33,8 +39,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// The consumer name under which the dispatcher keeps its position in the deliveries log.
+/// The dispatchers' group on the deliveries log, and the consumer name under which the queue
+/// keeps their positions.
 pub const CONSUMER: &str = "dispatcher";
+
+/// Records of the deliveries log applied at once.
+const APPLY_BATCH: usize = 1024;
 
 /// Delivery settings, from the engine's configuration.
 #[derive(Debug, Clone)]
@@ -67,12 +77,14 @@ struct Dispatcher {
 struct Running {
     all: usize,
     per_host: HashMap<String, usize>,
+    per_partition: HashMap<Partition, usize>,
 }
 
 /// An attempt's place in `Dispatcher::running`, given back when the attempt ends.
 struct Slot {
     dispatcher: Arc<Dispatcher>,
     host: String,
+    partition: Partition,
 }
 
 impl Drop for Slot {
@@ -85,14 +97,16 @@ impl Drop for Slot {
                 running.per_host.remove(&self.host);
             }
         }
+        if let Some(n) = running.per_partition.get_mut(&self.partition) {
+            *n -= 1;
+            if *n == 0 {
+                running.per_partition.remove(&self.partition);
+            }
+        }
     }
 }
 
 /// Runs the dispatcher until `stop`.
-///
-/// One loop applies the deliveries log to the store, then reads the due jobs, then starts
-/// attempts. A job leaves the in-flight set only in the first step, before the next read of
-/// due jobs, so a due list can never be older than what it is checked against.
 pub async fn run(engine: Arc<Engine>, config: DeliveryConfig, mut stop: watch::Receiver<bool>) {
     let client = client(&config, engine.targets.clone());
     let d = Arc::new(Dispatcher {
@@ -105,30 +119,16 @@ pub async fn run(engine: Arc<Engine>, config: DeliveryConfig, mut stop: watch::R
         stop: stop.clone(),
     });
     let mut attempts = tokio::task::JoinSet::new();
-    let mut next = BTreeMap::new();
     let mut backoff = Duration::from_millis(100);
     while !*stop.borrow() {
-        if let Err(e) = d.step(&mut next, &mut attempts).await {
-            tracing::error!(error = %e, "dispatcher step failed; retrying");
-            next.clear();
+        // An error leaves the group; joining again starts each partition from the queue.
+        if let Err(e) = d.member(&mut attempts, &mut stop, &mut backoff).await {
+            tracing::error!(error = %e, "dispatcher failed; joining again");
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = stop.changed() => break,
             }
             backoff = (backoff * 2).min(Duration::from_secs(10));
-            continue;
-        }
-        backoff = Duration::from_millis(100);
-        while attempts.try_join_next().is_some() {}
-        let log = &d.engine.deliveries;
-        let waits = next
-            .iter()
-            .map(|(p, from)| log.wait_for(*p, *from))
-            .collect();
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-            _ = any_of(waits) => {}
-            _ = stop.changed() => break,
         }
     }
     // Attempts under way get their timeout to finish; their records land in the log.
@@ -139,28 +139,123 @@ pub async fn run(engine: Arc<Engine>, config: DeliveryConfig, mut stop: watch::R
 }
 
 impl Dispatcher {
-    /// Applies what the deliveries log has, then starts the attempts that are due.
-    async fn step(
+    /// One membership in the dispatchers' group, until `stop` (Ok) or an error. Each round
+    /// applies the records polled, then starts the due attempts of the partitions owned.
+    async fn member(
         self: &Arc<Self>,
-        next: &mut BTreeMap<Partition, u64>,
         attempts: &mut tokio::task::JoinSet<()>,
+        stop: &mut watch::Receiver<bool>,
+        backoff: &mut Duration,
     ) -> Result<(), SeamError> {
-        apply_new(&self.engine, next, None, |records| {
-            let mut in_flight = self.lock_in_flight();
-            for r in records {
-                if let DeliveryRecord::Attempt(a) = r {
-                    if in_flight.get(&a.job_id).is_some_and(|n| *n <= a.attempt) {
-                        in_flight.remove(&a.job_id);
+        let log = self.engine.deliveries.clone();
+        let mut sub = log.clone().subscribe(CONSUMER).await?;
+        let mut owned = BTreeSet::new();
+        // Partitions whose first batch since they were assigned may be in the attempt log.
+        let mut resumed = BTreeSet::new();
+        loop {
+            if *stop.borrow() {
+                return Ok(());
+            }
+            let polled = tokio::select! {
+                polled = sub.poll(APPLY_BATCH, 4 << 20, Duration::from_millis(250)) => polled?,
+                _ = stop.changed() => continue,
+            };
+            match polled {
+                Polled::Assigned(partitions) => {
+                    for p in partitions {
+                        let start = log.bounds(p).await?.0;
+                        let at = self.engine.queue.position(CONSUMER, p).await?.max(start);
+                        tracing::info!(partition = p, at, "dispatching a partition");
+                        sub.start_at(p, at);
+                        owned.insert(p);
+                        resumed.insert(p);
                     }
                 }
+                Polled::Revoked(partitions) => {
+                    tracing::info!(?partitions, "partitions moved to another dispatcher");
+                    for p in &partitions {
+                        owned.remove(p);
+                        resumed.remove(p);
+                    }
+                    self.let_go(&partitions, attempts).await;
+                }
+                Polled::Records(records) => {
+                    let mut by_partition: BTreeMap<Partition, Vec<Record>> = BTreeMap::new();
+                    for r in records {
+                        by_partition.entry(r.partition).or_default().push(r);
+                    }
+                    let mut next = Vec::new();
+                    for (p, batch) in by_partition {
+                        let Some(last) = batch.last().map(|r| r.offset) else {
+                            continue;
+                        };
+                        let at = Position {
+                            partition: p,
+                            offset: last + 1,
+                        };
+                        let records = decode(&batch);
+                        apply_batch(&self.engine, &records, at, resumed.remove(&p)).await?;
+                        self.recorded(&records);
+                        next.push(at);
+                    }
+                    sub.commit(next).await?;
+                }
+                Polled::Idle => {}
             }
-        })
-        .await?;
+            *backoff = Duration::from_millis(100);
+            while attempts.try_join_next().is_some() {}
+            self.start_due(&owned, attempts).await?;
+        }
+    }
+
+    /// Jobs whose attempt is now in the log leave the in-flight set.
+    fn recorded(&self, records: &[DeliveryRecord]) {
+        let mut in_flight = self.lock_in_flight();
+        for r in records {
+            if let DeliveryRecord::Attempt(a) = r {
+                if in_flight.get(&a.job_id).is_some_and(|n| *n <= a.attempt) {
+                    in_flight.remove(&a.job_id);
+                }
+            }
+        }
+    }
+
+    /// Waits until the attempts under way in `partitions` are recorded in the log, then
+    /// forgets their jobs: another dispatcher owns them from now on.
+    async fn let_go(&self, partitions: &[Partition], attempts: &mut tokio::task::JoinSet<()>) {
+        let busy = |d: &Self| {
+            let running = d.lock_running();
+            partitions
+                .iter()
+                .any(|p| running.per_partition.contains_key(p))
+        };
+        while busy(self) {
+            if attempts.join_next().await.is_none() {
+                break;
+            }
+        }
+        let n = self.engine.deliveries.partitions();
+        self.lock_in_flight()
+            .retain(|job_id, _| !partitions.contains(&partition_of(job_id, n)));
+    }
+
+    /// Starts the due attempts of the partitions owned.
+    async fn start_due(
+        self: &Arc<Self>,
+        owned: &BTreeSet<Partition>,
+        attempts: &mut tokio::task::JoinSet<()>,
+    ) -> Result<(), SeamError> {
+        if owned.is_empty() {
+            return Ok(());
+        }
         if self.engine.deliveries.health().is_some() {
             // Attempts could not be recorded: start none until the log has recovered.
             return Ok(());
         }
-        let (concurrency, per_host) = (self.config.concurrency.max(1), self.config.per_host.max(1));
+        let total = self.engine.deliveries.partitions() as usize;
+        let concurrency = self.config.concurrency.max(1);
+        // A host's limit holds across the dispatchers: each takes its partitions' share.
+        let per_host = (self.config.per_host * owned.len() / total.max(1)).max(1);
         let room = concurrency.saturating_sub(self.lock_running().all);
         if room == 0 {
             return Ok(());
@@ -180,9 +275,11 @@ impl Dispatcher {
                 // Due jobs already under way come back too; leave room for them.
                 limit: room + concurrency,
                 max_hosts: 1024,
+                partitions: Some(owned.iter().copied().collect()),
             })
             .await?;
         *self.host_cursor.lock().unwrap_or_else(|e| e.into_inner()) = due.last_host;
+        let n = self.engine.deliveries.partitions();
         for job in due.jobs {
             let host = job.job.host();
             {
@@ -198,7 +295,8 @@ impl Dispatcher {
                 .insert(job.job.job_id.clone(), job.attempts + 1)
                 .is_none();
             if fresh {
-                let slot = self.take_slot(host);
+                let partition = partition_of(&job.job.job_id, n);
+                let slot = self.take_slot(host, partition);
                 attempts.spawn(self.clone().attempt(job, slot));
             }
         }
@@ -213,13 +311,15 @@ impl Dispatcher {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn take_slot(self: &Arc<Self>, host: String) -> Slot {
+    fn take_slot(self: &Arc<Self>, host: String, partition: Partition) -> Slot {
         let mut running = self.lock_running();
         running.all += 1;
         *running.per_host.entry(host.clone()).or_default() += 1;
+        *running.per_partition.entry(partition).or_default() += 1;
         Slot {
             dispatcher: self.clone(),
             host,
+            partition,
         }
     }
 
@@ -536,59 +636,29 @@ impl tower_service::Service<Uri> for PeerChecked {
 /// the store the first time) to the store, with the new positions; `until` bounds each
 /// partition (a replay stops at the ends it was given). `applied` sees each batch once it is
 /// in the store.
-async fn apply_new(
+/// Applies one batch of a partition's records: the attempt log first (idempotent; the
+/// batch may be in it already when `maybe_inserted`), then the queue and the position.
+async fn apply_batch(
     engine: &Engine,
-    next: &mut BTreeMap<Partition, u64>,
-    until: Option<&BTreeMap<Partition, u64>>,
-    mut applied: impl FnMut(&[DeliveryRecord]),
+    records: &[DeliveryRecord],
+    next: Position,
+    maybe_inserted: bool,
 ) -> Result<(), SeamError> {
-    const BATCH: usize = 1024;
-    let log = &engine.deliveries;
-    for p in 0..log.partitions() {
-        // The first batch after a (re)start may have been inserted into the attempt log before
-        // the queue was committed.
-        // Taken out until the partition is done: after an error it is read from the queue.
-        let (mut pos, mut maybe_inserted) = match next.remove(&p) {
-            Some(pos) => (pos, false),
-            None => {
-                let start = log.bounds(p).await?.0;
-                (engine.queue.position(CONSUMER, p).await?.max(start), true)
-            }
-        };
-        let end = until.and_then(|u| u.get(&p).copied()).unwrap_or(u64::MAX);
-        while pos < end {
-            let batch = log.read(p, pos, BATCH, 4 << 20).await?;
-            let Some(last) = batch.last().map(|r| r.offset) else {
-                break;
-            };
-            let records = decode(&batch);
-            let at = vec![Position {
-                partition: p,
-                offset: last + 1,
-            }];
-            // The attempt log first (idempotent), then the queue and the positions.
-            let attempts = attempt_rows(engine, &records).await?;
-            if !attempts.is_empty() {
-                engine
-                    .analytics
-                    .insert(AnalyticsRows {
-                        attempts,
-                        maybe_inserted,
-                        ..Default::default()
-                    })
-                    .await?;
-            }
-            maybe_inserted = false;
-            engine
-                .queue
-                .apply_deliveries(CONSUMER, records.clone(), at)
-                .await?;
-            applied(&records);
-            pos = last + 1;
-        }
-        next.insert(p, pos);
+    let attempts = attempt_rows(engine, records).await?;
+    if !attempts.is_empty() {
+        engine
+            .analytics
+            .insert(AnalyticsRows {
+                attempts,
+                maybe_inserted,
+                ..Default::default()
+            })
+            .await?;
     }
-    Ok(())
+    engine
+        .queue
+        .apply_deliveries(CONSUMER, records.to_vec(), next)
+        .await
 }
 
 /// The attempts among `records`, each with its job (from the records, or from the queue);
@@ -632,11 +702,27 @@ async fn attempt_rows(
 /// Applies the deliveries log, as it is now, to the store (a replay's second half).
 pub async fn apply_log(engine: &Engine) -> Result<(), SeamError> {
     let log = &engine.deliveries;
-    let mut ends = BTreeMap::new();
     for p in 0..log.partitions() {
-        ends.insert(p, log.bounds(p).await?.1);
+        let (start, end) = log.bounds(p).await?;
+        let mut pos = engine.queue.position(CONSUMER, p).await?.max(start);
+        // The first batch may have been inserted into the attempt log before the queue was
+        // committed.
+        let mut maybe_inserted = true;
+        while pos < end {
+            let batch = log.read(p, pos, APPLY_BATCH, 4 << 20).await?;
+            let Some(last) = batch.last().map(|r| r.offset) else {
+                break;
+            };
+            let next = Position {
+                partition: p,
+                offset: last + 1,
+            };
+            apply_batch(engine, &decode(&batch), next, maybe_inserted).await?;
+            maybe_inserted = false;
+            pos = next.offset;
+        }
     }
-    apply_new(engine, &mut BTreeMap::new(), Some(&ends), |_| {}).await
+    Ok(())
 }
 
 fn decode(batch: &[Record]) -> Vec<DeliveryRecord> {

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 const SCHEMA: &str = include_str!("../../../schemas/sqlite.sql");
 /// Kept in `PRAGMA user_version`. Raise it with every change to `schemas/sqlite.sql`: a store of
 /// another version is not migrated but rebuilt from the logs, which hold everything it derives.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 const READERS: usize = 3;
 
 /// What an existing store file's schema is, compared with this build's.
@@ -1021,10 +1021,10 @@ impl DeliveryQueue for SqliteStore {
         &self,
         consumer: &str,
         records: Vec<DeliveryRecord>,
-        next: Vec<Position>,
+        next: Position,
     ) -> BoxFuture<'_, Result<(), SeamError>> {
         let consumer = consumer.to_string();
-        self.with_writer(move |c| apply_deliveries(c, &consumer, &records, &next).map_err(db_err))
+        self.with_writer(move |c| apply_deliveries(c, &consumer, &records, next).map_err(db_err))
     }
 
     fn due_jobs(&self, q: DueQuery) -> BoxFuture<'_, Result<DueJobs, SeamError>> {
@@ -1076,12 +1076,23 @@ impl DeliveryQueue for SqliteStore {
 /// index scan over `dj_host_due`), then each host's soonest due jobs: the cost is per host
 /// visited, however many jobs a host has waiting.
 fn due_jobs(c: &Connection, q: &DueQuery) -> rusqlite::Result<DueJobs> {
-    let mut next_host = c.prepare_cached(
-        "SELECT MIN(host) FROM delivery_jobs WHERE state = 'pending' AND host > ?",
-    )?;
+    // Partition numbers are integers: written into the statement (one cached per set).
+    let parts = match &q.partitions {
+        None => String::new(),
+        Some(ps) => format!(
+            " AND part IN ({})",
+            ps.iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+    };
+    let mut next_host = c.prepare_cached(&format!(
+        "SELECT MIN(host) FROM delivery_jobs WHERE state = 'pending' AND host > ?{parts}"
+    ))?;
     let mut soonest = c.prepare_cached(&format!(
         "SELECT {JOB_COLUMNS} FROM delivery_jobs
-         WHERE state = 'pending' AND host = ? AND next_at_us <= ?
+         WHERE state = 'pending' AND host = ? AND next_at_us <= ?{parts}
          ORDER BY next_at_us, job_id LIMIT ?"
     ))?;
     let mut out = DueJobs {
@@ -1162,14 +1173,14 @@ fn apply_deliveries(
     conn: &mut Connection,
     consumer: &str,
     records: &[DeliveryRecord],
-    next: &[Position],
+    next: Position,
 ) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     {
         let mut insert_job = tx.prepare_cached(
-            "INSERT OR IGNORE INTO delivery_jobs (job_id, at_us, host, pid, offer_id, goal_lc,
-               conv_status, job, state, attempts, round_base, next_at_us)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, 0, ?)",
+            "INSERT OR IGNORE INTO delivery_jobs (job_id, part, at_us, host, pid, offer_id,
+               goal_lc, conv_status, job, state, attempts, round_base, next_at_us)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, 0, ?)",
         )?;
         // Attempts of a job are numbered in order: one at or below the count was applied.
         let mut update_job = tx.prepare_cached(
@@ -1184,6 +1195,7 @@ fn apply_deliveries(
                 DeliveryRecord::Job(j) => {
                     insert_job.execute(params![
                         j.job_id,
+                        next.partition,
                         j.at_us,
                         j.host(),
                         j.pid as i64,
@@ -1207,7 +1219,7 @@ fn apply_deliveries(
                 }
             }
         }
-        save_positions(&tx, consumer, next)?;
+        save_positions(&tx, consumer, &[next])?;
     }
     tx.commit()
 }

@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::affiliate::Affiliate;
 use common::{Api, KEY};
 use postbackd::{Config, Server};
 use std::time::{Duration, Instant};
@@ -14,6 +15,7 @@ async fn start(dir: &std::path::Path, log: &str, roles: &str) -> (Server, Api) {
         log: log.into(),
         api_key: KEY.into(),
         roles: roles.parse().expect("roles"),
+        allow_private_postback_targets: true,
         ..Config::default()
     };
     let server = Server::start(config, None).await.expect("starts");
@@ -34,23 +36,27 @@ async fn eventually(api: &Api, path: &str, check: impl Fn(&serde_json::Value) ->
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs a Kafka broker: POSTBACKD_TEST_KAFKA=host:port"]
-async fn processes_share_one_catalog_and_never_hand_out_an_id_twice() {
+/// A Kafka log of its own for a test (topics named after a fresh directory).
+fn shared_log(dir: &std::path::Path) -> String {
     let broker = std::env::var("POSTBACKD_TEST_KAFKA").expect("POSTBACKD_TEST_KAFKA");
-    let (dir_a, dir_b) = (
-        tempfile::tempdir().expect("a"),
-        tempfile::tempdir().expect("b"),
-    );
-    let run: String = dir_a
-        .path()
+    let run: String = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()
         .chars()
         .filter(char::is_ascii_alphanumeric)
         .collect();
-    let log = format!("kafka://{broker}/cluster{run}");
+    format!("kafka://{broker}/cluster{run}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a Kafka broker: POSTBACKD_TEST_KAFKA=host:port"]
+async fn processes_share_one_catalog_and_never_hand_out_an_id_twice() {
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let log = shared_log(dir_a.path());
     let (server_a, a) = start(dir_a.path(), &log, "api").await;
     let (server_b, b) = start(dir_b.path(), &log, "api").await;
 
@@ -126,4 +132,114 @@ async fn processes_share_one_catalog_and_never_hand_out_an_id_twice() {
     for server in [server_a, server_b, server_c] {
         server.shutdown().await;
     }
+}
+
+/// Jobs a stopped or running engine's own queue has delivered (its SQLite, read-only).
+fn delivered_by(dir: &std::path::Path) -> i64 {
+    let db = rusqlite::Connection::open_with_flags(
+        dir.join("store.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("opens");
+    db.query_row(
+        "SELECT count(*) FROM delivery_jobs WHERE state = 'delivered'",
+        [],
+        |r| r.get(0),
+    )
+    .expect("counts")
+}
+
+/// Sends a conversion for each of `ids` through `api` (a click each, offer 1, partner 1).
+async fn convert(api: &Api, ids: impl IntoIterator<Item = String>) {
+    for id in ids {
+        let click = api.click(1, 1, "").await;
+        let body = api
+            .postback(&format!("clickid={click}&action_id={id}"))
+            .await;
+        assert_eq!(body["status"], 1, "{body}");
+    }
+}
+
+/// Waits until each of `ids` reached the affiliate once, and checks none came twice.
+async fn each_received_once(affiliate: &Affiliate, ids: &[String]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let counts: Vec<usize> = ids
+            .iter()
+            .map(|id| affiliate.count("/ok", &format!("t={id}&")))
+            .collect();
+        if let Some((id, n)) = ids.iter().zip(&counts).find(|(_, n)| **n > 1) {
+            panic!("{id} reached the affiliate {n} times");
+        }
+        if counts.iter().all(|n| *n == 1) {
+            return;
+        }
+        let missing = counts.iter().filter(|n| **n == 0).count();
+        assert!(
+            Instant::now() < deadline,
+            "{missing} of {} not delivered",
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a Kafka broker: POSTBACKD_TEST_KAFKA=host:port"]
+async fn dispatchers_share_the_deliveries_and_send_each_once() {
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let log = shared_log(dir_a.path());
+    let affiliate = Affiliate::start().await;
+    let (server_a, a) = start(dir_a.path(), &log, "all").await;
+    let (server_b, _) = start(dir_b.path(), &log, "dispatch").await;
+    a.admin_post(
+        "/3.0/admin/offer",
+        &[
+            ("title", "O"),
+            ("url", "https://x.example/?clickid={clickid}"),
+        ],
+    )
+    .await;
+    a.admin_post("/3.0/admin/partner", &[("email", "p@example.com")])
+        .await;
+    let url = affiliate.url("/ok?t={transactionid}&");
+    a.admin_post(
+        "/3.0/partner/postback",
+        &[("partner_id", "1"), ("url", &url)],
+    )
+    .await;
+
+    // Conversions until the dispatch-only engine has delivered some of them: the two
+    // dispatchers share the partitions.
+    let mut sent: Vec<String> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while delivered_by(dir_b.path()) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the second dispatcher got no share"
+        );
+        let wave: Vec<String> = (sent.len()..sent.len() + 10)
+            .map(|i| format!("T{i}"))
+            .collect();
+        convert(&a, wave.clone()).await;
+        sent.extend(wave);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    each_received_once(&affiliate, &sent).await;
+
+    // One dispatcher leaves under load; the other takes its partitions over.
+    let more: Vec<String> = (sent.len()..sent.len() + 40)
+        .map(|i| format!("T{i}"))
+        .collect();
+    let (_, stopped) = tokio::join!(convert(&a, more.clone()), server_b.shutdown());
+    let () = stopped;
+    sent.extend(more);
+    each_received_once(&affiliate, &sent).await;
+    let by_a = delivered_by(dir_a.path());
+    let by_b = delivered_by(dir_b.path());
+    assert!(by_a > 0 && by_b > 0, "a {by_a}, b {by_b}");
+    server_a.shutdown().await;
 }
