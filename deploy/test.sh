@@ -26,7 +26,8 @@ failed=$(awk '/^test result:/ {f += $6} END {print f + 0}' "$results")
 rm -f "$results"
 
 # The Kafka event log, against a real broker: the log conformance suite, the HTTP suites with
-# the engine's logs on Kafka, and the broker stopped for 20 s under load.
+# the engine's logs on Kafka, and the broker stopped for 20 s under load. The broker stays up
+# for the cluster suites below.
 echo "== Kafka suites"
 kafka_dir=$(mktemp -d)
 kafka_port=19192
@@ -44,11 +45,10 @@ bash deploy/kafka.sh start "$kafka_dir" "$kafka_port"
 kafka_results=$(mktemp)
 POSTBACKD_TEST_KAFKA=127.0.0.1:$kafka_port POSTBACKD_TEST_KAFKA_DIR=$kafka_dir \
   cargo test --locked -p postback-kafka -p postbackd --test conformance --test e2e --test paging \
-  --test delivery --test kafka_outage --test cluster --test roles -- --include-ignored 2>&1 | tee "$kafka_results"
+  --test delivery --test kafka_outage --test roles -- --include-ignored 2>&1 | tee "$kafka_results"
 passed=$((passed + $(awk '/^test result:/ {p += $4} END {print p + 0}' "$kafka_results")))
 failed=$((failed + $(awk '/^test result:/ {f += $6} END {print f + 0}' "$kafka_results")))
 rm -f "$kafka_results"
-bash deploy/kafka.sh stop "$kafka_dir"
 
 # The ClickHouse analytics store, against Debian's server (18.16): the analytics conformance
 # suite, the HTTP suites with the engine's analytics on ClickHouse, and the server stopped for
@@ -64,11 +64,16 @@ export POSTBACKD_TEST_CLICKHOUSE_DIR=$clickhouse_dir POSTBACKD_TEST_CHDB_PYTHON=
 cargo test --locked -p postback-clickhouse -- --include-ignored 2>&1 | tee "$clickhouse_results"
 cargo test --locked -p postbackd --test e2e --test paging --test delivery --test clickhouse_outage \
   -- --include-ignored 2>&1 | tee -a "$clickhouse_results"
+# Several engines on the one Kafka and the one ClickHouse: a shared catalog, shared deliveries.
+echo "== Cluster suites"
+POSTBACKD_TEST_KAFKA=127.0.0.1:$kafka_port cargo test --locked -p postbackd --test cluster \
+  -- --include-ignored 2>&1 | tee -a "$clickhouse_results"
 unset POSTBACKD_TEST_CLICKHOUSE POSTBACKD_TEST_CLICKHOUSE_DIR POSTBACKD_TEST_CHDB_PYTHON
 passed=$((passed + $(awk '/^test result:/ {p += $4} END {print p + 0}' "$clickhouse_results")))
 failed=$((failed + $(awk '/^test result:/ {f += $6} END {print f + 0}' "$clickhouse_results")))
 rm -f "$clickhouse_results"
 bash deploy/clickhouse.sh stop "$clickhouse_dir"
+bash deploy/kafka.sh stop "$kafka_dir"
 
 # The HTTP API, fuzzed from its OpenAPI description: no input may produce a server error.
 echo "== schemathesis against schemas/openapi.yaml"

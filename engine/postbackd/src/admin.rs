@@ -7,8 +7,10 @@ use crate::paging::Paging;
 use crate::pipeline::now_us;
 use hyper::{Method, Response, StatusCode};
 use postback_core::catalog::*;
+use postback_core::delivery::JobStatus;
 use postback_core::params::Params;
 use postback_core::rules::status_name;
+use postback_core::seams::AttemptQuery;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
@@ -622,11 +624,10 @@ async fn resend(engine: &Engine, p: &Params) -> Result<Response<Body>, ApiError>
     }
     let ids = if !named.is_empty() {
         let known = engine.queue.jobs(named.clone()).await?;
-        if let Some(missing) = named
-            .iter()
-            .find(|id| !known.iter().any(|j| &j.job.job_id == *id))
-        {
-            return Err(bad(format!("job_id: no delivery {missing}")));
+        for id in &named {
+            if !known.iter().any(|j| &j.job.job_id == id) && !attempted(engine, id).await? {
+                return Err(bad(format!("job_id: no delivery {id}")));
+            }
         }
         named
     } else {
@@ -638,7 +639,7 @@ async fn resend(engine: &Engine, p: &Params) -> Result<Response<Body>, ApiError>
             .map_err(|_| bad("partner_id must be an integer"))?;
         let tz = crate::stats::timezone(p)?;
         let (from_us, to_us) = crate::stats::date_range(p, &tz, None)?;
-        engine.queue.failed_jobs(partner, from_us, to_us).await?
+        failed_jobs(engine, partner, from_us, to_us).await?
     };
     let at_us = now_us();
     let records = ids
@@ -656,6 +657,65 @@ async fn resend(engine: &Engine, p: &Params) -> Result<Response<Body>, ApiError>
         StatusCode::OK,
         &json!({"status": 1, "count": ids.len(), "resent": ids}),
     ))
+}
+
+/// Whether the attempt log has an attempt of the job. In a cluster this process's queue holds
+/// only the jobs of the partitions it dispatches; the attempt log holds every job's attempts.
+async fn attempted(engine: &Engine, job_id: &str) -> Result<bool, ApiError> {
+    let page = engine
+        .analytics
+        .attempts(AttemptQuery {
+            from_us: i64::MIN,
+            to_us: i64::MAX,
+            job_id: Some(job_id.to_string()),
+            limit: 1,
+            ..Default::default()
+        })
+        .await?;
+    Ok(page.total > 0)
+}
+
+/// The partner's jobs created in `[from_us, to_us)` whose latest attempt failed or gave up,
+/// from the attempt log (complete in every process, unlike a dispatcher's queue).
+async fn failed_jobs(
+    engine: &Engine,
+    partner: u64,
+    from_us: i64,
+    to_us: i64,
+) -> Result<Vec<String>, ApiError> {
+    let mut latest: std::collections::BTreeMap<String, (u32, JobStatus)> = Default::default();
+    let mut query = AttemptQuery {
+        from_us,
+        to_us: i64::MAX,
+        partners: vec![partner],
+        limit: 1000,
+        ..Default::default()
+    };
+    loop {
+        let page = engine.analytics.attempts(query.clone()).await?;
+        let n = page.rows.len() as u64;
+        for row in page.rows {
+            if !(from_us..to_us).contains(&row.job.at_us) {
+                continue;
+            }
+            let entry = latest
+                .entry(row.job.job_id)
+                .or_insert((0, row.attempt.state));
+            if row.attempt.attempt >= entry.0 {
+                *entry = (row.attempt.attempt, row.attempt.state);
+            }
+        }
+        query.offset += n;
+        query.snapshot = Some(page.snapshot);
+        if n == 0 || query.offset >= page.total {
+            break;
+        }
+    }
+    Ok(latest
+        .into_iter()
+        .filter(|(_, (_, state))| matches!(state, JobStatus::Failed | JobStatus::GaveUp))
+        .map(|(id, _)| id)
+        .collect())
 }
 
 /// Shows the URL a postback setting would call for a conversion, without calling it.

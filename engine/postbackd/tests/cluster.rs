@@ -1,5 +1,5 @@
-//! Several engine processes on one Kafka: one catalog that every process sees, and ids that
-//! no two processes hand out twice.
+//! Several engine processes on one Kafka and one ClickHouse: one catalog that every process
+//! sees, ids that no two processes hand out twice, deliveries shared by the dispatchers.
 
 mod common;
 
@@ -8,11 +8,13 @@ use common::{Api, KEY};
 use postbackd::{Config, Server};
 use std::time::{Duration, Instant};
 
-async fn start(dir: &std::path::Path, log: &str, roles: &str) -> (Server, Api) {
+async fn start(dir: &std::path::Path, shared: &Shared, roles: &str) -> (Server, Api) {
     let config = Config {
         listen: "127.0.0.1:0".parse().expect("addr"),
         data_dir: dir.to_path_buf(),
-        log: log.into(),
+        log: shared.log.clone(),
+        store: shared.store.clone(),
+        migrate: true,
         api_key: KEY.into(),
         roles: roles.parse().expect("roles"),
         allow_private_postback_targets: true,
@@ -36,9 +38,16 @@ async fn eventually(api: &Api, path: &str, check: impl Fn(&serde_json::Value) ->
     }
 }
 
-/// A Kafka log of its own for a test (topics named after a fresh directory).
-fn shared_log(dir: &std::path::Path) -> String {
+/// What the engines of one test share: Kafka topics and a ClickHouse database of their own
+/// (named after a fresh directory).
+struct Shared {
+    log: String,
+    store: String,
+}
+
+fn shared(dir: &std::path::Path) -> Shared {
     let broker = std::env::var("POSTBACKD_TEST_KAFKA").expect("POSTBACKD_TEST_KAFKA");
+    let clickhouse = std::env::var("POSTBACKD_TEST_CLICKHOUSE").expect("POSTBACKD_TEST_CLICKHOUSE");
     let run: String = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -46,19 +55,22 @@ fn shared_log(dir: &std::path::Path) -> String {
         .chars()
         .filter(char::is_ascii_alphanumeric)
         .collect();
-    format!("kafka://{broker}/cluster{run}")
+    Shared {
+        log: format!("kafka://{broker}/cluster{run}"),
+        store: format!("{clickhouse}/cluster{run}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs a Kafka broker: POSTBACKD_TEST_KAFKA=host:port"]
+#[ignore = "needs Kafka and ClickHouse: POSTBACKD_TEST_KAFKA, POSTBACKD_TEST_CLICKHOUSE"]
 async fn processes_share_one_catalog_and_never_hand_out_an_id_twice() {
     let (dir_a, dir_b) = (
         tempfile::tempdir().expect("a"),
         tempfile::tempdir().expect("b"),
     );
-    let log = shared_log(dir_a.path());
-    let (server_a, a) = start(dir_a.path(), &log, "api").await;
-    let (server_b, b) = start(dir_b.path(), &log, "api").await;
+    let shared = shared(dir_a.path());
+    let (server_a, a) = start(dir_a.path(), &shared, "api").await;
+    let (server_b, b) = start(dir_b.path(), &shared, "api").await;
 
     // Twenty partners created at once, half through each process: twenty different ids.
     let mut creating = tokio::task::JoinSet::new();
@@ -126,7 +138,7 @@ async fn processes_share_one_catalog_and_never_hand_out_an_id_twice() {
 
     // A process started later loads the whole catalog from the log.
     let dir_c = tempfile::tempdir().expect("c");
-    let (server_c, c) = start(dir_c.path(), &log, "api").await;
+    let (server_c, c) = start(dir_c.path(), &shared, "api").await;
     let (code, body) = c.get_json("/3.0/admin/partner/3").await;
     assert_eq!((code, &body["partner"]["title"]), (200, &"renamed".into()));
     for server in [server_a, server_b, server_c] {
@@ -185,16 +197,16 @@ async fn each_received_once(affiliate: &Affiliate, ids: &[String]) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs a Kafka broker: POSTBACKD_TEST_KAFKA=host:port"]
+#[ignore = "needs Kafka and ClickHouse: POSTBACKD_TEST_KAFKA, POSTBACKD_TEST_CLICKHOUSE"]
 async fn dispatchers_share_the_deliveries_and_send_each_once() {
     let (dir_a, dir_b) = (
         tempfile::tempdir().expect("a"),
         tempfile::tempdir().expect("b"),
     );
-    let log = shared_log(dir_a.path());
+    let shared = shared(dir_a.path());
     let affiliate = Affiliate::start().await;
-    let (server_a, a) = start(dir_a.path(), &log, "all").await;
-    let (server_b, _) = start(dir_b.path(), &log, "dispatch").await;
+    let (server_a, a) = start(dir_a.path(), &shared, "all").await;
+    let (server_b, _) = start(dir_b.path(), &shared, "dispatch").await;
     a.admin_post(
         "/3.0/admin/offer",
         &[
@@ -241,5 +253,51 @@ async fn dispatchers_share_the_deliveries_and_send_each_once() {
     let by_a = delivered_by(dir_a.path());
     let by_b = delivered_by(dir_b.path());
     assert!(by_a > 0 && by_b > 0, "a {by_a}, b {by_b}");
+
+    // Failed deliveries re-sent through a process that dispatches nothing (its queue is
+    // empty): found in the attempt log, sent once more each.
+    a.admin_post("/3.0/admin/partner", &[("email", "q@example.com")])
+        .await;
+    let bad = affiliate.url("/bad?t={transactionid}&");
+    a.admin_post(
+        "/3.0/partner/postback",
+        &[("partner_id", "2"), ("url", &bad)],
+    )
+    .await;
+    for i in 0..3 {
+        let click = a.click(1, 2, "").await;
+        a.postback(&format!("clickid={click}&action_id=F{i}")).await;
+    }
+    let today = common::today();
+    let failed = format!(
+        "/3.0/stats/affiliatepostbacks?date_from={today}&date_to={today}&partner=2&limit=100"
+    );
+    eventually(&a, &failed, |body| {
+        let rows = body["postbacks"].as_array().map_or(&[][..], Vec::as_slice);
+        rows.len() == 3 && rows.iter().all(|r| r["state"] == "failed")
+    })
+    .await;
+    let dir_c = tempfile::tempdir().expect("c");
+    let (server_c, c) = start(dir_c.path(), &shared, "api").await;
+    let r = c
+        .admin_post(
+            "/3.0/admin/affiliatepostbacks/resend",
+            &[
+                ("partner_id", "2"),
+                ("date_from", &today),
+                ("date_to", &today),
+            ],
+        )
+        .await;
+    assert_eq!(r["count"], 3, "{r}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (0..3).any(|i| affiliate.count("/bad", &format!("t=F{i}&")) < 2) {
+        assert!(Instant::now() < deadline, "the re-sends were not attempted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in 0..3 {
+        assert_eq!(affiliate.count("/bad", &format!("t=F{i}&")), 2, "F{i}");
+    }
+    server_c.shutdown().await;
     server_a.shutdown().await;
 }
