@@ -261,11 +261,46 @@ pub fn judge<'c>(
     ctx: &Context<'_>,
     existing: impl FnOnce(&str) -> Option<&'c Conversion>,
 ) -> Verdict {
+    match judge_click(pb, click, ctx) {
+        Err(rejected) => rejected,
+        Ok(candidate) => {
+            let current = existing(&candidate.conversion.key);
+            judge_conversion(candidate, current)
+        }
+    }
+}
+
+/// A postback that passed every rule of its click, offer and catalog: what is left is to
+/// deduplicate it against the conversion of its key. The two halves are apart so that they can
+/// run where their state lives: the click's rules by click id, the dedupe by conversion key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    /// The verdict so far (offer, partner, advertiser, delta); its outcome is decided next.
+    pub verdict: Verdict,
+    /// The conversion this postback creates if its key has none yet (id assigned later).
+    pub conversion: Conversion,
+    /// The status the postback passed, if it passed a valid one.
+    pub passed_status: Option<u8>,
+    /// The postback's time.
+    pub at_us: i64,
+    /// Its `comment`, if not empty.
+    pub comment: Option<String>,
+}
+
+/// The rules up to the dedupe: a rejection, or a [`Candidate`].
+// The rejection is a whole verdict, returned one frame up: boxing it would only add an
+// allocation per rejected postback.
+#[allow(clippy::result_large_err)]
+pub fn judge_click(
+    pb: &ParsedPostback,
+    click: Option<&Click>,
+    ctx: &Context<'_>,
+) -> Result<Candidate, Verdict> {
     let offer: Option<&Offer> = click.and_then(|c| ctx.catalog.offer_at(c.offer_id, pb.at_us));
     let advertiser = offer
         .filter(|o| !o.advertiser.is_empty())
         .and_then(|o| ctx.catalog.advertiser_at(&o.advertiser, pb.at_us));
-    let mut verdict = Verdict {
+    let verdict = Verdict {
         outcome: Outcome::Rejected(Reject::AccessDenied),
         offer_id: click.map_or(0, |c| c.offer_id),
         pid: click.map_or(0, |c| c.pid),
@@ -274,7 +309,7 @@ pub fn judge<'c>(
     };
     let reject = |mut v: Verdict, r: Reject| {
         v.outcome = Outcome::Rejected(r);
-        v
+        Err(v)
     };
 
     // Every secure code that is set (platform, advertiser, offer) must be passed.
@@ -337,29 +372,8 @@ pub fn judge<'c>(
         .unwrap_or(offer.default_status);
     let action_id = pb.action_id().unwrap_or(&click.click_id);
     let key = conversion_key(offer.id, &payment.goal, action_id);
-
-    if let Some(current) = existing(&key) {
-        let changed = passed_status.is_some_and(|s| s != current.status);
-        if !changed {
-            return reject(verdict, Reject::ConversionExists);
-        }
-        if current.status != STATUS_PENDING {
-            return reject(verdict, Reject::StatusNotPending);
-        }
-        let mut next = current.clone();
-        next.status = status;
-        // Never before the state it replaces (clocks of two front ends may differ a little):
-        // the stores keep the state of the highest version.
-        next.updated_us = pb.at_us.max(current.updated_us);
-        if let Some(comment) = pb.param_nonempty("comment") {
-            next.comment = comment.to_string();
-        }
-        verdict.outcome = Outcome::Updated(next);
-        return verdict;
-    }
-
     let (payouts, revenue) = payment.amounts(sum);
-    verdict.outcome = Outcome::Created(Conversion {
+    let conversion = Conversion {
         id: String::new(), // assigned by the processor from the log position
         key,
         offer_id: offer.id,
@@ -386,6 +400,47 @@ pub fn judge<'c>(
         created_us: pb.at_us,
         updated_us: pb.at_us,
         click_us: click.at_us,
-    });
+    };
+    Ok(Candidate {
+        verdict,
+        conversion,
+        passed_status,
+        at_us: pb.at_us,
+        comment: pb.param_nonempty("comment").map(str::to_string),
+    })
+}
+
+/// The dedupe: a new conversion when its key has none, a status change of a pending one, or
+/// `Conversion exists` / `Status not pending`.
+pub fn judge_conversion(candidate: Candidate, existing: Option<&Conversion>) -> Verdict {
+    let Candidate {
+        mut verdict,
+        conversion,
+        passed_status,
+        at_us,
+        comment,
+    } = candidate;
+    let Some(current) = existing else {
+        verdict.outcome = Outcome::Created(conversion);
+        return verdict;
+    };
+    let changed = passed_status.is_some_and(|s| s != current.status);
+    if !changed {
+        verdict.outcome = Outcome::Rejected(Reject::ConversionExists);
+        return verdict;
+    }
+    if current.status != STATUS_PENDING {
+        verdict.outcome = Outcome::Rejected(Reject::StatusNotPending);
+        return verdict;
+    }
+    let mut next = current.clone();
+    next.status = conversion.status;
+    // Never before the state it replaces (clocks of two front ends may differ a little): the
+    // stores keep the state of the highest version.
+    next.updated_us = at_us.max(current.updated_us);
+    if let Some(comment) = comment {
+        next.comment = comment;
+    }
+    verdict.outcome = Outcome::Updated(next);
     verdict
 }

@@ -462,3 +462,38 @@ fn post_bodies_are_read_as_form_or_json() {
     e.query = "sum=1".into();
     assert_eq!(ParsedPostback::parse(&e).sum(), Some(1.0));
 }
+
+#[test]
+fn the_click_half_and_the_dedupe_half_make_the_whole_judgement() {
+    let c = catalog();
+    let ctx = Context {
+        catalog: &c,
+        platform_secure: "",
+    };
+    let first = pb(&format!("clickid={CLICK}&action_id=A1&status=2"));
+    let candidate = judge_click(&first, Some(&click()), &ctx).expect("a candidate");
+    assert_eq!(
+        candidate.conversion.key,
+        conversion_key(candidate.verdict.offer_id, &candidate.conversion.goal, "A1")
+    );
+    let made = judge_conversion(candidate.clone(), None);
+    assert_eq!(made, run(&c, "", &first, None), "as judge decides");
+    let made = created(&made).clone();
+    // The same postback against the conversion it made: a duplicate, in both halves and whole.
+    let again = judge_conversion(candidate, Some(&made));
+    assert_eq!(rejected(&again), "Conversion exists");
+    assert_eq!(again, run(&c, "", &first, Some(&made)));
+    // A status change of the pending conversion keeps its id and takes the later time.
+    let approve = pb(&format!("clickid={CLICK}&action_id=A1&status=1&comment=ok"));
+    let approve = judge_click(&approve, Some(&click()), &ctx).expect("a candidate");
+    match judge_conversion(approve, Some(&made)).outcome {
+        Outcome::Updated(next) => {
+            assert_eq!((next.status, next.comment.as_str()), (1, "ok"));
+            assert_eq!(next.key, made.key);
+        }
+        other => panic!("expected an update, got {other:?}"),
+    }
+    // Rules of the click end the judgement before the dedupe.
+    let broken = judge_click(&pb("clickid=abc"), None, &ctx).expect_err("rejected");
+    assert_eq!(rejected(&broken), "Broken clickid");
+}
