@@ -42,7 +42,9 @@ pub enum Scenario {
 
 #[derive(Debug, Clone)]
 pub struct Options {
-    pub target: String,
+    /// Base URLs of the engines: requests go to each in turn (one engine, or a cluster's);
+    /// setup and verification go through the first.
+    pub targets: Vec<String>,
     pub api_key: String,
     pub scenario: Scenario,
     /// Requests per second.
@@ -273,6 +275,28 @@ async fn setup(target: &Target, affiliate_url: Option<&str>) -> anyhow::Result<S
             .await?;
     }
     Ok(Setup { offer_id })
+}
+
+/// Waits until another engine of a cluster knows the run's offer (catalog changes reach every
+/// engine within about a second): one click on it, until it redirects.
+async fn seen_by(target: &Target, offer_id: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _) = target
+            .send(
+                Method::GET,
+                &format!("/click?offer_id={offer_id}&pid=1"),
+                None,
+            )
+            .await?;
+        if status == 302 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{}: the run's offer is unknown after 10 s", target.base);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// One request of the mix, and what the engine should log for it.
@@ -516,7 +540,14 @@ fn histogram() -> Histogram<u64> {
 
 /// Runs the load and returns the report.
 pub async fn run(opts: Options) -> anyhow::Result<Report> {
-    let target = Target::new(&opts.target, &opts.api_key, opts.max_in_flight.min(1024));
+    anyhow::ensure!(!opts.targets.is_empty(), "no target");
+    let connections = opts.max_in_flight.min(1024);
+    let targets: Vec<Target> = opts
+        .targets
+        .iter()
+        .map(|t| Target::new(t, &opts.api_key, connections))
+        .collect();
+    let target = targets[0].clone();
     let offer_id = match opts.scenario {
         Scenario::Postback if !opts.verify => 0,
         _ => {
@@ -526,6 +557,11 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
                 .offer_id
         }
     };
+    if offer_id != 0 {
+        for t in &targets[1..] {
+            seen_by(t, offer_id).await?;
+        }
+    }
     let plan = Arc::new(Plan {
         run: format!("{:06x}", rand::rng().random_range(0..0xff_ffffu32)),
         seq: AtomicU64::new(0),
@@ -578,7 +614,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             continue;
         };
         let (t, r, pl, probes) = (
-            target.clone(),
+            targets[n as usize % targets.len()].clone(),
             rec.clone(),
             plan.clone(),
             lag_probes.clone(),
@@ -630,7 +666,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         eprintln!("first error: {e}");
     }
     Ok(Report {
-        target: opts.target.clone(),
+        target: opts.targets.join(","),
         scenario: format!("{:?}", opts.scenario).to_lowercase(),
         rate: opts.rate,
         duration_s: elapsed,

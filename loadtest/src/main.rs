@@ -10,9 +10,11 @@ use std::time::Duration;
     about = "Open-loop load generator for the postback engine"
 )]
 struct Cli {
-    /// The engine's base URL (loopback only in this project's tests and benchmarks).
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    target: String,
+    /// The engine's base URL (loopback only in this project's tests and benchmarks). Repeat it
+    /// (or give a comma-separated list) to spread the load over a cluster's engines in turn;
+    /// setup and `--verify` go through the first.
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:8080")]
+    target: Vec<String>,
     #[arg(long, env = "PBLOAD_API_KEY", default_value = "")]
     api_key: String,
     #[arg(long, value_enum, default_value = "full")]
@@ -46,7 +48,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new()?;
     let base = Options {
-        target: cli.target.clone(),
+        targets: cli.target.clone(),
         api_key: cli.api_key.clone(),
         scenario: cli.scenario,
         rate: cli.rate,

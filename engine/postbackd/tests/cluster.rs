@@ -301,3 +301,40 @@ async fn dispatchers_share_the_deliveries_and_send_each_once() {
     server_c.shutdown().await;
     server_a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs Kafka and ClickHouse: POSTBACKD_TEST_KAFKA, POSTBACKD_TEST_CLICKHOUSE"]
+async fn the_load_tester_drives_a_cluster_and_verifies_it() {
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let shared = shared(dir_a.path());
+    let (server_a, a) = start(dir_a.path(), &shared, "all").await;
+    let (server_b, b) = start(dir_b.path(), &shared, "ingest,api").await;
+    // Clicks, postbacks, duplicates and status updates, every other request to each engine.
+    let report = pbload::run(pbload::Options {
+        targets: vec![a.base.clone(), b.base.clone()],
+        api_key: KEY.into(),
+        scenario: pbload::Scenario::Full,
+        rate: 200.0,
+        duration: Duration::from_secs(3),
+        max_in_flight: 256,
+        verify: true,
+        affiliate_url: None,
+        quiet: true,
+    })
+    .await
+    .expect("the run completes");
+    println!("{}", pbload::table(&report));
+    assert_eq!(report.errors, 0, "{report:?}");
+    let v = report.verify.expect("verified");
+    assert!(v.expected > 100, "{v:?}");
+    assert_eq!(
+        (v.missing, v.duplicated, v.wrong_outcome),
+        (0, 0, 0),
+        "{v:?}"
+    );
+    server_b.shutdown().await;
+    server_a.shutdown().await;
+}

@@ -15,7 +15,7 @@ async fn a_short_verified_load_run() {
     };
     let server = Server::start(config, None).await.expect("starts");
     let report = pbload::run(pbload::Options {
-        target: format!("http://{}", server.addr()),
+        targets: vec![format!("http://{}", server.addr())],
         api_key: "smoke".into(),
         scenario: pbload::Scenario::Full,
         rate: 300.0,
