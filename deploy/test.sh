@@ -39,6 +39,10 @@ cleanup() {
   rm -rf "$clickhouse_dir"
   if [ -n "${fuzz_pid:-}" ]; then kill "$fuzz_pid" 2>/dev/null || true; fi
   if [ -n "${fuzz_data:-}" ]; then rm -rf "$fuzz_data"; fi
+  if [ -n "${cluster_dir:-}" ] && [ -d "$cluster_dir" ]; then
+    bash deploy/cluster.sh stop "$cluster_dir" >/dev/null 2>&1 || true
+    rm -rf "$cluster_dir"
+  fi
 }
 trap cleanup EXIT
 bash deploy/kafka.sh start "$kafka_dir" "$kafka_port"
@@ -101,6 +105,34 @@ if grep -q panicked "$data/log"; then
   grep -A3 panicked "$data/log" >&2
   exit 1
 fi
+
+# The deployment files: every engine they define gets a configuration postbackd accepts, and
+# probes its real endpoints (no container engine or Kubernetes cluster runs here).
+echo "== deployment files"
+target/py/bin/pip install --quiet --disable-pip-version-check pyyaml==6.0.2
+target/py/bin/python deploy/check_deploy.py "${CARGO_TARGET_DIR:-target}/debug/postbackd"
+
+# A cluster of separate processes from deploy/cluster.sh: two engines on their own Kafka and
+# ClickHouse, one killed (SIGKILL) under load, a third started; pbload spreads the load and
+# checks that every acknowledged postback is in the stats once (exit code 1 if not).
+echo "== cluster of processes (deploy/cluster.sh)"
+cargo build --locked -q -p pbload
+cluster_dir=$(mktemp -d)
+export BIN="${CARGO_TARGET_DIR:-target}/debug/postbackd" KAFKA_PORT=19692 CLICKHOUSE_PORT=18723 BASE_PORT=18700
+pbload_bin="${CARGO_TARGET_DIR:-target}/debug/pbload"
+cluster_targets() { bash deploy/cluster.sh urls "$cluster_dir" | sed 's/^/--target /'; }
+bash deploy/cluster.sh start "$cluster_dir" all ingest,api
+(sleep 2; bash deploy/cluster.sh kill "$cluster_dir" 2) &
+killer=$!
+# shellcheck disable=SC2046
+"$pbload_bin" $(cluster_targets) --api-key cluster --rate 200 --duration 5 --verify --quiet
+wait "$killer"
+bash deploy/cluster.sh add "$cluster_dir" ingest
+# shellcheck disable=SC2046
+"$pbload_bin" $(cluster_targets) --api-key cluster --rate 200 --duration 3 --verify --quiet
+bash deploy/cluster.sh stop "$cluster_dir"
+rm -rf "$cluster_dir"
+unset BIN KAFKA_PORT CLICKHOUSE_PORT BASE_PORT
 
 # One closing line over all the Rust tests (cargo's own last line is a doc-test summary).
 echo "tests: $passed passed, $failed failed"

@@ -96,7 +96,7 @@ pub async fn migrate(config: &Config) -> anyhow::Result<usize> {
 }
 
 /// A store URL without its password, for messages.
-fn redact(url: &str) -> String {
+pub fn redact(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut u) if u.password().is_some() => {
             let _ = u.set_password(Some("***"));
@@ -104,6 +104,29 @@ fn redact(url: &str) -> String {
         }
         _ => url.to_string(),
     }
+}
+
+/// Checks the backends' URLs as `serve` would read them, without connecting.
+pub fn check(config: &Config) -> anyhow::Result<()> {
+    if let LogUrl::Kafka(url) = LogUrl::parse(config)? {
+        check_kafka(&url)?;
+    }
+    if !config.store.trim().is_empty() {
+        clickhouse_config(config)?;
+    }
+    Ok(())
+}
+
+#[cfg(feature = "kafka")]
+fn check_kafka(url: &str) -> anyhow::Result<()> {
+    postback_kafka::KafkaConfig::from_url(url)
+        .map(drop)
+        .map_err(anyhow::Error::msg)
+}
+
+#[cfg(not(feature = "kafka"))]
+fn check_kafka(_url: &str) -> anyhow::Result<()> {
+    anyhow::bail!("log: Kafka is not enabled in this build (the `kafka` feature)")
 }
 
 /// Failures to inject into the embedded logs, for tests of recovery.

@@ -68,6 +68,15 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Check the configuration (file, POSTBACKD_* variables, flags) and print what it
+    /// resolves to, without connecting to anything; exits non-zero on an error.
+    CheckConfig {
+        #[command(flatten)]
+        common: Common,
+        /// What the process would do (as `serve --roles`).
+        #[arg(long)]
+        roles: Option<postbackd::config::Roles>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -123,6 +132,25 @@ fn main() -> anyhow::Result<()> {
             println!("applied {applied} migration(s); the schema is current");
             Ok(())
         }
+        Command::CheckConfig { common, roles } => {
+            let flags = Overrides {
+                data_dir: common.data_dir,
+                log: common.log,
+                store: common.store,
+                roles,
+                ..Default::default()
+            };
+            let c = Config::load(common.config.as_deref(), &env, &flags)?;
+            postbackd::backends::check(&c)?;
+            println!("configuration is valid");
+            println!("listen: {}", c.listen);
+            println!("roles: {}", c.roles);
+            println!("data directory: {}", c.data_dir.display());
+            println!("log: {}", postbackd::backends::redact(&c.log));
+            println!("store: {}", postbackd::backends::redact(&c.store));
+            println!("partitions: {}", c.partitions());
+            Ok(())
+        }
         Command::Replay { common } => {
             let flags = Overrides {
                 data_dir: common.data_dir,
@@ -148,11 +176,18 @@ async fn serve(
         "data directory: {}",
         server.engine.config.data_dir.display()
     );
-    println!("API key: {}", server.engine.api_key);
+    if config_key_was_generated(&server) {
+        println!("API key: {}", server.engine.api_key);
+    }
     shutdown_signal().await;
     println!("shutting down");
     server.shutdown().await;
     Ok(())
+}
+
+/// A key given in the configuration is not echoed to the logs; a generated one is, once.
+fn config_key_was_generated(server: &Server) -> bool {
+    server.engine.config.api_key.is_empty()
 }
 
 async fn shutdown_signal() {
