@@ -8,10 +8,13 @@
 #   bash benches/run.sh                 # the full run (about 20 minutes)
 #   QUICK=1 bash benches/run.sh         # shorter steps and a smaller log, for a first look
 #   ONLY="bare kafka" bash benches/run.sh   # some sections only (bare nginx engine e2e kafka
-#                                           # stats stats-clickhouse)
+#                                           # cluster stats stats-clickhouse)
 #
 # The kafka section starts a single-node broker (deploy/kafka.sh) and measures postbackd with
 # its logs on Kafka (acks=all): the ingest peak, and the end-to-end lag at half of it.
+# The cluster section starts deploy/cluster.sh (Kafka, ClickHouse) with 1, 2 and 3 engines on
+# this one machine (engine 1 all roles, the others ingest and api), ramps postback ingest spread
+# over them (acks=all), and measures the end-to-end lag at half the 3-engine peak, verified.
 # The stats sections fill a store with ROWS logged postbacks over 30 days (kept in target/ for
 # the next run) and time the insert rate and every query kind: `stats` the embedded SQLite
 # store, `stats-clickhouse` a ClickHouse server started on loopback (deploy/clickhouse.sh).
@@ -31,7 +34,7 @@ if ! command -v nginx >/dev/null; then
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-ONLY=${ONLY:-bare nginx engine e2e kafka stats stats-clickhouse}
+ONLY=${ONLY:-bare nginx engine e2e kafka cluster stats stats-clickhouse}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 
 work=$(mktemp -d)
@@ -41,6 +44,7 @@ cleanup() {
   for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done
   [ -d "$work/kafka" ] && bash deploy/kafka.sh stop "$work/kafka" >/dev/null 2>&1
   [ -f "$clickhouse_dir/pid" ] && bash deploy/clickhouse.sh stop "$clickhouse_dir" >/dev/null 2>&1
+  [ -d "$work/cluster" ] && BIN=$BIN/postbackd bash deploy/cluster.sh stop "$work/cluster" >/dev/null 2>&1
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -136,6 +140,30 @@ kafka_e2e=$(e2e_at e2e-kafka 18086 "$kafka_half" --log kafka://127.0.0.1:19292/b
 bash deploy/kafka.sh stop "$work/kafka" >&2
 fi
 
+cluster_peaks=() cluster_p99=() cluster_e2e= cluster_half=
+if want cluster; then
+for n in 1 2 3; do
+  echo "== cluster of $n engine(s) on Kafka and ClickHouse" >&2
+  roles=(all); for _ in $(seq 2 "$n"); do roles+=(ingest,api); done
+  BIN=$BIN/postbackd API_KEY=bench bash deploy/cluster.sh start "$work/cluster" "${roles[@]}" >&2
+  targets=$(BIN=$BIN/postbackd bash deploy/cluster.sh urls "$work/cluster" | paste -sd, -)
+  cluster_peaks+=("$(ramp "cluster$n" "$targets" postback bench)")
+  cluster_p99+=("$(p99_at_peak "cluster$n")")
+  if [ "$n" = 3 ]; then
+    echo "== end to end on the 3-engine cluster at half its peak, full mix, verified" >&2
+    cluster_half=$(python3 -c "print(max(100, int(float('${cluster_peaks[2]:-0}')/2)))")
+    "$BIN/pbload" --target "$targets" --api-key bench --scenario full --rate "$cluster_half" --duration 20 \
+      --verify --quiet --json "$work/cluster-e2e.json" | tee "$work/cluster-e2e.txt" >&2 || true
+    cluster_e2e=$(python3 -c "
+import json; r=json.load(open('$work/cluster-e2e.json'))[0]; l=r.get('e2e_lag') or {}; v=r.get('verify') or {}
+ok = v.get('expected',0)>0 and v.get('missing',1)==0 and v.get('duplicated',1)==0 and v.get('wrong_outcome',1)==0
+print('p50 %.0f ms, p99 %.0f ms (n=%d); verify %s' % (l.get('p50',0), l.get('p99',0), l.get('count',0), 'passed' if ok else 'FAILED'))")
+  fi
+  BIN=$BIN/postbackd bash deploy/cluster.sh stop "$work/cluster" >&2
+  rm -rf "$work/cluster"
+done
+fi
+
 if want stats; then
 echo "== stats queries over $ROWS logged postbacks" >&2
 "$BIN/stats_query" "target/stats-bench-$ROWS" "$ROWS" | tee "$work/stats.txt" >&2
@@ -160,8 +188,13 @@ echo "| nginx, 204 with access log | $nginx | $nginx_p99 ms | $nginx_mem MiB | $
 echo "| postbackd postback ingest, embedded, durable | $pbd | $pbd_p99 ms | $pbd_mem MiB | $(ratio "$pbd" "$bare") of bare hyper, $(ratio "$pbd" "$nginx") of nginx |"
 echo "| postbackd click redirects | $clicks | $clicks_p99 ms | | $(ratio "$clicks" "$bare") of bare hyper |"
 echo "| postbackd postback ingest, Kafka acks=all | $kafka | $kafka_p99 ms | $kafka_mem MiB | $(ratio "$kafka" "$bare") of bare hyper |"
+for i in 0 1 2; do
+  [ -n "${cluster_peaks[$i]:-}" ] || continue
+  echo "| postbackd cluster, $((i + 1)) engine(s), Kafka acks=all + ClickHouse | ${cluster_peaks[$i]} | ${cluster_p99[$i]} ms | | $(ratio "${cluster_peaks[$i]}" "$bare") of bare hyper |"
+done
 echo
 echo "End to end (accepted → visible in the stats) at $half req/s, full mix, embedded: $e2e"
+echo "End to end at $cluster_half req/s, full mix, on the 3-engine cluster: $cluster_e2e"
 echo "End to end at $kafka_half req/s, full mix, on Kafka: $kafka_e2e"
 echo
 if [ -f "$work/stats.txt" ]; then
