@@ -4,7 +4,8 @@
 # Maven Central with the machine's Java and Maven: deploy/kafka.sh) for the Kafka suites, a
 # ClickHouse server (Debian's package, as a plain process: deploy/clickhouse.sh) for the
 # ClickHouse suites, a current ClickHouse engine in process (chdb, from PyPI into target/py)
-# for the modern DDL and queries, and the API fuzzer (schemathesis, from PyPI into target/py).
+# for the modern DDL and queries, the API fuzzer (schemathesis, from PyPI into target/py), and
+# Chromium (Debian's) with Playwright (PyPI) for the console.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -105,6 +106,23 @@ if grep -q panicked "$data/log"; then
   grep -A3 panicked "$data/log" >&2
   exit 1
 fi
+
+# The web console in a real browser: Debian's Chromium (installed here when missing), driven
+# by Playwright from PyPI (no browser download), against an engine of its own.
+echo "== console in Chromium"
+if [ ! -x /usr/bin/chromium ]; then
+  sudo=""; [ "$(id -u)" != 0 ] && sudo="sudo"
+  ($sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
+fi
+target/py/bin/pip install --quiet --disable-pip-version-check playwright==1.65.2
+console_data=$(mktemp -d)
+"${CARGO_TARGET_DIR:-target}/debug/postbackd" serve --listen 127.0.0.1:18556 --data-dir "$console_data" \
+  --api-key console >"$console_data/log" 2>&1 &
+console_pid=$!
+for _ in $(seq 1 100); do curl -sf http://127.0.0.1:18556/ready >/dev/null && break; sleep 0.1; done
+target/py/bin/python engine/postbackd/tests/browser/console_test.py http://127.0.0.1:18556 console
+kill "$console_pid"
+rm -rf "$console_data"
 
 # The deployment files: every engine they define gets a configuration postbackd accepts, and
 # probes its real endpoints (no container engine or Kubernetes cluster runs here).

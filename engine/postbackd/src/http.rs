@@ -127,6 +127,8 @@ pub enum Route {
     Metrics,
     Stats,
     Admin,
+    /// The web console's page and assets (`/`, `/console/...`).
+    Console,
     Unknown,
 }
 
@@ -141,6 +143,7 @@ impl Route {
             "/metrics" => Route::Metrics,
             p if p.starts_with("/3.0/stats/") => Route::Stats,
             p if p.starts_with("/3.0/") => Route::Admin,
+            "/" | "/console/console.js" | "/console/console.css" => Route::Console,
             _ => Route::Unknown,
         }
     }
@@ -306,6 +309,11 @@ async fn respond(
         }
         Route::Stats | Route::Admin => authorize(engine, &parts.headers, query)?,
         Route::Postback | Route::Click | Route::Pixel => {}
+        // The page and its assets hold no data; the data comes from /3.0/ with the key.
+        Route::Console if !engine.config.roles.api => {
+            return Err(ApiError::NotServedHere("the console", engine.config.roles))
+        }
+        Route::Console => return crate::console::asset(&parts.method, parts.uri.path()),
     }
     let roles = engine.config.roles;
     if route.is_tracking() && !roles.ingest {
@@ -583,6 +591,8 @@ mod tests {
         assert_eq!(Route::of("/3.0/stats/conversions"), Route::Stats);
         assert_eq!(Route::of("/3.0/offers"), Route::Admin);
         assert_eq!(Route::of("/3.0"), Route::Unknown);
+        assert_eq!(Route::of("/"), Route::Console);
+        assert_eq!(Route::of("/console/x.js"), Route::Unknown);
         assert_eq!(Route::of("/postback/"), Route::Unknown);
     }
 }

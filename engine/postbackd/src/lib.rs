@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod backends;
 pub mod config;
+pub mod console;
 pub mod dispatcher;
 pub mod embedded_log;
 pub mod engine;

@@ -1,0 +1,224 @@
+// The console: a page of the engine's own API (/3.0/), signed in with the API key, which is kept
+// in this tab's session storage and sent as a header, never in a URL. Everything received is
+// shown with textContent: parameters, responses and errors are attacker-controlled text.
+"use strict";
+
+const KEY = "postbackd.api-key";
+const PAGE_SIZE = 50;
+const $ = (id) => document.getElementById(id);
+const view = { page: 1, snapshot: null, filters: null, rows: [] };
+
+function el(tag, text, cls) {
+  const e = document.createElement(tag);
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  if (cls) e.className = cls;
+  return e;
+}
+
+async function api(path) {
+  const r = await fetch(path, { headers: { "API-Key": sessionStorage.getItem(KEY) || "" } });
+  let body = null;
+  try { body = await r.json(); } catch (_) { /* not JSON: reported below */ }
+  if (!r.ok) {
+    const why = (body && (body.error || body.message)) || r.statusText;
+    const e = new Error(`${r.status}: ${why}`);
+    e.status = r.status;
+    throw e;
+  }
+  return body;
+}
+
+function today() {
+  const d = new Date();
+  return new Date(d.getTime() - d.getTimezoneOffset() * 60000).toISOString().slice(0, 10);
+}
+
+function timezone() {
+  try { return Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC"; } catch (_) { return "UTC"; }
+}
+
+// "3 min 20 s", "2 h 5 min", "4 d 3 h": how long after its click a postback came.
+function human(seconds) {
+  if (seconds === null || seconds === undefined) return "";
+  const s = Math.max(0, Number(seconds));
+  const units = [["d", 86400], ["h", 3600], ["min", 60], ["s", 1]];
+  const parts = [];
+  let rest = s;
+  for (const [name, size] of units) {
+    if (rest >= size || (parts.length === 0 && size === 1)) {
+      parts.push(`${Math.floor(rest / size)} ${name}`);
+      rest %= size;
+    }
+    if (parts.length === 2) break;
+  }
+  return parts.join(" ");
+}
+
+// Parameters as sent, key=value, in the order of the object the API gives.
+function pairs(row) {
+  const out = [];
+  for (const [where, obj] of [["get", row._get], ["post", row._post]]) {
+    if (obj && typeof obj === "object") {
+      for (const k of Object.keys(obj)) out.push([where, k, obj[k]]);
+    }
+  }
+  return out;
+}
+
+function isPixel(row) {
+  const g = row._get || {};
+  return Object.prototype.hasOwnProperty.call(g, "pixel") || Object.prototype.hasOwnProperty.call(g, "source");
+}
+
+function query(extra) {
+  const f = view.filters;
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(f)) if (v !== "") q.set(k, v);
+  q.set("timezone", timezone());
+  q.set("limit", String(PAGE_SIZE));
+  q.set("page", String(view.page));
+  if (view.snapshot) q.set("snapshot", view.snapshot);
+  for (const [k, v] of Object.entries(extra || {})) q.set(k, v);
+  return q.toString();
+}
+
+function readFilters() {
+  const form = $("filters");
+  const f = {};
+  for (const name of ["date_from", "date_to", "search", "response_status", "offer", "clickid", "goal", "action_id"]) {
+    f[name] = form.elements[name].value.trim();
+  }
+  return f;
+}
+
+async function load() {
+  $("list-error").textContent = "";
+  let body;
+  try {
+    body = await api(`/3.0/stats/serverpostbacks?${query()}`);
+  } catch (e) {
+    if (e.status === 401 || e.status === 403) return signOut("The key was refused; sign in again.");
+    $("list-error").textContent = e.message;
+    return;
+  }
+  const p = body.pagination || {};
+  view.snapshot = p.snapshot || view.snapshot;
+  view.rows = body.postbacks || [];
+  render(view.rows);
+  const total = Number(p.total_count || 0);
+  const first = total === 0 ? 0 : (view.page - 1) * PAGE_SIZE + 1;
+  const last = Math.min(total, view.page * PAGE_SIZE);
+  $("summary").textContent = `${total} postbacks` + (total ? ` · showing ${first}–${last}` : "");
+  $("page").textContent = `page ${view.page}`;
+  $("prev").disabled = view.page <= 1;
+  $("next").disabled = last >= total;
+}
+
+function render(rows) {
+  const tbody = $("rows").tBodies[0];
+  tbody.replaceChildren();
+  rows.forEach((r, i) => {
+    const tr = el("tr");
+    tr.tabIndex = 0;
+    tr.dataset.index = String(i);
+    const date = new Date(Number(r.date.sec) * 1000 + Math.floor(Number(r.date.usec) / 1000));
+    const track = r.track || {};
+    const offer = track.offer && track.offer.title ? `${r.offer_id} · ${track.offer.title}` : (r.offer_id || "");
+    const params = el("td", pairs(r).map(([, k, v]) => `${k}=${v}`).join("  "), "params");
+    const ok = Number(r.response_status) === 1;
+    const response = el("td", ok ? "OK" : r.error, ok ? "ok" : "rejected");
+    const cells = [
+      el("td", date.toLocaleString()),
+      el("td", offer),
+      el("td", r.advertiser_id),
+      el("td", r.pid || ""),
+      el("td", r.clickid),
+      el("td", r.status || ""),
+      el("td", r.goal),
+      el("td", r.action_id),
+      el("td", r.ip),
+      el("td", human(r.delta)),
+      params,
+      response,
+    ];
+    if (isPixel(r)) cells[10].prepend(el("span", "pixel", "mark"), " ");
+    tr.append(...cells);
+    tbody.append(tr);
+  });
+}
+
+function openDetail(row) {
+  const ok = Number(row.response_status) === 1;
+  $("detail-response").textContent = ok ? "Accepted (status 1)" : `Rejected (status 2): ${row.error}`;
+  $("detail-response").className = ok ? "ok" : "rejected";
+  const tbody = $("detail-params").tBodies[0];
+  tbody.replaceChildren();
+  for (const [where, k, v] of pairs(row)) {
+    const tr = el("tr");
+    tr.append(el("td", where), el("td", k), el("td", v));
+    tbody.append(tr);
+  }
+  $("detail").showModal();
+}
+
+function show(signedIn) {
+  $("sign-in").hidden = signedIn;
+  $("postbacks").hidden = !signedIn;
+  $("nav").hidden = !signedIn;
+  $("sign-out").hidden = !signedIn;
+}
+
+function signOut(message) {
+  sessionStorage.removeItem(KEY);
+  show(false);
+  $("sign-in-error").textContent = message || "";
+}
+
+async function signIn(key) {
+  sessionStorage.setItem(KEY, key);
+  try {
+    await api(`/3.0/stats/serverpostbacks?limit=1&date_from=${today()}&date_to=${today()}`);
+  } catch (e) {
+    return signOut(e.status === 401 || e.status === 403 ? "That key is not valid." : e.message);
+  }
+  $("sign-in-error").textContent = "";
+  show(true);
+  startList();
+}
+
+function startList() {
+  view.filters = readFilters();
+  view.page = 1;
+  view.snapshot = null;
+  load();
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  const form = $("filters");
+  form.elements.date_from.value = today();
+  form.elements.date_to.value = today();
+  $("sign-in-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    signIn($("api-key").value.trim());
+  });
+  $("sign-out").addEventListener("click", () => signOut(""));
+  form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    startList();
+  });
+  $("prev").addEventListener("click", () => { view.page -= 1; load(); });
+  $("next").addEventListener("click", () => { view.page += 1; load(); });
+  const tbody = $("rows").tBodies[0];
+  const pick = (e) => {
+    const tr = e.target.closest("tr");
+    if (tr && tr.dataset.index) openDetail(view.rows[Number(tr.dataset.index)]);
+  };
+  tbody.addEventListener("click", pick);
+  tbody.addEventListener("keydown", (e) => { if (e.key === "Enter") pick(e); });
+  if (sessionStorage.getItem(KEY)) {
+    show(true);
+    startList();
+  } else {
+    show(false);
+  }
+});

@@ -1,0 +1,155 @@
+"""The console in a real browser (Debian's Chromium, headless, driven by Playwright) against a
+real engine: sign in, see postbacks, search by a partial value, filter by response status,
+open a postback's parameters and its error, page through; hostile parameters show as text.
+
+    python console_test.py BASE_URL API_KEY
+
+Prints each check; exits non-zero on the first failure (an assertion).
+"""
+import json
+import sys
+import urllib.parse
+import urllib.request
+
+from playwright.sync_api import expect, sync_playwright
+
+BASE, KEY = sys.argv[1].rstrip("/"), sys.argv[2]
+SCRIPT = "<script>window.__pwned = 1</script>"
+IMG = '<img src=x onerror="window.__pwned = 2">'
+
+
+def call(method, path, form=None, key=True):
+    data = urllib.parse.urlencode(form).encode() if form else None
+    req = urllib.request.Request(BASE + path, data=data, method=method)
+    if key:
+        req.add_header("API-Key", KEY)
+    with urllib.request.urlopen(req) as r:
+        return r.status, r.headers, r.read()
+
+
+def seed():
+    """An offer, a partner, two clicks; accepted, rejected and hostile postbacks."""
+    call("POST", "/3.0/admin/offer", {"title": "Shop", "url": "https://shop.example/?c={clickid}"})
+    call("POST", "/3.0/admin/partner", {"email": "a@example.com"})
+    clicks = []
+    for _ in range(2):
+        req = urllib.request.Request(BASE + "/click?offer_id=1&pid=1")
+        opener = urllib.request.build_opener(NoRedirect)
+        try:
+            opener.open(req)
+        except urllib.error.HTTPError as e:
+            clicks.append(e.headers["Location"].split("c=")[1][:24])
+    postbacks = [f"clickid={clicks[0]}&action_id=ORDER-777&sum=10"]
+    postbacks += [f"clickid={clicks[1]}&action_id=A{i}&goal=nope" for i in range(60)]
+    postbacks.append("clickid=" + urllib.parse.quote(SCRIPT) + "&note=" + urllib.parse.quote(IMG))
+    for q in postbacks:
+        status, _, _ = call("GET", "/postback?" + q, key=False)
+        assert status == 200, q
+    return len(postbacks)
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def wait_processed(n):
+    import time
+    from datetime import date
+
+    d = date.today().isoformat()
+    for _ in range(300):
+        _, _, body = call("GET", f"/3.0/stats/serverpostbacks?date_from={d}&date_to={d}&limit=1")
+        if json.loads(body)["pagination"]["total_count"] >= n:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{n} postbacks were not processed")
+
+
+def main():
+    n = seed()
+    wait_processed(n)
+    _, headers, _ = call("GET", "/", key=False)
+    assert "script-src 'self'" in headers["Content-Security-Policy"], headers
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    print("ok  the console page carries a Content-Security-Policy and nosniff")
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+        )
+        page = browser.new_page()
+        dialogs = []
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.goto(BASE + "/")
+
+        # Nothing without the key; a wrong key is refused.
+        expect(page.locator("#postbacks")).to_be_hidden()
+        page.fill("#api-key", "wrong")
+        page.click("#sign-in-form button")
+        expect(page.locator("#sign-in-error")).to_have_text("That key is not valid.")
+        print("ok  a wrong key is refused and nothing is shown")
+
+        page.fill("#api-key", KEY)
+        page.click("#sign-in-form button")
+        expect(page.locator("#summary")).to_contain_text(f"{n} postbacks")
+        assert KEY not in page.url
+        print(f"ok  signed in: {n} postbacks listed; the key is not in the URL")
+
+        # Search by a partial parameter value.
+        page.fill("input[name=search]", "order-77")
+        page.click("#filters button")
+        expect(page.locator("#summary")).to_contain_text("1 postbacks")
+        expect(page.locator("#rows tbody tr")).to_have_count(1)
+        expect(page.locator("#rows tbody tr td.params")).to_contain_text("action_id=ORDER-777")
+        print("ok  search by a partial value finds the one postback")
+
+        # Filter by response status, then open a rejected one: its exact error.
+        page.fill("input[name=search]", "")
+        page.select_option("select[name=response_status]", "2")
+        page.click("#filters button")
+        expect(page.locator("#summary")).to_contain_text(f"{n - 1} postbacks")
+        expect(page.locator("#rows tbody td.rejected").first).to_be_visible()
+        page.locator("#rows tbody tr", has_text="goal=nope").first.click()
+        expect(page.locator("#detail-response")).to_have_text("Rejected (status 2): Goal not found")
+        expect(page.locator("#detail-params")).to_contain_text("goal")
+        page.click("#detail button")
+        print("ok  filtered by response status; a rejection opens with its exact error")
+
+        # Hostile parameters are text, in the table and in the detail.
+        page.fill("input[name=search]", "pwned")
+        page.click("#filters button")
+        expect(page.locator("#rows tbody tr")).to_have_count(1)
+        expect(page.locator("#rows tbody td.params")).to_contain_text(SCRIPT)
+        page.locator("#rows tbody tr").first.click()
+        expect(page.locator("#detail-params")).to_contain_text(IMG)
+        assert page.locator("#detail-params img").count() == 0
+        assert page.evaluate("window.__pwned") is None and not dialogs
+        page.click("#detail button")
+        print("ok  <script> and <img onerror> in parameters show as text and never run")
+
+        # Paging through the whole list, 50 a page.
+        page.fill("input[name=search]", "")
+        page.select_option("select[name=response_status]", "")
+        page.click("#filters button")
+        expect(page.locator("#rows tbody tr")).to_have_count(50)
+        expect(page.locator("#prev")).to_be_disabled()
+        page.click("#next")
+        expect(page.locator("#rows tbody tr")).to_have_count(n - 50)
+        expect(page.locator("#summary")).to_contain_text(f"showing 51–{n}")
+        expect(page.locator("#next")).to_be_disabled()
+        page.click("#prev")
+        expect(page.locator("#rows tbody tr")).to_have_count(50)
+        print("ok  paged through the list and back")
+
+        page.click("#sign-out")
+        expect(page.locator("#sign-in")).to_be_visible()
+        assert page.evaluate("sessionStorage.length") == 0
+        print("ok  signing out forgets the key")
+        browser.close()
+
+
+if __name__ == "__main__":
+    main()
