@@ -99,7 +99,9 @@ if [ "$ready" != 1 ]; then
   cat "$data/log" >&2
   exit 1
 fi
+# (The live stream never ends by design: its filters are the listing's, fuzzed there.)
 target/py/bin/st run schemas/openapi.yaml --url http://127.0.0.1:$port --header "API-Key: fuzz" \
+  --exclude-path /3.0/stats/serverpostbacks/live \
   --checks not_a_server_error --max-examples 100 --seed 1 --suppress-health-check all --no-color | tail -n 12
 if grep -q panicked "$data/log"; then
   echo "postbackd panicked under the fuzzer:" >&2

@@ -6,7 +6,7 @@
 const KEY = "postbackd.api-key";
 const PAGE_SIZE = 50;
 const $ = (id) => document.getElementById(id);
-const view = { page: 1, snapshot: null, filters: null, rows: [] };
+const view = { page: 1, snapshot: null, filters: null, rows: [], total: 0, live: null, news: [] };
 
 function el(tag, text, cls) {
   const e = document.createElement(tag);
@@ -106,6 +106,7 @@ async function load() {
   view.rows = body.postbacks || [];
   render(view.rows);
   const total = Number(p.total_count || 0);
+  view.total = total;
   const first = total === 0 ? 0 : (view.page - 1) * PAGE_SIZE + 1;
   const last = Math.min(total, view.page * PAGE_SIZE);
   $("summary").textContent = `${total} postbacks` + (total ? ` · showing ${first}–${last}` : "");
@@ -114,11 +115,11 @@ async function load() {
   $("next").disabled = last >= total;
 }
 
-function render(rows) {
+function render(rows, fresh) {
   const tbody = $("rows").tBodies[0];
   tbody.replaceChildren();
   rows.forEach((r, i) => {
-    const tr = el("tr");
+    const tr = el("tr", null, i < (fresh || 0) ? "new" : undefined);
     tr.tabIndex = 0;
     tr.dataset.index = String(i);
     const date = new Date(Number(r.date.sec) * 1000 + Math.floor(Number(r.date.usec) / 1000));
@@ -161,6 +162,88 @@ function openDetail(row) {
   $("detail").showModal();
 }
 
+// Live mode: new postbacks matching the filters, pushed by the engine as server-sent events
+// (read with fetch, so the key stays a header). On the first page they appear at the top; on
+// another page, or with a postback open, they wait behind a button, so the operator's place
+// is kept.
+function liveOn() {
+  liveOff();
+  const controller = new AbortController();
+  view.live = controller;
+  $("live").setAttribute("aria-pressed", "true");
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(view.filters)) {
+    if (v !== "" && k !== "date_from" && k !== "date_to") q.set(k, v);
+  }
+  q.set("timezone", timezone());
+  const connect = async () => {
+    while (view.live === controller) {
+      try {
+        const r = await fetch(`/3.0/stats/serverpostbacks/live?${q}`, {
+          headers: { "API-Key": sessionStorage.getItem(KEY) || "" },
+          signal: controller.signal,
+        });
+        if (r.status === 401 || r.status === 403) return signOut("The key was refused; sign in again.");
+        const reader = r.body.getReader();
+        const decoder = new TextDecoder();
+        let buffer = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buffer += decoder.decode(value, { stream: true });
+          let cut;
+          while ((cut = buffer.indexOf("\n\n")) >= 0) {
+            event(buffer.slice(0, cut));
+            buffer = buffer.slice(cut + 2);
+          }
+        }
+      } catch (e) {
+        if (controller.signal.aborted) return;
+      }
+      await new Promise((done) => setTimeout(done, 2000));
+    }
+  };
+  connect();
+}
+
+function liveOff() {
+  if (view.live) view.live.abort();
+  view.live = null;
+  delete $("live").dataset.state;
+  $("live").setAttribute("aria-pressed", "false");
+}
+
+function event(text) {
+  // The stream says it is following once it has marked the rows already there.
+  if (text.split("\n").includes(": live")) $("live").dataset.state = "following";
+  let name = "message";
+  const data = [];
+  for (const line of text.split("\n")) {
+    if (line.startsWith("event:")) name = line.slice(6).trim();
+    else if (line.startsWith("data:")) data.push(line.slice(5).trimStart());
+  }
+  if (name !== "postback" || data.length === 0) return;
+  let row;
+  try { row = JSON.parse(data.join("\n")); } catch (_) { return; }
+  view.news.unshift(row);
+  if (view.page === 1 && !$("detail").open) showNews();
+  else {
+    $("news").hidden = false;
+    $("show-news").textContent = `${view.news.length} new postback${view.news.length === 1 ? "" : "s"} — show`;
+  }
+}
+
+function showNews() {
+  const fresh = view.news.length;
+  view.rows = view.news.concat(view.rows).slice(0, PAGE_SIZE);
+  view.total += fresh;
+  view.news = [];
+  $("news").hidden = true;
+  render(view.rows, fresh);
+  const last = Math.min(view.total, PAGE_SIZE);
+  $("summary").textContent = `${view.total} postbacks` + (view.total ? ` · showing 1–${last}` : "");
+}
+
 function show(signedIn) {
   $("sign-in").hidden = signedIn;
   $("postbacks").hidden = !signedIn;
@@ -169,6 +252,7 @@ function show(signedIn) {
 }
 
 function signOut(message) {
+  liveOff();
   sessionStorage.removeItem(KEY);
   show(false);
   $("sign-in-error").textContent = message || "";
@@ -190,7 +274,10 @@ function startList() {
   view.filters = readFilters();
   view.page = 1;
   view.snapshot = null;
+  view.news = [];
+  $("news").hidden = true;
   load();
+  if (view.live) liveOn();
 }
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -205,6 +292,15 @@ document.addEventListener("DOMContentLoaded", () => {
   form.addEventListener("submit", (e) => {
     e.preventDefault();
     startList();
+  });
+  $("live").addEventListener("click", () => (view.live ? liveOff() : liveOn()));
+  $("show-news").addEventListener("click", () => {
+    // New rows go on the first page of the list as it is now.
+    view.page = 1;
+    view.snapshot = null;
+    view.news = [];
+    $("news").hidden = true;
+    load();
   });
   $("prev").addEventListener("click", () => { view.page -= 1; load(); });
   $("next").addEventListener("click", () => { view.page += 1; load(); });

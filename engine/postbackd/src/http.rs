@@ -23,6 +23,9 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 pub type Body = Full<Bytes>;
 
+/// What the server sends: a whole body, or the live stream's.
+pub type Served = http_body_util::Either<Body, crate::live::LiveBody>;
+
 /// Every way a request can fail, by what the client sees. Texts are the client's: details
 /// that could reveal the host (OS errors, SQL) are logged, never sent.
 #[derive(Debug, thiserror::Error)]
@@ -237,7 +240,7 @@ pub async fn serve(
             let engine = engine.clone();
             async move {
                 let response = if only_metrics {
-                    metrics_only(&engine, &req)
+                    metrics_only(&engine, &req).map(Served::Left)
                 } else {
                     handle(engine, req, peer, timeout).await
                 };
@@ -277,16 +280,40 @@ async fn handle(
     req: Request<Incoming>,
     peer: SocketAddr,
     timeout: Duration,
-) -> Response<Body> {
+) -> Response<Served> {
     let started = std::time::Instant::now();
     let (parts, body) = req.into_parts();
     let route = Route::of(parts.uri.path());
+    if route == Route::Stats && parts.uri.path().trim_end_matches('/') == LIVE {
+        return live(&engine, &parts).map_or_else(
+            |e| e.into_response().map(Served::Left),
+            |r| r.map(Served::Right),
+        );
+    }
     let response = match respond(&engine, route, parts, body, peer, timeout).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
     engine.http_metrics.latency[route.metric()].record(started.elapsed().as_secs_f64());
-    response
+    response.map(Served::Left)
+}
+
+const LIVE: &str = "/3.0/stats/serverpostbacks/live";
+
+/// The live stream of new server postbacks (`crate::live`): the key, the role, then the stream.
+fn live(
+    engine: &Arc<Engine>,
+    parts: &hyper::http::request::Parts,
+) -> Result<Response<crate::live::LiveBody>, ApiError> {
+    let query = parts.uri.query().unwrap_or("");
+    authorize(engine, &parts.headers, query)?;
+    if !engine.config.roles.api {
+        return Err(ApiError::NotServedHere("the API", engine.config.roles));
+    }
+    if parts.method != Method::GET {
+        return Err(ApiError::Method);
+    }
+    crate::live::start(engine, &parse_form(query.as_bytes()))
 }
 
 /// Answers what needs no body, checks the key, then reads the body and hands the request on.

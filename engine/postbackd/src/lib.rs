@@ -15,6 +15,7 @@ pub mod embedded_log;
 pub mod engine;
 pub mod guard;
 pub mod http;
+pub mod live;
 pub mod paging;
 pub mod pipeline;
 pub mod sqlite_store;

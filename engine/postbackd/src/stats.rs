@@ -206,6 +206,17 @@ fn postback_filters(p: &Params, tz: &Tz) -> Result<ServerPostbackQuery, ApiError
     })
 }
 
+/// The slice's filters for the live stream: those of `serverpostbacks` but the date range,
+/// which the stream sets itself (from now on).
+pub(crate) fn live_filters(p: &Params, tz: &Tz) -> Result<ServerPostbackQuery, ApiError> {
+    let mut p = p.clone();
+    let today = Utc::now().with_timezone(tz).date_naive().to_string();
+    p.0.retain(|(k, _)| k != "date_from" && k != "date_to");
+    p.0.push(("date_from".into(), today.clone()));
+    p.0.push(("date_to".into(), today));
+    postback_filters(&p, tz)
+}
+
 async fn server_postbacks(engine: &Arc<Engine>, p: &Params) -> Result<Response<Body>, ApiError> {
     let tz = timezone(p)?;
     let paging = Paging::parse(p)?;

@@ -28,6 +28,7 @@ fn every_route_is_documented() {
         "/3.0/admin/postbacks",
         "/3.0/stats/serverpostbacks",
         "/3.0/stats/serverpostbacks/summary",
+        "/3.0/stats/serverpostbacks/live",
         "/3.0/stats/conversions",
         "/3.0/stats/affiliatepostbacks",
         "/3.0/admin/affiliatepostbacks/resend",

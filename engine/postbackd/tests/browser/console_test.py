@@ -98,6 +98,20 @@ def main():
         assert KEY not in page.url
         print(f"ok  signed in: {n} postbacks listed; the key is not in the URL")
 
+        # Live mode: a postback sent now appears at the top without a reload.
+        page.click("#live")
+        expect(page.locator("#live")).to_have_attribute("aria-pressed", "true")
+        # Once following, the stream has marked what was there; what comes now is news.
+        expect(page.locator("#live")).to_have_attribute("data-state", "following")
+        status, _, _ = call("GET", "/postback?clickid=nope&action_id=LIVE-1", key=False)
+        assert status == 200
+        expect(page.locator("#rows tbody tr").first).to_contain_text("LIVE-1", timeout=15000)
+        n += 1
+        expect(page.locator("#summary")).to_contain_text(f"{n} postbacks")
+        page.click("#live")
+        expect(page.locator("#live")).to_have_attribute("aria-pressed", "false")
+        print("ok  live mode shows a new postback at the top, without a reload")
+
         # Search by a partial parameter value.
         page.fill("input[name=search]", "order-77")
         page.click("#filters button")
