@@ -48,13 +48,7 @@ struct Shared {
 fn shared(dir: &std::path::Path) -> Shared {
     let broker = std::env::var("POSTBACKD_TEST_KAFKA").expect("POSTBACKD_TEST_KAFKA");
     let clickhouse = std::env::var("POSTBACKD_TEST_CLICKHOUSE").expect("POSTBACKD_TEST_CLICKHOUSE");
-    let run: String = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
-        .chars()
-        .filter(char::is_ascii_alphanumeric)
-        .collect();
+    let run = common::name_of(dir);
     Shared {
         log: format!("kafka://{broker}/cluster{run}"),
         store: format!("{clickhouse}/cluster{run}"),

@@ -3,22 +3,15 @@
 mod common;
 
 use common::{Api, KEY};
-use postbackd::{Config, Server};
+use postbackd::Server;
 use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_postbacks_matching_the_filters_are_pushed() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = Config {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        data_dir: dir.path().to_path_buf(),
-        log: common::test_log(dir.path()),
-        store: common::test_store(dir.path()),
-        migrate: true,
-        api_key: KEY.into(),
-        ..Config::default()
-    };
-    let server = Server::start(config, None).await.expect("starts");
+    let server = Server::start(common::test_config(dir.path()), None)
+        .await
+        .expect("starts");
     let api = Api::new(server.addr());
     let live = format!("{}/3.0/stats/serverpostbacks/live?search=wanted", api.base);
 

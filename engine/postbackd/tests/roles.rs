@@ -8,14 +8,8 @@ use postbackd::{Config, Server};
 
 async fn start(dir: &std::path::Path, roles: &str) -> (Server, Api) {
     let config = Config {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        data_dir: dir.to_path_buf(),
-        log: common::test_log(dir),
-        store: common::test_store(dir),
-        migrate: true,
-        api_key: KEY.into(),
         roles: roles.parse().expect("roles"),
-        ..Config::default()
+        ..common::test_config(dir)
     };
     let server = Server::start(config, None).await.expect("starts");
     let api = Api::new(server.addr());

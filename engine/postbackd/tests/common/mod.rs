@@ -134,17 +134,32 @@ pub async fn offer_and_click(api: &Api) -> String {
 /// the data directory, so a restarted engine finds its topics again).
 pub fn test_log(dir: &std::path::Path) -> String {
     match std::env::var("POSTBACKD_TEST_KAFKA") {
-        Ok(broker) if !broker.is_empty() => {
-            let name: String = dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-                .chars()
-                .filter(char::is_ascii_alphanumeric)
-                .collect();
-            format!("kafka://{broker}/t{name}")
-        }
+        Ok(broker) if !broker.is_empty() => format!("kafka://{broker}/t{}", name_of(dir)),
         _ => String::new(),
+    }
+}
+
+/// A directory's name in letters and digits: a name for its topics or database.
+pub fn name_of(dir: &std::path::Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .collect()
+}
+
+/// A test engine's configuration in `dir`: any port on loopback, the test key, and the logs
+/// and store the test command started (see `test_log`, `test_store`).
+pub fn test_config(dir: &std::path::Path) -> postbackd::Config {
+    postbackd::Config {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        data_dir: dir.to_path_buf(),
+        log: test_log(dir),
+        store: test_store(dir),
+        migrate: true,
+        api_key: KEY.into(),
+        ..postbackd::Config::default()
     }
 }
 
@@ -161,16 +176,7 @@ pub fn today() -> String {
 /// of its own there (named after the data directory, so a restarted engine finds it again).
 pub fn test_store(dir: &std::path::Path) -> String {
     match std::env::var("POSTBACKD_TEST_CLICKHOUSE") {
-        Ok(server) if !server.is_empty() => {
-            let name: String = dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-                .chars()
-                .filter(char::is_ascii_alphanumeric)
-                .collect();
-            format!("{server}/t{name}")
-        }
+        Ok(server) if !server.is_empty() => format!("{server}/t{}", name_of(dir)),
         _ => String::new(),
     }
 }
