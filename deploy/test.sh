@@ -119,7 +119,7 @@ fi
 target/py/bin/pip install --quiet --disable-pip-version-check playwright==1.65.2
 console_data=$(mktemp -d)
 "${CARGO_TARGET_DIR:-target}/debug/postbackd" serve --listen 127.0.0.1:18556 --data-dir "$console_data" \
-  --api-key console >"$console_data/log" 2>&1 &
+  --api-key console --allow-private-postback-targets >"$console_data/log" 2>&1 &
 console_pid=$!
 for _ in $(seq 1 100); do curl -sf http://127.0.0.1:18556/ready >/dev/null && break; sleep 0.1; done
 target/py/bin/python engine/postbackd/tests/browser/console_test.py http://127.0.0.1:18556 console

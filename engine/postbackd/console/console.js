@@ -15,8 +15,13 @@ function el(tag, text, cls) {
   return e;
 }
 
-async function api(path) {
-  const r = await fetch(path, { headers: { "API-Key": sessionStorage.getItem(KEY) || "" } });
+async function api(path, form) {
+  const init = { headers: { "API-Key": sessionStorage.getItem(KEY) || "" } };
+  if (form) {
+    init.method = "POST";
+    init.body = new URLSearchParams(form);
+  }
+  const r = await fetch(path, init);
   let body = null;
   try { body = await r.json(); } catch (_) { /* not JSON: reported below */ }
   if (!r.ok) {
@@ -246,13 +251,115 @@ function showNews() {
 
 function show(signedIn) {
   $("sign-in").hidden = signedIn;
-  $("postbacks").hidden = !signedIn;
   $("nav").hidden = !signedIn;
   $("sign-out").hidden = !signedIn;
+  if (signedIn) tab("server");
+  else {
+    $("postbacks").hidden = true;
+    $("affiliates").hidden = true;
+  }
 }
+
+function tab(name) {
+  $("postbacks").hidden = name !== "server";
+  $("affiliates").hidden = name !== "affiliate";
+  for (const [id, on] of [["tab-server", name === "server"], ["tab-affiliate", name === "affiliate"]]) {
+    if (on) $(id).setAttribute("aria-current", "page");
+    else $(id).removeAttribute("aria-current");
+  }
+  if (name === "affiliate" && !aff.filters) startAff();
+}
+
+// Affiliates Postbacks: one row per delivery attempt, and re-sends of failed deliveries.
+const aff = { page: 1, snapshot: null, filters: null };
+
+function startAff() {
+  const form = $("aff-filters");
+  aff.filters = {};
+  for (const name of ["date_from", "date_to", "partner", "offer", "http_code", "job_id"]) {
+    aff.filters[name] = form.elements[name].value.trim();
+  }
+  aff.page = 1;
+  aff.snapshot = null;
+  loadAff();
+}
+
+async function loadAff() {
+  $("aff-error").textContent = "";
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(aff.filters)) if (v !== "") q.set(k, v);
+  q.set("timezone", timezone());
+  q.set("limit", String(PAGE_SIZE));
+  q.set("page", String(aff.page));
+  if (aff.snapshot) q.set("snapshot", aff.snapshot);
+  let body;
+  try {
+    body = await api(`/3.0/stats/affiliatepostbacks?${q}`);
+  } catch (e) {
+    if (e.status === 401 || e.status === 403) return signOut("The key was refused; sign in again.");
+    $("aff-error").textContent = e.message;
+    return;
+  }
+  const p = body.pagination || {};
+  aff.snapshot = p.snapshot || aff.snapshot;
+  const rows = body.postbacks || [];
+  const tbody = $("aff-rows").tBodies[0];
+  tbody.replaceChildren();
+  for (const r of rows) {
+    const tr = el("tr");
+    const date = new Date(Number(r.date.sec) * 1000 + Math.floor(Number(r.date.usec) / 1000));
+    const url = el("td", null, "url");
+    // A link only for http(s): the URL is an affiliate's, macros filled from postbacks.
+    if (/^https?:\/\//i.test(r.postback_url || "")) {
+      const a = el("a", r.postback_url);
+      a.href = r.postback_url;
+      a.rel = "noopener noreferrer nofollow";
+      a.target = "_blank";
+      url.append(a);
+    } else {
+      url.textContent = r.postback_url || "";
+    }
+    const failed = r.state === "failed" || r.state === "gave_up";
+    const action = el("td");
+    if (failed) {
+      const b = el("button", "Re-send");
+      b.type = "button";
+      b.addEventListener("click", () => resend({ job_id: r.job_id }));
+      action.append(b);
+    }
+    tr.append(
+      el("td", date.toLocaleString()), url, el("td", r.lead_id), el("td", r.pid), el("td", r.offer_id),
+      el("td", r.goal), el("td", r.status), el("td", r.payouts), el("td", r.revenue), el("td", r.currency),
+      el("td", r.notice), el("td", r.http_code === 0 ? "—" : r.http_code), el("td", r.error, r.error ? "rejected" : ""),
+      el("td", r.integration_type), el("td", r.attempt), el("td", r.state, failed ? "rejected" : r.state === "delivered" ? "ok" : ""),
+      action,
+    );
+    tbody.append(tr);
+  }
+  const total = Number(p.total_count || 0);
+  const first = total === 0 ? 0 : (aff.page - 1) * PAGE_SIZE + 1;
+  const last = Math.min(total, aff.page * PAGE_SIZE);
+  $("aff-summary").textContent = `${total} attempts` + (total ? ` · showing ${first}–${last}` : "");
+  $("aff-page").textContent = `page ${aff.page}`;
+  $("aff-prev").disabled = aff.page <= 1;
+  $("aff-next").disabled = last >= total;
+}
+
+async function resend(form) {
+  $("aff-message").textContent = "";
+  $("aff-error").textContent = "";
+  try {
+    const body = await api("/3.0/admin/affiliatepostbacks/resend", form);
+    $("aff-message").textContent = `Re-sent ${body.count} deliver${body.count === 1 ? "y" : "ies"}.`;
+  } catch (e) {
+    $("aff-error").textContent = e.message;
+  }
+}
+
 
 function signOut(message) {
   liveOff();
+  aff.filters = null;
   sessionStorage.removeItem(KEY);
   show(false);
   $("sign-in-error").textContent = message || "";
@@ -282,8 +389,27 @@ function startList() {
 
 document.addEventListener("DOMContentLoaded", () => {
   const form = $("filters");
-  form.elements.date_from.value = today();
-  form.elements.date_to.value = today();
+  const affForm = $("aff-filters");
+  for (const f of [form, affForm]) {
+    f.elements.date_from.value = today();
+    f.elements.date_to.value = today();
+  }
+  $("tab-server").addEventListener("click", () => tab("server"));
+  $("tab-affiliate").addEventListener("click", () => tab("affiliate"));
+  affForm.addEventListener("submit", (e) => {
+    e.preventDefault();
+    startAff();
+  });
+  $("aff-resend-all").addEventListener("click", () => {
+    const partner = affForm.elements.partner.value.trim();
+    if (!partner) {
+      $("aff-error").textContent = "Choose an affiliate first: all its failed deliveries in the date range are re-sent.";
+      return;
+    }
+    resend({ partner_id: partner, date_from: affForm.elements.date_from.value, date_to: affForm.elements.date_to.value, timezone: timezone() });
+  });
+  $("aff-prev").addEventListener("click", () => { aff.page -= 1; loadAff(); });
+  $("aff-next").addEventListener("click", () => { aff.page += 1; loadAff(); });
   $("sign-in-form").addEventListener("submit", (e) => {
     e.preventDefault();
     signIn($("api-key").value.trim());

@@ -1,13 +1,17 @@
 """The console in a real browser (Debian's Chromium, headless, driven by Playwright) against a
-real engine: sign in, see postbacks, search by a partial value, filter by response status,
-open a postback's parameters and its error, page through; hostile parameters show as text.
+real engine (started with --allow-private-postback-targets): sign in, see postbacks live,
+search by a partial value, filter by response status, open a postback's parameters and its
+error, page through; see a failed affiliate postback and re-send it; hostile parameters and an
+affiliate's hostile response body show as text.
 
     python console_test.py BASE_URL API_KEY
 
 Prints each check; exits non-zero on the first failure (an assertion).
 """
+import http.server
 import json
 import sys
+import threading
 import urllib.parse
 import urllib.request
 
@@ -27,10 +31,38 @@ def call(method, path, form=None, key=True):
         return r.status, r.headers, r.read()
 
 
+AFFILIATE_BODY = "<script>window.__pwned = 3</script>"
+
+
+class Affiliate(http.server.BaseHTTPRequestHandler):
+    """An affiliate's server that refuses every postback, with a hostile body."""
+
+    hits = 0
+
+    def do_GET(self):
+        Affiliate.hits += 1
+        body = AFFILIATE_BODY.encode()
+        self.send_response(404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def affiliate():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Affiliate)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
 def seed():
-    """An offer, a partner, two clicks; accepted, rejected and hostile postbacks."""
+    """An offer, a partner with a postback setting to a refusing affiliate, two clicks;
+    accepted, rejected and hostile postbacks."""
     call("POST", "/3.0/admin/offer", {"title": "Shop", "url": "https://shop.example/?c={clickid}"})
     call("POST", "/3.0/admin/partner", {"email": "a@example.com"})
+    call("POST", "/3.0/partner/postback", {"partner_id": "1", "url": affiliate() + "/pb?t={transactionid}"})
     clicks = []
     for _ in range(2):
         req = urllib.request.Request(BASE + "/click?offer_id=1&pid=1")
@@ -157,6 +189,26 @@ def main():
         page.click("#prev")
         expect(page.locator("#rows tbody tr")).to_have_count(50)
         print("ok  paged through the list and back")
+
+        # Affiliates Postbacks: the refused delivery, its hostile body as text, and a re-send.
+        page.click("#tab-affiliate")
+        expect(page.locator("#aff-summary")).to_contain_text("1 attempts", timeout=15000)
+        row = page.locator("#aff-rows tbody tr").first
+        expect(row).to_contain_text("404")
+        expect(row).to_contain_text(AFFILIATE_BODY)
+        expect(row).to_contain_text("failed")
+        assert page.evaluate("window.__pwned") is None and not dialogs
+        assert page.locator("#aff-rows tbody script").count() == 0
+        row.locator("button", has_text="Re-send").click()
+        expect(page.locator("#aff-message")).to_have_text("Re-sent 1 delivery.")
+        for _ in range(100):
+            page.click("#aff-filters button[type=submit]")
+            page.wait_for_timeout(100)
+            if "2 attempts" in page.locator("#aff-summary").inner_text():
+                break
+        expect(page.locator("#aff-summary")).to_contain_text("2 attempts")
+        assert Affiliate.hits == 2, Affiliate.hits
+        print("ok  a failed affiliate postback shows its code and body as text, and re-sends once")
 
         page.click("#sign-out")
         expect(page.locator("#sign-in")).to_be_visible()
