@@ -254,96 +254,132 @@ function show(signedIn) {
   $("nav").hidden = !signedIn;
   $("sign-out").hidden = !signedIn;
   if (signedIn) tab("server");
-  else {
-    $("postbacks").hidden = true;
-    $("affiliates").hidden = true;
+  else for (const section of Object.values(TABS)) $(section).hidden = true;
+}
+
+const TABS = { server: "postbacks", affiliate: "affiliates", conversions: "conversions" };
+
+function tab(name) {
+  for (const [t, section] of Object.entries(TABS)) {
+    $(section).hidden = t !== name;
+    if (t === name) $(`tab-${t}`).setAttribute("aria-current", "page");
+    else $(`tab-${t}`).removeAttribute("aria-current");
+  }
+  const list = { affiliate: affiliates, conversions }[name];
+  if (list && !list.filters) list.start();
+}
+
+// A paged listing of one /3.0/stats endpoint with the filters of its form; element ids start
+// with `prefix`. `row` turns one item into a table row.
+class List {
+  constructor(prefix, path, key, noun, row) {
+    Object.assign(this, { prefix, path, key, noun, row, page: 1, snapshot: null, filters: null });
+  }
+
+  part(name) {
+    return $(`${this.prefix}-${name}`);
+  }
+
+  bind() {
+    const form = this.part("filters");
+    form.elements.date_from.value = today();
+    form.elements.date_to.value = today();
+    form.addEventListener("submit", (e) => {
+      e.preventDefault();
+      this.start();
+    });
+    this.part("prev").addEventListener("click", () => { this.page -= 1; this.load(); });
+    this.part("next").addEventListener("click", () => { this.page += 1; this.load(); });
+  }
+
+  start() {
+    this.filters = {};
+    for (const input of this.part("filters").elements) {
+      if (input.name) this.filters[input.name] = input.value.trim();
+    }
+    this.page = 1;
+    this.snapshot = null;
+    this.load();
+  }
+
+  async load() {
+    this.part("error").textContent = "";
+    const q = new URLSearchParams();
+    for (const [k, v] of Object.entries(this.filters)) if (v !== "") q.set(k, v);
+    q.set("timezone", timezone());
+    q.set("limit", String(PAGE_SIZE));
+    q.set("page", String(this.page));
+    if (this.snapshot) q.set("snapshot", this.snapshot);
+    let body;
+    try {
+      body = await api(`${this.path}?${q}`);
+    } catch (e) {
+      if (e.status === 401 || e.status === 403) return signOut("The key was refused; sign in again.");
+      this.part("error").textContent = e.message;
+      return;
+    }
+    const p = body.pagination || {};
+    this.snapshot = p.snapshot || this.snapshot;
+    this.part("rows").tBodies[0].replaceChildren(...(body[this.key] || []).map(this.row));
+    const total = Number(p.total_count || 0);
+    const first = total === 0 ? 0 : (this.page - 1) * PAGE_SIZE + 1;
+    const last = Math.min(total, this.page * PAGE_SIZE);
+    this.part("summary").textContent = `${total} ${this.noun}` + (total ? ` · showing ${first}–${last}` : "");
+    this.part("page").textContent = `page ${this.page}`;
+    this.part("prev").disabled = this.page <= 1;
+    this.part("next").disabled = last >= total;
   }
 }
 
-function tab(name) {
-  $("postbacks").hidden = name !== "server";
-  $("affiliates").hidden = name !== "affiliate";
-  for (const [id, on] of [["tab-server", name === "server"], ["tab-affiliate", name === "affiliate"]]) {
-    if (on) $(id).setAttribute("aria-current", "page");
-    else $(id).removeAttribute("aria-current");
-  }
-  if (name === "affiliate" && !aff.filters) startAff();
+function dateOf(d) {
+  return new Date(Number(d.sec) * 1000 + Math.floor(Number(d.usec) / 1000)).toLocaleString();
 }
 
 // Affiliates Postbacks: one row per delivery attempt, and re-sends of failed deliveries.
-const aff = { page: 1, snapshot: null, filters: null };
+const affiliates = new List("aff", "/3.0/stats/affiliatepostbacks", "postbacks", "attempts", (r) => {
+  const tr = el("tr");
+  const url = el("td", null, "url");
+  // A link only for http(s): the URL is an affiliate's, macros filled from postbacks.
+  if (/^https?:\/\//i.test(r.postback_url || "")) {
+    const a = el("a", r.postback_url);
+    a.href = r.postback_url;
+    a.rel = "noopener noreferrer nofollow";
+    a.target = "_blank";
+    url.append(a);
+  } else {
+    url.textContent = r.postback_url || "";
+  }
+  const failed = r.state === "failed" || r.state === "gave_up";
+  const action = el("td");
+  if (failed) {
+    const b = el("button", "Re-send");
+    b.type = "button";
+    b.addEventListener("click", () => resend({ job_id: r.job_id }));
+    action.append(b);
+  }
+  tr.append(
+    el("td", dateOf(r.date)), url, el("td", r.lead_id), el("td", r.pid), el("td", r.offer_id),
+    el("td", r.goal), el("td", r.status), el("td", r.payouts), el("td", r.revenue), el("td", r.currency),
+    el("td", r.notice), el("td", r.http_code === 0 ? "—" : r.http_code), el("td", r.error, r.error ? "rejected" : ""),
+    el("td", r.integration_type), el("td", r.attempt), el("td", r.state, failed ? "rejected" : r.state === "delivered" ? "ok" : ""),
+    action,
+  );
+  return tr;
+});
 
-function startAff() {
-  const form = $("aff-filters");
-  aff.filters = {};
-  for (const name of ["date_from", "date_to", "partner", "offer", "http_code", "job_id"]) {
-    aff.filters[name] = form.elements[name].value.trim();
-  }
-  aff.page = 1;
-  aff.snapshot = null;
-  loadAff();
-}
-
-async function loadAff() {
-  $("aff-error").textContent = "";
-  const q = new URLSearchParams();
-  for (const [k, v] of Object.entries(aff.filters)) if (v !== "") q.set(k, v);
-  q.set("timezone", timezone());
-  q.set("limit", String(PAGE_SIZE));
-  q.set("page", String(aff.page));
-  if (aff.snapshot) q.set("snapshot", aff.snapshot);
-  let body;
-  try {
-    body = await api(`/3.0/stats/affiliatepostbacks?${q}`);
-  } catch (e) {
-    if (e.status === 401 || e.status === 403) return signOut("The key was refused; sign in again.");
-    $("aff-error").textContent = e.message;
-    return;
-  }
-  const p = body.pagination || {};
-  aff.snapshot = p.snapshot || aff.snapshot;
-  const rows = body.postbacks || [];
-  const tbody = $("aff-rows").tBodies[0];
-  tbody.replaceChildren();
-  for (const r of rows) {
-    const tr = el("tr");
-    const date = new Date(Number(r.date.sec) * 1000 + Math.floor(Number(r.date.usec) / 1000));
-    const url = el("td", null, "url");
-    // A link only for http(s): the URL is an affiliate's, macros filled from postbacks.
-    if (/^https?:\/\//i.test(r.postback_url || "")) {
-      const a = el("a", r.postback_url);
-      a.href = r.postback_url;
-      a.rel = "noopener noreferrer nofollow";
-      a.target = "_blank";
-      url.append(a);
-    } else {
-      url.textContent = r.postback_url || "";
-    }
-    const failed = r.state === "failed" || r.state === "gave_up";
-    const action = el("td");
-    if (failed) {
-      const b = el("button", "Re-send");
-      b.type = "button";
-      b.addEventListener("click", () => resend({ job_id: r.job_id }));
-      action.append(b);
-    }
-    tr.append(
-      el("td", date.toLocaleString()), url, el("td", r.lead_id), el("td", r.pid), el("td", r.offer_id),
-      el("td", r.goal), el("td", r.status), el("td", r.payouts), el("td", r.revenue), el("td", r.currency),
-      el("td", r.notice), el("td", r.http_code === 0 ? "—" : r.http_code), el("td", r.error, r.error ? "rejected" : ""),
-      el("td", r.integration_type), el("td", r.attempt), el("td", r.state, failed ? "rejected" : r.state === "delivered" ? "ok" : ""),
-      action,
-    );
-    tbody.append(tr);
-  }
-  const total = Number(p.total_count || 0);
-  const first = total === 0 ? 0 : (aff.page - 1) * PAGE_SIZE + 1;
-  const last = Math.min(total, aff.page * PAGE_SIZE);
-  $("aff-summary").textContent = `${total} attempts` + (total ? ` · showing ${first}–${last}` : "");
-  $("aff-page").textContent = `page ${aff.page}`;
-  $("aff-prev").disabled = aff.page <= 1;
-  $("aff-next").disabled = last >= total;
-}
+// Conversions, with their filters.
+const conversions = new List("conv", "/3.0/stats/conversions", "conversions", "conversions", (c) => {
+  const tr = el("tr");
+  tr.append(
+    el("td", c.created_at), el("td", c.id), el("td", c.action_id), el("td", c.clickid),
+    el("td", c.offer && c.offer.title ? `${c.offer_id} · ${c.offer.title}` : c.offer_id),
+    el("td", c.partner && c.partner.email ? `${c.partner_id} · ${c.partner.email}` : c.partner_id),
+    el("td", c.advertiser && c.advertiser.title ? c.advertiser.title : c.supplier_id),
+    el("td", c.goal), el("td", c.status), el("td", c.sum), el("td", c.payouts), el("td", c.revenue),
+    el("td", c.currency), el("td", c.sub1), el("td", c.comment), el("td", c.ip), el("td", c.updated_at),
+  );
+  return tr;
+});
 
 async function resend(form) {
   $("aff-message").textContent = "";
@@ -359,7 +395,8 @@ async function resend(form) {
 
 function signOut(message) {
   liveOff();
-  aff.filters = null;
+  affiliates.filters = null;
+  conversions.filters = null;
   sessionStorage.removeItem(KEY);
   show(false);
   $("sign-in-error").textContent = message || "";
@@ -389,17 +426,12 @@ function startList() {
 
 document.addEventListener("DOMContentLoaded", () => {
   const form = $("filters");
+  form.elements.date_from.value = today();
+  form.elements.date_to.value = today();
+  affiliates.bind();
+  conversions.bind();
+  for (const t of Object.keys(TABS)) $(`tab-${t}`).addEventListener("click", () => tab(t));
   const affForm = $("aff-filters");
-  for (const f of [form, affForm]) {
-    f.elements.date_from.value = today();
-    f.elements.date_to.value = today();
-  }
-  $("tab-server").addEventListener("click", () => tab("server"));
-  $("tab-affiliate").addEventListener("click", () => tab("affiliate"));
-  affForm.addEventListener("submit", (e) => {
-    e.preventDefault();
-    startAff();
-  });
   $("aff-resend-all").addEventListener("click", () => {
     const partner = affForm.elements.partner.value.trim();
     if (!partner) {
@@ -408,8 +440,6 @@ document.addEventListener("DOMContentLoaded", () => {
     }
     resend({ partner_id: partner, date_from: affForm.elements.date_from.value, date_to: affForm.elements.date_to.value, timezone: timezone() });
   });
-  $("aff-prev").addEventListener("click", () => { aff.page -= 1; loadAff(); });
-  $("aff-next").addEventListener("click", () => { aff.page += 1; loadAff(); });
   $("sign-in-form").addEventListener("submit", (e) => {
     e.preventDefault();
     signIn($("api-key").value.trim());

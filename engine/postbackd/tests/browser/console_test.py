@@ -210,6 +210,19 @@ def main():
         assert Affiliate.hits == 2, Affiliate.hits
         print("ok  a failed affiliate postback shows its code and body as text, and re-sends once")
 
+        # Conversions: the one accepted postback's, found by its action id and status.
+        page.click("#tab-conversions")
+        expect(page.locator("#conv-summary")).to_contain_text("1 conversions")
+        expect(page.locator("#conv-rows tbody tr").first).to_contain_text("ORDER-777")
+        page.select_option("#conv-filters select[name=status]", "3")
+        page.click("#conv-filters button[type=submit]")
+        expect(page.locator("#conv-summary")).to_contain_text("0 conversions")
+        page.select_option("#conv-filters select[name=status]", "")
+        page.fill("#conv-filters input[name=action_id]", "ORDER-777")
+        page.click("#conv-filters button[type=submit]")
+        expect(page.locator("#conv-rows tbody tr")).to_have_count(1)
+        print("ok  conversions list with their filters")
+
         page.click("#sign-out")
         expect(page.locator("#sign-in")).to_be_visible()
         assert page.evaluate("sessionStorage.length") == 0
