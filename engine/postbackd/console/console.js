@@ -440,6 +440,20 @@ document.addEventListener("DOMContentLoaded", () => {
     }
     resend({ partner_id: partner, date_from: affForm.elements.date_from.value, date_to: affForm.elements.date_to.value, timezone: timezone() });
   });
+  // The test preview of a postback setting: the URL it would call for a conversion, not sent.
+  $("preview").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const f = e.target.elements;
+    const id = encodeURIComponent(f.setting.value.trim());
+    const q = new URLSearchParams({ conversion_id: f.conversion_id.value.trim() });
+    try {
+      const body = await api(`/3.0/partner/postback/${id}/test?${q}`);
+      const p = body.postback || {};
+      $("preview-url").textContent = `${p.method} ${p.url}` + (p.matches_conversion ? "" : " (this setting would not fire for this conversion)");
+    } catch (err) {
+      $("preview-url").textContent = err.message;
+    }
+  });
   $("sign-in-form").addEventListener("submit", (e) => {
     e.preventDefault();
     signIn($("api-key").value.trim());

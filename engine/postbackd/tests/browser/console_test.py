@@ -223,6 +223,19 @@ def main():
         expect(page.locator("#conv-rows tbody tr")).to_have_count(1)
         print("ok  conversions list with their filters")
 
+        # The test preview of the affiliate's postback setting for that conversion: the URL it
+        # would call, with the macros filled, nothing sent.
+        conversion_id = page.locator("#conv-rows tbody tr td").nth(1).inner_text()
+        hits = Affiliate.hits
+        page.click("#tab-affiliate")
+        page.fill("#preview input[name=setting]", "1")
+        page.fill("#preview input[name=conversion_id]", conversion_id)
+        page.click("#preview button")
+        expect(page.locator("#preview-url")).to_contain_text("GET http://127.0.0.1:")
+        expect(page.locator("#preview-url")).to_contain_text("/pb?t=ORDER-777")
+        assert Affiliate.hits == hits, "a preview sends nothing"
+        print("ok  the test preview shows the URL a setting would call, and sends nothing")
+
         page.click("#sign-out")
         expect(page.locator("#sign-in")).to_be_visible()
         assert page.evaluate("sessionStorage.length") == 0
