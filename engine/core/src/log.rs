@@ -105,8 +105,9 @@ pub enum Polled {
     Records(Vec<Record>),
     /// These partitions are now the member's: call `start_at` for each before polling again.
     Assigned(Vec<Partition>),
-    /// These partitions are no longer the member's. Everything it polled of them before must
-    /// already be stored and committed (commit before polling again).
+    /// These partitions are no longer the member's. It finishes with them before polling
+    /// again (stores and commits what it polled; lets work under way on them end): on Kafka
+    /// the group hands them to another member only at that next poll.
     Revoked(Vec<Partition>),
     /// Nothing came within the wait.
     Idle,

@@ -590,6 +590,10 @@ struct KafkaSubscription {
     events: mpsc::Receiver<GroupEvent>,
     /// An event taken from the channel but not handed over yet (it ended a batch).
     held: Option<GroupEvent>,
+    /// A revocation handed over but not yet let go: the member is done with those partitions
+    /// only when it polls again (a dispatcher's attempts under way outlive the poll that
+    /// revoked them), so the group hears it then.
+    revoked: Option<std::sync::mpsc::Sender<()>>,
     /// The next offset to hand over, per partition: records before it are not.
     next: BTreeMap<Partition, u64>,
     stop: Arc<AtomicBool>,
@@ -649,6 +653,7 @@ impl KafkaSubscription {
             topic: topic.to_string(),
             events: rx,
             held: None,
+            revoked: None,
             next: BTreeMap::new(),
             stop,
             thread: Some(thread),
@@ -690,6 +695,10 @@ impl Subscription for KafkaSubscription {
         wait: Duration,
     ) -> BoxFuture<'_, Result<Polled, SeamError>> {
         Box::pin(async move {
+            // Polling again says the partitions revoked last time are done with.
+            if let Some(ack) = self.revoked.take() {
+                let _ = ack.send(());
+            }
             let deadline = tokio::time::Instant::now() + wait;
             let mut out: Vec<Record> = Vec::new();
             let mut bytes = 0usize;
@@ -738,8 +747,8 @@ impl Subscription for KafkaSubscription {
                         for p in &ps {
                             self.next.remove(p);
                         }
-                        // Everything polled before was stored and committed: let them go.
-                        let _ = ack.send(());
+                        // Let go at the next poll, once the member has finished with them.
+                        self.revoked = Some(ack);
                         return Ok(Polled::Revoked(ps));
                     }
                     GroupEvent::Failed(why) => {
