@@ -89,7 +89,7 @@ fn batch(n: usize) -> Vec<(Position, Parsed)> {
         }));
     }
     events
-        .iter()
+        .into_iter()
         .enumerate()
         .map(|(i, e)| (position(i), parse(e)))
         .collect()
@@ -144,10 +144,10 @@ fn benches(c: &mut Criterion) {
         .collect();
     g.bench_function("parse + judge 1000 postbacks", |b| {
         b.iter_batched(
-            || Processor::new(String::new(), 64 << 20),
-            |mut p| {
+            || (Processor::new(String::new(), 64 << 20), raw.clone()),
+            |(mut p, raw)| {
                 let batch: Vec<(Position, Parsed)> = raw
-                    .iter()
+                    .into_iter()
                     .enumerate()
                     .map(|(i, e)| (position(i), parse(e)))
                     .collect();

@@ -28,6 +28,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod receiver;
+
 /// What to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 pub enum Scenario {
@@ -55,6 +57,9 @@ pub struct Options {
     pub verify: bool,
     /// An affiliate postback URL to configure (e.g. a sink), if any.
     pub affiliate_url: Option<String>,
+    /// Receive the run's affiliate postbacks here (a loopback port of pbload's own), and with
+    /// `verify` check that each conversion state arrived exactly once.
+    pub receive_postbacks: bool,
     pub quiet: bool,
 }
 
@@ -109,13 +114,37 @@ pub struct Verification {
     pub missing: u64,
     pub duplicated: u64,
     pub wrong_outcome: u64,
+    /// Duplicates sent on another click than their original's (likely another partition),
+    /// and how many of them the engine saw before their original.
+    pub cross_duplicates: u64,
+    pub cross_duplicates_first: u64,
+    /// With `receive_postbacks`: the affiliate postback checks.
+    pub deliveries: Option<DeliveryCheck>,
     /// Up to ten examples of what went wrong.
     pub problems: Vec<String>,
 }
 
+/// Each state of each of the run's conversions (its action id and status) delivered to the
+/// run's affiliate once.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DeliveryCheck {
+    pub expected: u64,
+    pub once: u64,
+    pub missing: u64,
+    pub duplicated: u64,
+    /// Deliveries of states no conversion had.
+    pub unexpected: u64,
+}
+
 impl Verification {
     pub fn passed(&self) -> bool {
-        self.missing == 0 && self.duplicated == 0 && self.wrong_outcome == 0 && self.expected > 0
+        self.missing == 0
+            && self.duplicated == 0
+            && self.wrong_outcome == 0
+            && self.expected > 0
+            && self.deliveries.as_ref().is_none_or(|d| {
+                d.missing == 0 && d.duplicated == 0 && d.unexpected == 0 && d.expected > 0
+            })
     }
 }
 
@@ -228,6 +257,7 @@ const SECURE: &str = "pbload-secure";
 /// What the run set up.
 struct Setup {
     offer_id: u64,
+    pid: u64,
 }
 
 async fn setup(target: &Target, affiliate_url: Option<&str>) -> anyhow::Result<Setup> {
@@ -262,30 +292,27 @@ async fn setup(target: &Target, affiliate_url: Option<&str>) -> anyhow::Result<S
     let partner = target
         .admin("/3.0/admin/partner", &[("email", "pbload@example.com")])
         .await?;
-    let pid = partner["partner"]["id"]
-        .as_u64()
-        .context("partner id")?
-        .to_string();
+    let pid = partner["partner"]["id"].as_u64().context("partner id")?;
     if let Some(url) = affiliate_url {
         target
             .admin(
                 "/3.0/partner/postback",
-                &[("partner_id", &pid), ("url", url)],
+                &[("partner_id", &pid.to_string()), ("url", url)],
             )
             .await?;
     }
-    Ok(Setup { offer_id })
+    Ok(Setup { offer_id, pid })
 }
 
 /// Waits until another engine of a cluster knows the run's offer (catalog changes reach every
 /// engine within about a second): one click on it, until it redirects.
-async fn seen_by(target: &Target, offer_id: u64) -> anyhow::Result<()> {
+async fn seen_by(target: &Target, offer_id: u64, pid: u64) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (status, _) = target
             .send(
                 Method::GET,
-                &format!("/click?offer_id={offer_id}&pid=1"),
+                &format!("/click?offer_id={offer_id}&pid={pid}"),
                 None,
             )
             .await?;
@@ -313,6 +340,12 @@ struct Planned {
     on_ok: FollowUp,
     /// The postback's action id is its token (so the lag probe can find it by action id).
     action_is_token: bool,
+    /// For a duplicate on another click (so, likely, another partition and another process):
+    /// the token of the postback it duplicates. Which of the two the engine sees first is not
+    /// fixed, so either may be the one that registers the conversion.
+    twin_of: Option<String>,
+    /// For a status update of a pending conversion: the conversion's action id.
+    update_of: Option<String>,
 }
 
 enum FollowUp {
@@ -323,6 +356,7 @@ enum FollowUp {
     Conversion {
         query: String,
         pending: bool,
+        token: String,
     },
 }
 
@@ -332,6 +366,9 @@ struct Pool {
     clicks: Vec<String>,
     conversions: Vec<String>,
     pending: Vec<String>,
+    /// Conversions that are not pending and not yet duplicated on another click, with their
+    /// tokens.
+    crossable: Vec<(String, String)>,
 }
 
 struct Plan {
@@ -339,6 +376,8 @@ struct Plan {
     seq: AtomicU64,
     pool: Mutex<Pool>,
     offer_id: u64,
+    /// The run's partner: every click is its.
+    pid: u64,
 }
 
 impl Plan {
@@ -351,7 +390,7 @@ impl Plan {
     }
 
     fn next(&self, scenario: Scenario, rng: &mut impl Rng) -> Planned {
-        let offer = self.offer_id;
+        let (offer, pid) = (self.offer_id, self.pid);
         match scenario {
             Scenario::Postback => {
                 let token = self.token();
@@ -362,14 +401,15 @@ impl Plan {
                     format!("/postback?clickid={click}&action_id={token}&goal=1&sum=10&lt={token}");
                 return plain(path, token);
             }
-            Scenario::Click => return click(offer, rng),
+            Scenario::Click => return click(offer, pid, rng),
             Scenario::Full => {}
         }
-        let (click_id, dup, update) = {
+        let roll: f64 = rng.random();
+        let (click_id, dup, update, cross) = {
             let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
             if pool.clicks.len() < 20 {
                 drop(pool);
-                return click(offer, rng);
+                return click(offer, pid, rng);
             }
             // Postbacks favour recent clicks: most arrive minutes, not days, after the click.
             let n = pool.clicks.len();
@@ -384,21 +424,54 @@ impl Plan {
             } else {
                 None
             };
-            (click_id, dup, update)
+            let cross = ((0.25..0.28).contains(&roll) && !pool.crossable.is_empty()).then(|| {
+                let i = rng.random_range(0..pool.crossable.len());
+                pool.crossable.swap_remove(i)
+            });
+            (click_id, dup, update, cross)
         };
         let token = self.token();
-        let roll: f64 = rng.random();
         if roll < 0.25 {
-            return click(offer, rng);
+            return click(offer, pid, rng);
         }
         if let Some(query) = update {
-            return postback(
+            let mut planned = postback(
                 format!("{query}&status=1&lt={token}"),
                 token,
                 "",
                 FollowUp::None,
                 false,
             );
+            planned.update_of = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("action_id="))
+                .map(str::to_string);
+            return planned;
+        }
+        if roll < 0.28 {
+            if let Some((query, original)) = cross {
+                // The same offer, goal and action id on another click.
+                let query = query
+                    .split('&')
+                    .map(|kv| {
+                        if kv.starts_with("clickid=") {
+                            format!("clickid={click_id}")
+                        } else {
+                            kv.to_string()
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join("&");
+                let mut planned = postback(
+                    format!("{query}&lt={token}"),
+                    token,
+                    "Conversion exists",
+                    FollowUp::None,
+                    false,
+                );
+                planned.twin_of = Some(original);
+                return planned;
+            }
         }
         if roll < 0.30 {
             if let Some(query) = dup {
@@ -443,6 +516,8 @@ impl Plan {
                 token: Some(token),
                 on_ok: FollowUp::None,
                 action_is_token: true,
+                twin_of: None,
+                update_of: None,
             };
         }
         let goal = if rng.random_bool(0.5) { "1" } else { "sale" };
@@ -458,6 +533,7 @@ impl Plan {
         let follow = FollowUp::Conversion {
             query: base,
             pending,
+            token: token.clone(),
         };
         postback(format!("{query}&lt={token}"), token, "", follow, post)
     }
@@ -473,15 +549,17 @@ fn plain(path: String, token: String) -> Planned {
         token: Some(token),
         on_ok: FollowUp::None,
         action_is_token: true,
+        twin_of: None,
+        update_of: None,
     }
 }
 
-fn click(offer: u64, rng: &mut impl Rng) -> Planned {
+fn click(offer: u64, pid: u64, rng: &mut impl Rng) -> Planned {
     Planned {
         kind: "click",
         method: Method::GET,
         path: format!(
-            "/click?offer_id={offer}&pid=1&sub1=s{}",
+            "/click?offer_id={offer}&pid={pid}&sub1=s{}",
             rng.random_range(0..1000)
         ),
         body: None,
@@ -489,6 +567,8 @@ fn click(offer: u64, rng: &mut impl Rng) -> Planned {
         token: None,
         on_ok: FollowUp::Click,
         action_is_token: false,
+        twin_of: None,
+        update_of: None,
     }
 }
 
@@ -515,6 +595,8 @@ fn postback(
         token: Some(token),
         on_ok,
         action_is_token,
+        twin_of: None,
+        update_of: None,
     }
 }
 
@@ -529,6 +611,10 @@ struct Recorder {
     sent: AtomicU64,
     /// token → expected outcome, for every postback that got a 200.
     expected: Mutex<HashMap<String, &'static str>>,
+    /// (original, duplicate on another click) tokens, both acknowledged.
+    twins: Mutex<Vec<(String, String)>>,
+    /// (token, action id) of the acknowledged status updates.
+    updates: Mutex<Vec<(String, String)>>,
     first_error: Mutex<Option<String>>,
 }
 
@@ -548,18 +634,31 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         .map(|t| Target::new(t, &opts.api_key, connections))
         .collect();
     let target = targets[0].clone();
-    let offer_id = match opts.scenario {
-        Scenario::Postback if !opts.verify => 0,
-        _ => {
-            setup(&target, opts.affiliate_url.as_deref())
-                .await
-                .context("setting up through the admin API")?
-                .offer_id
-        }
+    anyhow::ensure!(
+        !(opts.receive_postbacks && opts.affiliate_url.is_some()),
+        "receive_postbacks and affiliate_url both name the affiliate: give one"
+    );
+    let receiver = if opts.receive_postbacks {
+        Some(receiver::Receiver::start().await?)
+    } else {
+        None
+    };
+    let affiliate_url = receiver
+        .as_ref()
+        .map(|r| r.url.clone())
+        .or(opts.affiliate_url.clone());
+    let Setup { offer_id, pid } = match opts.scenario {
+        Scenario::Postback if !opts.verify => Setup {
+            offer_id: 0,
+            pid: 1,
+        },
+        _ => setup(&target, affiliate_url.as_deref())
+            .await
+            .context("setting up through the admin API")?,
     };
     if offer_id != 0 {
         for t in &targets[1..] {
-            seen_by(t, offer_id).await?;
+            seen_by(t, offer_id, pid).await?;
         }
     }
     let plan = Arc::new(Plan {
@@ -567,6 +666,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         seq: AtomicU64::new(0),
         pool: Mutex::new(Pool::default()),
         offer_id,
+        pid,
     });
     let rec = Arc::new(Recorder {
         all: Mutex::new(histogram()),
@@ -577,6 +677,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         overloaded: AtomicU64::new(0),
         sent: AtomicU64::new(0),
         expected: Mutex::new(HashMap::new()),
+        twins: Mutex::new(Vec::new()),
+        updates: Mutex::new(Vec::new()),
         first_error: Mutex::new(None),
     });
     let in_flight = Arc::new(tokio::sync::Semaphore::new(opts.max_in_flight.max(1)));
@@ -643,7 +745,12 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     progress.finish_and_clear();
 
     let verify = if opts.verify {
-        Some(verify(&target, &rec, &plan).await?)
+        let mut v = verify(&target, &rec, &plan).await?;
+        if let Some(receiver) = &receiver {
+            let check = verify_deliveries(&target, &rec, &plan, receiver, &mut v.problems).await?;
+            v.deliveries = Some(check);
+        }
+        Some(v)
     } else {
         None
     };
@@ -723,6 +830,18 @@ async fn one(
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(token.clone(), expect);
+                if let Some(original) = &p.twin_of {
+                    rec.twins
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((original.clone(), token.clone()));
+                }
+                if let Some(action) = &p.update_of {
+                    rec.updates
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((token.clone(), action.clone()));
+                }
             }
             remember(plan, p.on_ok, &bytes);
             if probe_lag && p.action_is_token {
@@ -767,9 +886,15 @@ fn remember(plan: &Plan, follow: FollowUp, body: &[u8]) {
                 pool.clicks.push(id.chars().take(24).collect());
             }
         }
-        FollowUp::Conversion { query, pending } => {
+        FollowUp::Conversion {
+            query,
+            pending,
+            token,
+        } => {
             if pending {
                 pool.pending.push(query.clone());
+            } else {
+                pool.crossable.push((query.clone(), token));
             }
             pool.conversions.push(query);
         }
@@ -866,8 +991,26 @@ async fn verify(target: &Target, rec: &Recorder, plan: &Plan) -> anyhow::Result<
             }
         }
     }
+    // A duplicate on another click may reach the dedupe before its original: then the
+    // duplicate registered the conversion and the original is the one that exists.
+    let mut expected = expected;
+    let twins = rec.twins.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let (mut cross, mut cross_first) = (0, 0);
+    for (original, duplicate) in twins {
+        let swapped = seen.get(&original).map(Vec::as_slice)
+            == Some(&["Conversion exists".to_string()][..])
+            && seen.get(&duplicate).map(Vec::as_slice) == Some(&[String::new()][..]);
+        cross += 1;
+        if swapped && expected.contains_key(&original) {
+            cross_first += 1;
+            expected.insert(original, "Conversion exists");
+            expected.insert(duplicate, "");
+        }
+    }
     let mut v = Verification {
         expected: expected.len() as u64,
+        cross_duplicates: cross,
+        cross_duplicates_first: cross_first,
         ..Default::default()
     };
     for (token, want) in &expected {
@@ -897,6 +1040,94 @@ async fn verify(target: &Target, rec: &Recorder, plan: &Plan) -> anyhow::Result<
         }
     }
     Ok(v)
+}
+
+/// Every state of the run's conversions reached the receiver once: each conversion's current
+/// state, and the pending state of each conversion a status update confirmed.
+async fn verify_deliveries(
+    target: &Target,
+    rec: &Recorder,
+    plan: &Plan,
+    receiver: &receiver::Receiver,
+    problems: &mut Vec<String>,
+) -> anyhow::Result<DeliveryCheck> {
+    let status_number = |name: &str| match name {
+        "confirmed" => "1",
+        "pending" => "2",
+        "declined" => "3",
+        "hold" => "5",
+        _ => "?",
+    };
+    let mut expected: HashMap<(String, String), u32> = HashMap::new();
+    let base = format!(
+        "/3.0/stats/conversions?{}&offer={}&limit=500",
+        date_range(),
+        plan.offer_id
+    );
+    for page in 1.. {
+        let v = target.get_json(&format!("{base}&page={page}")).await?;
+        let rows = v["conversions"].as_array().cloned().unwrap_or_default();
+        for c in &rows {
+            let action = c["action_id"].as_str().unwrap_or("").to_string();
+            let status = status_number(c["status"].as_str().unwrap_or("")).to_string();
+            expected.insert((action, status), 0);
+        }
+        if rows.len() < 500 {
+            break;
+        }
+    }
+    let updates = rec
+        .updates
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    for (_, action) in updates {
+        expected.insert((action, "2".to_string()), 0);
+    }
+    // Deliveries follow the conversions; wait for them (bounded), then count.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let counts = loop {
+        let counts = receiver.counts();
+        let all_in = expected.keys().all(|k| counts.contains_key(k));
+        if all_in || Instant::now() > deadline {
+            // A moment more for a second delivery of the last ones to show.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            break receiver.counts();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut check = DeliveryCheck {
+        expected: expected.len() as u64,
+        ..DeliveryCheck::default()
+    };
+    let note = |problems: &mut Vec<String>, text: String| {
+        if problems.len() < 10 {
+            problems.push(text);
+        }
+    };
+    for key in expected.keys() {
+        match counts.get(key).copied().unwrap_or(0) {
+            0 => {
+                check.missing += 1;
+                note(problems, format!("{key:?}: never delivered"));
+            }
+            1 => check.once += 1,
+            n => {
+                check.duplicated += 1;
+                note(problems, format!("{key:?}: delivered {n} times"));
+            }
+        }
+    }
+    for (key, n) in &counts {
+        if !expected.contains_key(key) {
+            check.unexpected += u64::from(*n);
+            note(
+                problems,
+                format!("{key:?}: delivered, but no conversion had it"),
+            );
+        }
+    }
+    Ok(check)
 }
 
 /// The report as a table for people.
@@ -951,6 +1182,26 @@ pub fn table(r: &Report) -> String {
                 v.wrong_outcome
             ),
         );
+        if v.cross_duplicates > 0 {
+            line(
+                &mut s,
+                "",
+                format!(
+                    "{} duplicates on other clicks, {} of them seen before their original",
+                    v.cross_duplicates, v.cross_duplicates_first
+                ),
+            );
+        }
+        if let Some(d) = &v.deliveries {
+            line(
+                &mut s,
+                "deliveries",
+                format!(
+                    "{} of {} conversion states reached the affiliate once; {} missing, {} duplicated, {} unexpected",
+                    d.once, d.expected, d.missing, d.duplicated, d.unexpected
+                ),
+            );
+        }
         for p in &v.problems {
             line(&mut s, "", p.clone());
         }

@@ -37,6 +37,11 @@ struct Cli {
     /// Configure this affiliate postback URL for the run's partner.
     #[arg(long)]
     affiliate_url: Option<String>,
+    /// Receive the run's affiliate postbacks on a loopback port of pbload's own (the engine
+    /// must allow private targets); with `--verify`, check that each conversion state reached
+    /// it exactly once.
+    #[arg(long, conflicts_with = "affiliate_url")]
+    receive_postbacks: bool,
     /// Write the report(s) as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -56,6 +61,7 @@ fn main() -> anyhow::Result<()> {
         max_in_flight: cli.max_in_flight,
         verify: cli.verify,
         affiliate_url: cli.affiliate_url.clone(),
+        receive_postbacks: cli.receive_postbacks,
         quiet: cli.quiet,
     };
     let reports = match &cli.ramp {

@@ -367,6 +367,10 @@ fn the_modern_ddl_and_every_query_run_in_a_current_engine() {
             json!(2),
         ),
         (
+            sql::conversions_by_key(DB, &["k-v1".into(), "k-zz".into()], i64::MIN),
+            json!(["v1"]),
+        ),
+        (
             sql::existing(
                 DB,
                 "server_postbacks",

@@ -782,6 +782,25 @@ impl AnalyticsStore for ClickHouseStore {
         })
     }
 
+    fn conversion_states(
+        &self,
+        keys: Vec<String>,
+    ) -> BoxFuture<'_, Result<Vec<Conversion>, SeamError>> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for chunk in keys.chunks(2000) {
+                let sql = sql::conversions_by_key(&self.db, chunk, self.floor());
+                let rows = self
+                    .read(&sql)
+                    .fetch_all::<ConversionOut>()
+                    .await
+                    .map_err(read_err)?;
+                out.extend(rows.into_iter().map(Conversion::from));
+            }
+            Ok(out)
+        })
+    }
+
     fn attempts(&self, q: AttemptQuery) -> BoxFuture<'_, Result<Page<AttemptRow>, SeamError>> {
         Box::pin(async move {
             let snapshot = q.snapshot.map_or_else(|| self.snapshot_now(), |s| s as i64);

@@ -279,6 +279,26 @@ fn conversions_resolved(db: &str, q: &ConversionQuery, floor_us: i64, snapshot: 
             w.add(format!("subs[{}] = {}", i + 1, quote(v)));
         }
     }
+    let mut having = vec![format!("min(written_us) <= {snapshot}")];
+    if !q.statuses.is_empty() {
+        having.push(format!(
+            "c_status IN ({})",
+            list(&q.statuses, u8::to_string)
+        ));
+    }
+    resolved(db, &w, &having)
+}
+
+/// The latest state of the conversions of these keys.
+pub fn conversions_by_key(db: &str, keys: &[String], floor_us: i64) -> String {
+    let mut w = Where::default();
+    w.add(format!("conv_key IN ({})", list(keys, |s| quote(s))));
+    w.add(format!("created_us >= {floor_us}"));
+    resolved(db, &w, &[])
+}
+
+/// Each conversion among the states `w` selects once, in its latest state, if `having`.
+fn resolved(db: &str, w: &Where, having: &[String]) -> String {
     let mut columns = vec!["id".to_string()];
     columns.extend(
         CONVERSION_FIXED
@@ -290,13 +310,6 @@ fn conversions_resolved(db: &str, q: &ConversionQuery, floor_us: i64, snapshot: 
             .iter()
             .map(|c| format!("argMax({c}, version) AS c_{c}")),
     );
-    let mut having = vec![format!("min(written_us) <= {snapshot}")];
-    if !q.statuses.is_empty() {
-        having.push(format!(
-            "c_status IN ({})",
-            list(&q.statuses, u8::to_string)
-        ));
-    }
     let outer = CONVERSION_COLUMNS
         .split(", ")
         .map(|c| {
@@ -308,12 +321,16 @@ fn conversions_resolved(db: &str, q: &ConversionQuery, floor_us: i64, snapshot: 
         })
         .collect::<Vec<_>>()
         .join(", ");
+    let having = if having.is_empty() {
+        String::new()
+    } else {
+        format!(" HAVING {}", having.join(" AND "))
+    };
     format!(
-        "SELECT {outer} FROM (SELECT {columns} FROM {db}.conversions WHERE {w} GROUP BY id \
-         HAVING {having})",
+        "SELECT {outer} FROM (SELECT {columns} FROM {db}.conversions WHERE {w} GROUP BY id\
+         {having})",
         columns = columns.join(", "),
         w = w.sql(),
-        having = having.join(" AND ")
     )
 }
 

@@ -218,6 +218,21 @@ impl AnalyticsStore for MemoryStore {
             .collect()))
     }
 
+    fn conversion_states(
+        &self,
+        keys: Vec<String>,
+    ) -> BoxFuture<'_, Result<Vec<Conversion>, SeamError>> {
+        let inner = self.lock();
+        let keys: std::collections::HashSet<String> = keys.into_iter().collect();
+        ready(Ok(inner
+            .conversions
+            .values()
+            .map(|(_, c)| c)
+            .filter(|c| keys.contains(&c.key))
+            .cloned()
+            .collect()))
+    }
+
     fn attempts(&self, q: AttemptQuery) -> BoxFuture<'_, Result<Page<AttemptRow>, SeamError>> {
         let inner = self.lock();
         let snapshot = q.snapshot.unwrap_or(inner.written);

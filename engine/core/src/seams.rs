@@ -283,6 +283,12 @@ pub trait AnalyticsStore: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<Page<Conversion>, SeamError>>;
     /// Clicks by id (unknown ids are left out).
     fn clicks(&self, ids: Vec<String>) -> BoxFuture<'_, Result<Vec<Click>, SeamError>>;
+    /// The latest state of the conversions of these keys ([`Conversion::key`]; unknown keys
+    /// are left out): what a processor taking a partition over from another process asks.
+    fn conversion_states(
+        &self,
+        keys: Vec<String>,
+    ) -> BoxFuture<'_, Result<Vec<Conversion>, SeamError>>;
     fn attempts(&self, query: AttemptQuery) -> BoxFuture<'_, Result<Page<AttemptRow>, SeamError>>;
     fn expire(&self, before_us: i64) -> BoxFuture<'_, Result<u64, SeamError>>;
     /// Deletes every row: a replay rebuilds them from the logs.

@@ -234,6 +234,15 @@ async fn inserts_are_idempotent(store: &dyn AnalyticsStore) {
     let page = convs().await;
     assert_eq!(page.total, 2);
     assert_eq!((page.rows[0].id.as_str(), page.rows[0].status), ("v2", 3));
+    // By key, as a processor taking a partition over asks: the latest states.
+    let mut by_key = store
+        .conversion_states(vec!["k1".into(), "k2".into(), "nope".into()])
+        .await
+        .expect("conversion states");
+    by_key.sort_by(|a, b| a.key.cmp(&b.key));
+    assert_eq!(by_key.len(), 2);
+    assert_eq!(by_key[0], approved);
+    assert_eq!((by_key[1].key.as_str(), by_key[1].status), ("k2", 3));
 }
 
 /// Every server-postback filter, the search, and paging.

@@ -15,6 +15,8 @@ use std::time::Duration;
 pub struct Logs {
     /// Clicks and postbacks.
     pub events: Arc<dyn EventLog>,
+    /// Postbacks that passed their click's rules, keyed by conversion, for the dedupe.
+    pub conversions: Arc<dyn EventLog>,
     /// Catalog changes: one partition, never expired (replays need all of it).
     pub catalog: Arc<dyn EventLog>,
     /// Affiliate-postback jobs and the outcome of each attempt.
@@ -187,6 +189,11 @@ pub async fn open_logs(config: &Config, faults: InjectedFaults) -> anyhow::Resul
                     partitions,
                     options(faults.events, Some(retention)),
                 )?),
+                conversions: Arc::new(open(
+                    "conversions",
+                    partitions,
+                    options(None, Some(retention)),
+                )?),
                 catalog: Arc::new(open("catalog", 1, options(None, None))?),
                 deliveries: Arc::new(open(
                     "deliveries",
@@ -220,6 +227,7 @@ async fn open_kafka(
     };
     Ok(Logs {
         events: topic("events", partitions, Some(retention)).await?,
+        conversions: topic("conversions", partitions, Some(retention)).await?,
         catalog: topic("catalog", 1, None).await?,
         deliveries: topic("deliveries", partitions, Some(retention)).await?,
     })

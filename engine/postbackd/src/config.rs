@@ -58,6 +58,12 @@ pub struct Config {
     /// Clicks and postbacks are placed by click id, so each partition is processed in order.
     /// Default: 1 for the embedded log, 12 for Kafka.
     pub partitions: Option<u32>,
+    /// Deduplicate conversions in a second stage, keyed by conversion (offer, goal, action id)
+    /// on the `conversions` log, so that processes owning different partitions of the events
+    /// log never both create one conversion. Default: on with Kafka, where partitions may be
+    /// spread over processes; off with the embedded log, where one process owns them all and
+    /// one pass decides the same.
+    pub separate_dedupe: Option<bool>,
     /// How many log records the processor takes at once.
     pub processor_batch: usize,
     /// How many bytes of log records the processor takes at once (at least one record).
@@ -114,6 +120,7 @@ impl Default for Config {
             api_key_in_query: true,
             metrics_listen: None,
             partitions: None,
+            separate_dedupe: None,
             processor_batch: 2048,
             processor_batch_bytes: 8 << 20,
             processor_cache_bytes: 64 << 20,
@@ -243,6 +250,12 @@ impl Config {
             } else {
                 1
             })
+    }
+
+    /// Whether the dedupe runs as a stage of its own (see `separate_dedupe`).
+    pub fn dedupe_separately(&self) -> bool {
+        self.separate_dedupe
+            .unwrap_or_else(|| self.log.starts_with("kafka://"))
     }
 
     /// The processor's pause after a short batch: as configured, or the store's default.

@@ -150,6 +150,10 @@ impl Dispatcher {
         let log = self.engine.deliveries.clone();
         let mut sub = log.clone().subscribe(CONSUMER).await?;
         let mut owned = BTreeSet::new();
+        // Partitions assigned but not yet read up to the end they had then, with that end:
+        // the dispatcher before may have attempted their jobs, and its attempts are in the log
+        // up to there, perhaps past the first batch read. None is attempted until then.
+        let mut catching_up: BTreeMap<Partition, u64> = BTreeMap::new();
         // Partitions whose first batch since they were assigned may be in the attempt log.
         let mut resumed = BTreeSet::new();
         loop {
@@ -163,11 +167,15 @@ impl Dispatcher {
             match polled {
                 Polled::Assigned(partitions) => {
                     for p in partitions {
-                        let start = log.bounds(p).await?.0;
+                        let (start, end) = log.bounds(p).await?;
                         let at = self.engine.queue.position(CONSUMER, p).await?.max(start);
-                        tracing::info!(partition = p, at, "dispatching a partition");
+                        tracing::info!(partition = p, at, end, "dispatching a partition");
                         sub.start_at(p, at);
-                        owned.insert(p);
+                        if at < end {
+                            catching_up.insert(p, end);
+                        } else {
+                            owned.insert(p);
+                        }
                         resumed.insert(p);
                     }
                 }
@@ -175,6 +183,7 @@ impl Dispatcher {
                     tracing::info!(?partitions, "partitions moved to another dispatcher");
                     for p in &partitions {
                         owned.remove(p);
+                        catching_up.remove(p);
                         resumed.remove(p);
                     }
                     self.let_go(&partitions, attempts).await;
@@ -196,6 +205,10 @@ impl Dispatcher {
                         let records = decode(&batch);
                         apply_batch(&self.engine, &records, at, resumed.remove(&p)).await?;
                         self.recorded(&records);
+                        if catching_up.get(&p).is_some_and(|end| at.offset >= *end) {
+                            catching_up.remove(&p);
+                            owned.insert(p);
+                        }
                         next.push(at);
                     }
                     sub.commit(next).await?;

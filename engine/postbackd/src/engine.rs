@@ -24,6 +24,8 @@ pub struct Engine {
     pub api_key: String,
     /// Clicks and postbacks.
     pub events: Arc<dyn EventLog>,
+    /// Postbacks on their way to the dedupe, keyed by conversion (see `pipeline`).
+    pub conversions: Arc<dyn EventLog>,
     /// Catalog changes (never expired: the catalog is small and replays need all of it).
     pub catalog_log: Arc<dyn EventLog>,
     /// Affiliate-postback jobs and the outcome of each attempt.
@@ -72,6 +74,7 @@ impl Engine {
         Ok(Arc::new(Self {
             api_key,
             events: logs.events,
+            conversions: logs.conversions,
             catalog_log: logs.catalog,
             deliveries: logs.deliveries,
             analytics: stores.analytics,

@@ -882,6 +882,21 @@ impl AnalyticsStore for SqliteStore {
         })
     }
 
+    fn conversion_states(
+        &self,
+        keys: Vec<String>,
+    ) -> BoxFuture<'_, Result<Vec<Conversion>, SeamError>> {
+        self.with_reader(move |c| {
+            select_in(
+                c,
+                &format!("SELECT {CONVERSION_COLUMNS} FROM conversions WHERE conv_key IN"),
+                &keys,
+                conversion_from_row,
+            )
+            .map_err(db_err)
+        })
+    }
+
     fn attempts(&self, q: AttemptQuery) -> BoxFuture<'_, Result<Page<AttemptRow>, SeamError>> {
         self.with_reader(move |c| {
             let mut f = Filter::default();

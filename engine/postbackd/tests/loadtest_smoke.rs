@@ -1,5 +1,6 @@
 //! A short run of the load tester against the engine, with `--verify`: every postback that got
-//! a 200 is in the stats exactly once with the outcome the load tester expected.
+//! a 200 is in the stats exactly once with the outcome the load tester expected, and every
+//! conversion state reached the load tester's own affiliate once.
 
 use postbackd::{Config, Server};
 use std::time::Duration;
@@ -11,6 +12,8 @@ async fn a_short_verified_load_run() {
         listen: "127.0.0.1:0".parse().expect("addr"),
         data_dir: dir.path().to_path_buf(),
         api_key: "smoke".into(),
+        allow_private_postback_targets: true,
+        delivery_base_delay_ms: 100,
         ..Config::default()
     };
     let server = Server::start(config, None).await.expect("starts");
@@ -23,6 +26,7 @@ async fn a_short_verified_load_run() {
         max_in_flight: 512,
         verify: true,
         affiliate_url: None,
+        receive_postbacks: true,
         quiet: true,
     })
     .await
@@ -32,6 +36,9 @@ async fn a_short_verified_load_run() {
     let verify = report.verify.as_ref().expect("verified");
     assert!(verify.passed(), "{verify:?}");
     assert!(verify.expected > 300, "a real mix was sent: {verify:?}");
+    assert!(verify.cross_duplicates > 0, "{verify:?}");
+    let deliveries = verify.deliveries.as_ref().expect("deliveries checked");
+    assert!(deliveries.expected > 50, "{deliveries:?}");
     assert!(report.by_kind.contains_key("pixel") && report.by_kind.contains_key("click"));
     server.shutdown().await;
 }
