@@ -132,24 +132,31 @@ echo "== deployment files"
 target/py/bin/pip install --quiet --disable-pip-version-check pyyaml==6.0.2
 target/py/bin/python deploy/check_deploy.py "${CARGO_TARGET_DIR:-target}/debug/postbackd"
 
-# A cluster of separate processes from deploy/cluster.sh: two engines on their own Kafka and
-# ClickHouse, one killed (SIGKILL) under load, a third started; pbload spreads the load and
-# checks that every acknowledged postback is in the stats once (exit code 1 if not).
+# A cluster of separate processes from deploy/cluster.sh: three engines on their own Kafka and
+# ClickHouse, the third killed (SIGKILL) under load, a fourth started. pbload spreads clicks,
+# postbacks, duplicates (on the same click and on other clicks, so on other processes'
+# partitions), status updates and pixels over the engines, receives the affiliate postbacks
+# itself, and checks that every acknowledged postback is in the stats once with its outcome and
+# that every conversion state reached the affiliate once (exit code 1 if not). The killed engine
+# processes and dedupes but does not dispatch: a dispatcher killed between an affiliate's 200
+# and the record of it sends that state again (at least once; see README, "Guarantees").
 echo "== cluster of processes (deploy/cluster.sh)"
 cargo build --locked -q -p pbload
 cluster_dir=$(mktemp -d)
 export BIN="${CARGO_TARGET_DIR:-target}/debug/postbackd" KAFKA_PORT=19692 CLICKHOUSE_PORT=18723 BASE_PORT=18700
 pbload_bin="${CARGO_TARGET_DIR:-target}/debug/pbload"
 cluster_targets() { bash deploy/cluster.sh urls "$cluster_dir" | sed 's/^/--target /'; }
-bash deploy/cluster.sh start "$cluster_dir" all ingest,api
-(sleep 2; bash deploy/cluster.sh kill "$cluster_dir" 2) &
+bash deploy/cluster.sh start "$cluster_dir" all all ingest,process,api
+(sleep 2; bash deploy/cluster.sh kill "$cluster_dir" 3) &
 killer=$!
 # shellcheck disable=SC2046
-"$pbload_bin" $(cluster_targets) --api-key cluster --rate 200 --duration 5 --verify --quiet
+"$pbload_bin" $(cluster_targets) --api-key cluster --rate 200 --duration 6 --verify \
+  --receive-postbacks --quiet
 wait "$killer"
-bash deploy/cluster.sh add "$cluster_dir" ingest
+bash deploy/cluster.sh add "$cluster_dir" all
 # shellcheck disable=SC2046
-"$pbload_bin" $(cluster_targets) --api-key cluster --rate 200 --duration 3 --verify --quiet
+"$pbload_bin" $(cluster_targets) --api-key cluster --rate 200 --duration 4 --verify \
+  --receive-postbacks --quiet
 bash deploy/cluster.sh stop "$cluster_dir"
 rm -rf "$cluster_dir"
 unset BIN KAFKA_PORT CLICKHOUSE_PORT BASE_PORT
