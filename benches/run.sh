@@ -13,8 +13,9 @@
 # The kafka section starts a single-node broker (deploy/kafka.sh) and measures postbackd with
 # its logs on Kafka (acks=all): the ingest peak, and the end-to-end lag at half of it.
 # The cluster section starts deploy/cluster.sh (Kafka, ClickHouse) with 1, 2 and 3 engines on
-# this one machine (engine 1 all roles, the others ingest and api), ramps postback ingest spread
-# over them (acks=all), and measures the end-to-end lag at half the 3-engine peak, verified.
+# this one machine (every engine with every role: each ingests, processes, dedupes and
+# dispatches its share of the partitions), ramps postback ingest spread over them (acks=all),
+# and measures the end-to-end lag at half the 3-engine peak, verified.
 # The stats sections fill a store with ROWS logged postbacks over 30 days (kept in target/ for
 # the next run) and time the insert rate and every query kind: `stats` the embedded SQLite
 # store, `stats-clickhouse` a ClickHouse server started on loopback (deploy/clickhouse.sh).
@@ -144,7 +145,7 @@ cluster_peaks=() cluster_p99=() cluster_e2e= cluster_half=
 if want cluster; then
 for n in 1 2 3; do
   echo "== cluster of $n engine(s) on Kafka and ClickHouse" >&2
-  roles=(all); for _ in $(seq 2 "$n"); do roles+=(ingest,api); done
+  roles=(); for _ in $(seq 1 "$n"); do roles+=(all); done
   BIN=$BIN/postbackd API_KEY=bench bash deploy/cluster.sh start "$work/cluster" "${roles[@]}" >&2
   targets=$(BIN=$BIN/postbackd bash deploy/cluster.sh urls "$work/cluster" | paste -sd, -)
   cluster_peaks+=("$(ramp "cluster$n" "$targets" postback bench)")

@@ -373,6 +373,9 @@ impl Config {
                 "API_KEY_IN_QUERY" => self.api_key_in_query = value.parse().map_err(|e| bad(&e))?,
                 "METRICS_LISTEN" => self.metrics_listen = Some(value.parse().map_err(|e| bad(&e))?),
                 "PARTITIONS" => self.partitions = Some(value.parse().map_err(|e| bad(&e))?),
+                "SEPARATE_DEDUPE" => {
+                    self.separate_dedupe = Some(value.parse().map_err(|e| bad(&e))?)
+                }
                 "LOG" => self.log = value.clone(),
                 "STORE" => self.store = value.clone(),
                 "ROLES" => self.roles = value.parse().map_err(|e| bad(&e))?,
