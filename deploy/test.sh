@@ -122,7 +122,8 @@ console_data=$(mktemp -d)
   --api-key console --allow-private-postback-targets >"$console_data/log" 2>&1 &
 console_pid=$!
 for _ in $(seq 1 100); do curl -sf http://127.0.0.1:18556/ready >/dev/null && break; sleep 0.1; done
-target/py/bin/python engine/postbackd/tests/browser/console_test.py http://127.0.0.1:18556 console
+target/py/bin/python engine/postbackd/tests/browser/console_test.py http://127.0.0.1:18556 console \
+  "${CARGO_TARGET_DIR:-target}/console-screenshots"
 kill "$console_pid"
 rm -rf "$console_data"
 

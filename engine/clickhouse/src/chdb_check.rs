@@ -218,6 +218,7 @@ fn the_modern_ddl_and_every_query_run_in_a_current_engine() {
         ..Default::default()
     };
     let every_filter = ServerPostbackQuery {
+        id: Some("p1".into()),
         offers: vec![1, 2],
         partners: vec![2],
         suppliers: vec!["adv".into()],

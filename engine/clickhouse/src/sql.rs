@@ -86,6 +86,9 @@ fn postback_filter(q: &ServerPostbackQuery, floor_us: i64, snapshot: i64) -> Str
     w.any_of("offer_id", &q.offers, u64::to_string);
     w.any_of("pid", &q.partners, u64::to_string);
     w.any_of("advertiser_id", &q.suppliers, |s| quote(s));
+    if let Some(v) = &q.id {
+        w.add(format!("id = {}", quote(v)));
+    }
     if let Some(v) = &q.click_id {
         w.add(format!("clickid = {}", quote(v)));
     }

@@ -82,6 +82,7 @@ fn matches_filters(r: &ServerPostbackRow, q: &ServerPostbackQuery) -> bool {
         && (q.offers.is_empty() || q.offers.contains(&r.offer_id))
         && (q.partners.is_empty() || q.partners.contains(&r.pid))
         && (q.suppliers.is_empty() || q.suppliers.contains(&r.advertiser_id))
+        && q.id.as_ref().is_none_or(|v| *v == r.id)
         && q.click_id.as_ref().is_none_or(|v| *v == r.clickid)
         && q.action_id.as_ref().is_none_or(|v| *v == r.action_id)
         && q.goal

@@ -287,6 +287,40 @@ pub struct Candidate {
     pub comment: Option<String>,
 }
 
+/// One rule as the engine applied it to a postback, for an explanation ([`explain_click`]):
+/// whether the postback passed it, and why, in words. Secrets (secure codes) are never shown.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Check {
+    pub rule: &'static str,
+    pub passed: bool,
+    pub detail: String,
+    /// The conversion the dedupe found or made, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conversion_id: Option<String>,
+}
+
+/// Where the rules report what they checked. The engine's own path passes `()`, which
+/// builds no text at all.
+pub trait Trace {
+    fn check(&mut self, rule: &'static str, passed: bool, detail: impl FnOnce() -> String);
+}
+
+impl Trace for () {
+    #[inline(always)]
+    fn check(&mut self, _: &'static str, _: bool, _: impl FnOnce() -> String) {}
+}
+
+impl Trace for Vec<Check> {
+    fn check(&mut self, rule: &'static str, passed: bool, detail: impl FnOnce() -> String) {
+        self.push(Check {
+            rule,
+            passed,
+            detail: detail(),
+            conversion_id: None,
+        });
+    }
+}
+
 /// The rules up to the dedupe: a rejection, or a [`Candidate`].
 // The rejection is a whole verdict, returned one frame up: boxing it would only add an
 // allocation per rejected postback.
@@ -295,6 +329,33 @@ pub fn judge_click(
     pb: &ParsedPostback,
     click: Option<&Click>,
     ctx: &Context<'_>,
+) -> Result<Candidate, Verdict> {
+    judge_click_traced(pb, click, ctx, &mut ())
+}
+
+/// [`judge_click`], with every rule it applied, in order, up to the one that rejected.
+#[allow(clippy::result_large_err)]
+pub fn explain_click(
+    pb: &ParsedPostback,
+    click: Option<&Click>,
+    ctx: &Context<'_>,
+) -> (Vec<Check>, Result<Candidate, Verdict>) {
+    let mut checks = Vec::new();
+    let judged = judge_click_traced(pb, click, ctx, &mut checks);
+    (checks, judged)
+}
+
+fn utc(at_us: i64) -> String {
+    let (date, time) = crate::delivery::civil(at_us);
+    format!("{date} {time} UTC")
+}
+
+#[allow(clippy::result_large_err)]
+fn judge_click_traced(
+    pb: &ParsedPostback,
+    click: Option<&Click>,
+    ctx: &Context<'_>,
+    trace: &mut impl Trace,
 ) -> Result<Candidate, Verdict> {
     let offer: Option<&Offer> = click.and_then(|c| ctx.catalog.offer_at(c.offer_id, pb.at_us));
     let advertiser = offer
@@ -315,43 +376,153 @@ pub fn judge_click(
     // Every secure code that is set (platform, advertiser, offer) must be passed.
     let passed = pb.secure().unwrap_or("");
     let codes = [
-        ctx.platform_secure,
-        advertiser.map_or("", |a| a.secure.as_str()),
-        offer.map_or("", |o| o.secure.as_str()),
+        ("platform", ctx.platform_secure),
+        ("advertiser", advertiser.map_or("", |a| a.secure.as_str())),
+        ("offer", offer.map_or("", |o| o.secure.as_str())),
     ];
-    if codes.iter().any(|c| !c.is_empty() && *c != passed) {
+    if let Some((who, _)) = codes.iter().find(|(_, c)| !c.is_empty() && *c != passed) {
+        trace.check("secure_code", false, || {
+            let got = if passed.is_empty() {
+                "no secure code was passed".to_string()
+            } else {
+                format!(
+                    "the secure code passed ({} characters) is not it",
+                    passed.chars().count()
+                )
+            };
+            format!("the {who} has a secure code, and {got}")
+        });
         return reject(verdict, Reject::AccessDenied);
     }
+    trace.check("secure_code", true, || {
+        let set: Vec<&str> = codes
+            .iter()
+            .filter(|(_, c)| !c.is_empty())
+            .map(|(who, _)| *who)
+            .collect();
+        if set.is_empty() {
+            "no secure code is set".to_string()
+        } else {
+            format!("the code passed is the {}'s", set.join("'s and the "))
+        }
+    });
     // Allow-lists name advertisers' servers; a pixel comes from the user's browser instead.
-    if !pb.pixel {
+    if pb.pixel {
+        trace.check("ip_allow_list", true, || {
+            "a pixel comes from the user's browser: allow-lists do not apply".to_string()
+        });
+    } else {
         let lists = [
-            advertiser.map(|a| a.allowed_ip.as_slice()),
-            offer.map(|o| o.allowed_ip.as_slice()),
+            ("advertiser", advertiser.map(|a| a.allowed_ip.as_slice())),
+            ("offer", offer.map(|o| o.allowed_ip.as_slice())),
         ];
-        if lists
-            .into_iter()
-            .flatten()
-            .any(|l| !ip_allowed(l, &pb.server))
-        {
+        let refused = lists
+            .iter()
+            .filter_map(|(who, l)| l.map(|l| (who, l)))
+            .find(|(_, l)| !ip_allowed(l, &pb.server));
+        if let Some((who, list)) = refused {
+            trace.check("ip_allow_list", false, || {
+                format!(
+                    "the sender {} is not in the {who}'s allow-list: {}",
+                    pb.server,
+                    list.join(", ")
+                )
+            });
             return reject(verdict, Reject::IpDenied);
         }
+        trace.check("ip_allow_list", true, || {
+            let set: Vec<&str> = lists
+                .iter()
+                .filter(|(_, l)| l.is_some_and(|l| !l.is_empty()))
+                .map(|(who, _)| *who)
+                .collect();
+            if set.is_empty() {
+                "no allow-list is set".to_string()
+            } else {
+                format!(
+                    "the sender {} is in the {}'s allow-list",
+                    pb.server,
+                    set.join(" and the ")
+                )
+            }
+        });
     }
     let Some(clickid) = pb.clickid() else {
+        trace.check("click_id", false, || {
+            "neither clickid nor click_id was passed (nor a click cookie, for a pixel)".to_string()
+        });
         return reject(verdict, Reject::MissingClickId);
     };
     if clickid.parse::<ObjectId>().is_err() {
+        trace.check("click_id", false, || {
+            format!("{clickid:?} is not a click id: those are 24 hexadecimal characters")
+        });
         return reject(verdict, Reject::BrokenClickId);
     }
+    trace.check("click_id", true, || format!("click id {clickid}"));
     let Some(click) = click else {
+        trace.check("click", false, || {
+            format!(
+                "no click {clickid} is stored: a click of another system, a mistyped id, or \
+                 one older than the retention"
+            )
+        });
         return reject(verdict, Reject::ClickNotFound);
     };
+    trace.check("click", true, || {
+        format!(
+            "clicked at {} on offer {}, by partner {}; {} s before this postback",
+            utc(click.at_us),
+            click.offer_id,
+            click.pid,
+            (pb.at_us - click.at_us).div_euclid(1_000_000)
+        )
+    });
     let Some(offer) = offer.filter(|o| o.status == OfferStatus::Active) else {
+        trace.check("offer", false, || match offer {
+            None => format!(
+                "offer {} did not exist at the postback's time",
+                click.offer_id
+            ),
+            Some(o) => format!(
+                "offer {} ({:?}) was {} at the postback's time, not active",
+                o.id,
+                o.title,
+                o.status.as_str()
+            ),
+        });
         return reject(verdict, Reject::OfferDisabled);
     };
+    trace.check("offer", true, || {
+        format!("offer {} ({:?}) was active", offer.id, offer.title)
+    });
     let goal = pb.goal().unwrap_or("1");
     let Some(payment) = offer.payment(goal) else {
+        trace.check("goal", false, || {
+            let paid: Vec<String> = offer
+                .payments
+                .iter()
+                .map(|p| format!("{:?}", p.goal))
+                .collect();
+            format!(
+                "goal {goal:?}{} is not one the offer pays for; it pays for {}",
+                if pb.goal().is_none() {
+                    " (none passed: the default)"
+                } else {
+                    ""
+                },
+                if paid.is_empty() {
+                    "none".to_string()
+                } else {
+                    paid.join(", ")
+                }
+            )
+        });
         return reject(verdict, Reject::GoalNotFound);
     };
+    trace.check("goal", true, || {
+        format!("the offer pays for goal {:?}", payment.goal)
+    });
     let passed_status = match pb.status_raw() {
         None => None,
         Some(s) => match s
@@ -361,15 +532,38 @@ pub fn judge_click(
             .filter(|n| status_name(*n).is_some())
         {
             Some(n) => Some(n),
-            None => return reject(verdict, Reject::InvalidStatus),
+            None => {
+                trace.check("status", false, || {
+                    format!(
+                        "status {s:?} is none of 1 (confirmed), 2 (pending), 3 (declined), 5 (hold)"
+                    )
+                });
+                return reject(verdict, Reject::InvalidStatus);
+            }
         },
     };
     let Some(sum) = pb.sum() else {
+        trace.check("sum", false, || {
+            format!(
+                "sum {:?} is not a number from 0 to {MAX_SUM}",
+                pb.field("sum", "afprice").unwrap_or("")
+            )
+        });
         return reject(verdict, Reject::InvalidSum);
     };
     let status = passed_status
         .or(payment.status)
         .unwrap_or(offer.default_status);
+    trace.check("status", true, || {
+        let name = status_name(status).unwrap_or("?");
+        match passed_status {
+            Some(_) => format!("status {status} ({name}) passed"),
+            None => {
+                format!("no status passed: the goal's or the offer's default, {status} ({name})")
+            }
+        }
+    });
+    trace.check("sum", true, || format!("sum {sum}"));
     let action_id = pb.action_id().unwrap_or(&click.click_id);
     let key = conversion_key(offer.id, &payment.goal, action_id);
     let (payouts, revenue) = payment.amounts(sum);
@@ -408,6 +602,80 @@ pub fn judge_click(
         at_us: pb.at_us,
         comment: pb.param_nonempty("comment").map(str::to_string),
     })
+}
+
+/// The dedupe of a logged postback, explained: `error`, `created` and `conversion_id` are what
+/// the log says of it, `current` the conversion of its key now (a status other than pending
+/// never changes, so what decided then is still there).
+pub fn explain_dedupe(
+    key: &str,
+    error: &str,
+    created: bool,
+    conversion_id: &str,
+    current: Option<&Conversion>,
+) -> Check {
+    let mut parts = key.splitn(3, '|');
+    let (offer, goal, action) = (
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+    );
+    let what = format!("offer {offer}, goal {goal:?}, action id {action:?}");
+    let described = |c: &Conversion| {
+        format!(
+            "conversion {} ({what}, created {}, now {})",
+            c.id,
+            utc(c.created_us),
+            status_name(c.status).unwrap_or("?")
+        )
+    };
+    let (passed, detail, id) = match (error, current) {
+        ("", _) if created => (
+            true,
+            format!("no conversion of {what} existed: this postback created {conversion_id}"),
+            conversion_id.to_string(),
+        ),
+        ("", Some(c)) => (
+            true,
+            format!(
+                "{} was pending: this postback changed its status",
+                described(c)
+            ),
+            c.id.clone(),
+        ),
+        ("", None) => (
+            true,
+            format!("this postback changed conversion {conversion_id}"),
+            conversion_id.to_string(),
+        ),
+        (e, Some(c)) if e == Reject::StatusNotPending.message() => (
+            false,
+            format!(
+                "{} had left pending: only a pending conversion changes status",
+                described(c)
+            ),
+            c.id.clone(),
+        ),
+        (_, Some(c)) => (
+            false,
+            format!(
+                "{} existed, and the postback passed no other status for it",
+                described(c)
+            ),
+            c.id.clone(),
+        ),
+        (_, None) => (
+            false,
+            format!("a conversion of {what} existed then; it is past the retention now"),
+            String::new(),
+        ),
+    };
+    Check {
+        rule: "dedupe",
+        passed,
+        detail,
+        conversion_id: (!id.is_empty()).then_some(id),
+    }
 }
 
 /// The dedupe: a new conversion when its key has none, a status change of a pending one, or

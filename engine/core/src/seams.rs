@@ -47,6 +47,8 @@ pub struct Page<T> {
 pub struct ServerPostbackQuery {
     pub from_us: i64,
     pub to_us: i64,
+    /// One postback, by its id.
+    pub id: Option<String>,
     pub offers: Vec<u64>,
     pub partners: Vec<u64>,
     pub suppliers: Vec<String>,

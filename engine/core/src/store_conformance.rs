@@ -312,6 +312,17 @@ async fn filters_search_and_paging(store: &dyn AnalyticsStore) {
         .await,
         1
     );
+    let one = store
+        .server_postbacks(ServerPostbackQuery {
+            id: Some("p07".into()),
+            ..query(0, 1000)
+        })
+        .await
+        .expect("by id");
+    assert_eq!(
+        (one.total, one.rows.first().map(|r| r.clickid.as_str())),
+        (1, Some("c7"))
+    );
     assert_eq!(
         count(ServerPostbackQuery {
             suppliers: vec!["nope".into()],

@@ -34,7 +34,12 @@ async function api(path, form) {
 }
 
 function today() {
-  const d = new Date();
+  return localDay(Date.now());
+}
+
+// The operator's calendar day of a time (milliseconds), as YYYY-MM-DD.
+function localDay(ms) {
+  const d = new Date(ms);
   return new Date(d.getTime() - d.getTimezoneOffset() * 60000).toISOString().slice(0, 10);
 }
 
@@ -96,6 +101,132 @@ function readFilters() {
   return f;
 }
 
+// Time buckets of a date range as the summary names them: hours for a range of up to two
+// days, days beyond.
+function buckets(from, to) {
+  const days = [];
+  for (let d = new Date(`${from}T00:00:00Z`); d <= new Date(`${to}T00:00:00Z`) && days.length < 400; d.setUTCDate(d.getUTCDate() + 1)) {
+    days.push(d.toISOString().slice(0, 10));
+  }
+  if (days.length > 2) return { by: "day", keys: days };
+  const keys = [];
+  for (const day of days) for (let h = 0; h < 24; h++) keys.push(`${day} ${String(h).padStart(2, "0")}:00:00`);
+  return { by: "hour", keys };
+}
+
+const SVG = "http://www.w3.org/2000/svg";
+function svg(tag, attrs) {
+  const e = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, String(v));
+  return e;
+}
+
+// Stacked bars, accepted under rejected, one per bucket; each with its numbers as a tooltip.
+function bars(target, keys, series, height) {
+  const w = Math.max(2, Math.floor(600 / Math.max(1, keys.length)));
+  target.setAttribute("viewBox", `0 0 ${w * keys.length} ${height}`);
+  target.setAttribute("preserveAspectRatio", "none");
+  const max = Math.max(1, ...keys.map((k) => (series[k] ? series[k].accepted + series[k].rejected : 0)));
+  const parts = [];
+  keys.forEach((k, i) => {
+    const s = series[k] || { accepted: 0, rejected: 0 };
+    const ha = (s.accepted / max) * height;
+    const hr = (s.rejected / max) * height;
+    const g = svg("g");
+    g.append(svg("rect", { x: i * w, y: 0, width: w, height, class: "slot" }));
+    if (ha > 0) g.append(svg("rect", { x: i * w + 0.5, y: height - ha, width: w - 1, height: ha, class: "accepted" }));
+    if (hr > 0) g.append(svg("rect", { x: i * w + 0.5, y: height - ha - hr, width: w - 1, height: hr, class: "rejected" }));
+    const t = svg("title");
+    t.textContent = `${k}: ${s.accepted} accepted, ${s.rejected} rejected`;
+    g.append(t);
+    parts.push(g);
+  });
+  target.replaceChildren(...parts);
+}
+
+// Accepted and rejected postbacks within the list's filters, over its date range.
+async function chart() {
+  const f = view.filters;
+  const { by, keys } = buckets(f.date_from, f.date_to);
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(f)) if (v !== "") q.set(k, v);
+  q.set("timezone", timezone());
+  q.set("group_by", `${by},response_status`);
+  let body;
+  try {
+    body = await api(`/3.0/stats/serverpostbacks/summary?${q}`);
+  } catch (_) {
+    $("chart").replaceChildren();
+    return;
+  }
+  const series = {};
+  for (const r of body.summary || []) {
+    const s = (series[r[by]] = series[r[by]] || { accepted: 0, rejected: 0 });
+    s.accepted += r.accepted;
+    s.rejected += r.rejected;
+  }
+  bars($("chart"), keys, series, 60);
+}
+
+// Integration health: per advertiser and offer, how many postbacks were refused and why, and
+// how that went over the range; the most refused first.
+const health = { loaded: false };
+async function loadHealth() {
+  health.loaded = true;
+  $("health-error").textContent = "";
+  const f = $("health-filters").elements;
+  const range = { date_from: f.date_from.value, date_to: f.date_to.value, timezone: timezone() };
+  const { by, keys } = buckets(range.date_from, range.date_to);
+  let totals, trend, offers, advertisers;
+  try {
+    [totals, trend, offers, advertisers] = await Promise.all([
+      api(`/3.0/stats/serverpostbacks/summary?${new URLSearchParams({ ...range, group_by: "advertiser,offer,error" })}`),
+      api(`/3.0/stats/serverpostbacks/summary?${new URLSearchParams({ ...range, group_by: `advertiser,offer,${by}` })}`),
+      api("/3.0/offers?limit=500"),
+      api("/3.0/admin/advertisers?limit=500"),
+    ]);
+  } catch (e) {
+    $("health-error").textContent = e.message;
+    return;
+  }
+  const offerName = new Map((offers.offers || []).map((o) => [Number(o.id), o.title]));
+  const advName = new Map((advertisers.advertisers || []).map((a) => [a.id, a.title]));
+  const rows = new Map();
+  const row = (r) => {
+    const k = `${r.advertiser}|${r.offer}`;
+    if (!rows.has(k)) rows.set(k, { advertiser: r.advertiser, offer: r.offer, postbacks: 0, accepted: 0, rejected: 0, errors: [], series: {} });
+    return rows.get(k);
+  };
+  for (const r of totals.summary || []) {
+    const x = row(r);
+    x.postbacks += r.postbacks;
+    x.accepted += r.accepted;
+    x.rejected += r.rejected;
+    if (r.error) x.errors.push([r.error, r.rejected]);
+  }
+  for (const r of trend.summary || []) {
+    row(r).series[r[by]] = { accepted: r.accepted, rejected: r.rejected };
+  }
+  const sorted = [...rows.values()].sort((a, b) => b.rejected / b.postbacks - a.rejected / a.postbacks || b.postbacks - a.postbacks);
+  $("health-rows").tBodies[0].replaceChildren(...sorted.map((x) => {
+    const share = x.postbacks ? x.rejected / x.postbacks : 0;
+    const tr = el("tr", null, share >= 0.2 ? "alert" : undefined);
+    const errors = x.errors.sort((a, b) => b[1] - a[1]).slice(0, 3).map(([e, n]) => `${e} ×${n}`).join("; ");
+    const spark = svg("svg", { class: "spark", role: "img", "aria-label": "over the range" });
+    bars(spark, keys, x.series, 24);
+    const trend = el("td");
+    trend.append(spark);
+    const adv = x.advertiser ? `${advName.get(x.advertiser) || ""} (${x.advertiser})` : "—";
+    const offer = x.offer ? `${x.offer} · ${offerName.get(Number(x.offer)) || ""}` : "no click matched";
+    tr.append(
+      el("td", adv), el("td", offer), el("td", x.postbacks), el("td", x.accepted, "ok"),
+      el("td", x.rejected, x.rejected ? "rejected" : ""), el("td", `${Math.round(share * 100)}%`),
+      el("td", errors), trend,
+    );
+    return tr;
+  }));
+}
+
 async function load() {
   $("list-error").textContent = "";
   let body;
@@ -118,6 +249,7 @@ async function load() {
   $("page").textContent = `page ${view.page}`;
   $("prev").disabled = view.page <= 1;
   $("next").disabled = last >= total;
+  if (view.page === 1) chart();
 }
 
 function render(rows, fresh) {
@@ -165,6 +297,75 @@ function openDetail(row) {
     tbody.append(tr);
   }
   $("detail").showModal();
+  explain(row);
+}
+
+// The filtered rows as CSV, from the engine's streamed export (fetched with the key as a
+// header, then saved from memory).
+async function exportCsv() {
+  $("list-error").textContent = "";
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(readFilters())) if (v !== "") q.set(k, v);
+  q.set("timezone", timezone());
+  try {
+    const r = await fetch(`/3.0/stats/serverpostbacks/csv?${q}`, { headers: { "API-Key": sessionStorage.getItem(KEY) || "" } });
+    if (!r.ok) throw new Error(`${r.status}: ${r.statusText}`);
+    const blob = await r.blob();
+    const a = el("a");
+    a.href = URL.createObjectURL(blob);
+    a.download = `serverpostbacks-${q.get("date_from") || today()}.csv`;
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(a.href), 60000);
+  } catch (e) {
+    $("list-error").textContent = `Export failed: ${e.message}`;
+  }
+}
+
+const RULES = {
+  secure_code: "Secure code", ip_allow_list: "IP allow-list", click_id: "Click id", click: "Click",
+  offer: "Offer", goal: "Goal", status: "Status", sum: "Sum", dedupe: "Dedupe",
+};
+
+// The engine's explanation of one postback: each rule it applied, in order, passed or not,
+// and why; a conversion the dedupe found opens in the Conversions tab.
+async function explain(row) {
+  const list = $("why");
+  list.replaceChildren(el("li", "…"));
+  $("why-note").textContent = "";
+  let body;
+  try {
+    body = await api(`/3.0/stats/serverpostbacks/${encodeURIComponent(row._id.$id)}/explanation?timezone=${encodeURIComponent(timezone())}`);
+  } catch (e) {
+    list.replaceChildren(el("li", e.message, "error"));
+    return;
+  }
+  list.replaceChildren(...(body.checks || []).map((c) => {
+    const li = el("li", null, c.passed ? "ok" : "rejected");
+    li.dataset.rule = c.rule;
+    li.append(el("strong", `${c.passed ? "✓" : "✗"} ${RULES[c.rule] || c.rule}: `), el("span", c.detail));
+    if (c.conversion_id) {
+      const b = el("button", "Open conversion");
+      b.type = "button";
+      b.addEventListener("click", () => {
+        $("detail").close();
+        const f = $("conv-filters").elements;
+        for (const input of f) if (input.name && input.name !== "date_from" && input.name !== "date_to") input.value = "";
+        // The conversion is the postback's or older, within the retention (92 days).
+        const at = Number(row.date.sec) * 1000;
+        f.date_from.value = localDay(at - 92 * 86400000);
+        f.date_to.value = localDay(at);
+        f.offer.value = row.offer_id || "";
+        f.action_id.value = row.action_id || row.clickid || ""; // the action id defaults to the click id
+        tab("conversions");
+        conversions.start();
+      });
+      li.append(" ", b);
+    }
+    return li;
+  }));
+  $("why-note").textContent = body.note || "";
 }
 
 // Live mode: new postbacks matching the filters, pushed by the engine as server-sent events
@@ -257,7 +458,7 @@ function show(signedIn) {
   else for (const section of Object.values(TABS)) $(section).hidden = true;
 }
 
-const TABS = { server: "postbacks", affiliate: "affiliates", conversions: "conversions" };
+const TABS = { server: "postbacks", affiliate: "affiliates", conversions: "conversions", health: "health" };
 
 function tab(name) {
   for (const [t, section] of Object.entries(TABS)) {
@@ -267,6 +468,7 @@ function tab(name) {
   }
   const list = { affiliate: affiliates, conversions }[name];
   if (list && !list.filters) list.start();
+  if (name === "health" && !health.loaded) loadHealth();
 }
 
 // A paged listing of one /3.0/stats endpoint with the filters of its form; element ids start
@@ -397,6 +599,7 @@ function signOut(message) {
   liveOff();
   affiliates.filters = null;
   conversions.filters = null;
+  health.loaded = false;
   sessionStorage.removeItem(KEY);
   show(false);
   $("sign-in-error").textContent = message || "";
@@ -430,6 +633,13 @@ document.addEventListener("DOMContentLoaded", () => {
   form.elements.date_to.value = today();
   affiliates.bind();
   conversions.bind();
+  const hf = $("health-filters");
+  hf.elements.date_from.value = today();
+  hf.elements.date_to.value = today();
+  hf.addEventListener("submit", (e) => {
+    e.preventDefault();
+    loadHealth();
+  });
   for (const t of Object.keys(TABS)) $(`tab-${t}`).addEventListener("click", () => tab(t));
   const affForm = $("aff-filters");
   $("aff-resend-all").addEventListener("click", () => {
@@ -464,6 +674,7 @@ document.addEventListener("DOMContentLoaded", () => {
     startList();
   });
   $("live").addEventListener("click", () => (view.live ? liveOff() : liveOn()));
+  $("export").addEventListener("click", exportCsv);
   $("show-news").addEventListener("click", () => {
     // New rows go on the first page of the list as it is now.
     view.page = 1;

@@ -24,7 +24,33 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 pub type Body = Full<Bytes>;
 
 /// What the server sends: a whole body, or the live stream's.
-pub type Served = http_body_util::Either<Body, crate::live::LiveBody>;
+pub type Served = http_body_util::Either<Body, Streamed>;
+
+/// A body sent as it is made (the live stream, CSV exports): what a task sends on the channel,
+/// until it ends or the client goes.
+pub struct Streamed {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+}
+
+impl Streamed {
+    pub fn new(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Self {
+        Self { rx }
+    }
+}
+
+impl hyper::body::Body for Streamed {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|b| b.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
 
 /// Every way a request can fail, by what the client sees. Texts are the client's: details
 /// that could reveal the host (OS errors, SQL) are logged, never sent.
@@ -284,8 +310,9 @@ async fn handle(
     let started = std::time::Instant::now();
     let (parts, body) = req.into_parts();
     let route = Route::of(parts.uri.path());
-    if route == Route::Stats && parts.uri.path().trim_end_matches('/') == LIVE {
-        return live(&engine, &parts).map_or_else(
+    let path = parts.uri.path().trim_end_matches('/');
+    if route == Route::Stats && (path == LIVE || path == CSV) {
+        return streamed(&engine, &parts).await.map_or_else(
             |e| e.into_response().map(Served::Left),
             |r| r.map(Served::Right),
         );
@@ -299,12 +326,14 @@ async fn handle(
 }
 
 const LIVE: &str = "/3.0/stats/serverpostbacks/live";
+const CSV: &str = "/3.0/stats/serverpostbacks/csv";
 
-/// The live stream of new server postbacks (`crate::live`): the key, the role, then the stream.
-fn live(
+/// The live stream of new server postbacks (`crate::live`) and the CSV export
+/// (`crate::export`): the key, the role, then the stream.
+async fn streamed(
     engine: &Arc<Engine>,
     parts: &hyper::http::request::Parts,
-) -> Result<Response<crate::live::LiveBody>, ApiError> {
+) -> Result<Response<Streamed>, ApiError> {
     let query = parts.uri.query().unwrap_or("");
     authorize(engine, &parts.headers, query)?;
     if !engine.config.roles.api {
@@ -313,7 +342,12 @@ fn live(
     if parts.method != Method::GET {
         return Err(ApiError::Method);
     }
-    crate::live::start(engine, &parse_form(query.as_bytes()))
+    let params = parse_form(query.as_bytes());
+    if parts.uri.path().trim_end_matches('/') == LIVE {
+        crate::live::start(engine, &params)
+    } else {
+        crate::export::start(engine, &params).await
+    }
 }
 
 /// Answers what needs no body, checks the key, then reads the body and hands the request on.

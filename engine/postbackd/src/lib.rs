@@ -13,6 +13,7 @@ pub mod console;
 pub mod dispatcher;
 pub mod embedded_log;
 pub mod engine;
+pub mod export;
 pub mod guard;
 pub mod http;
 pub mod live;

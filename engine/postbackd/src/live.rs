@@ -9,20 +9,16 @@
 //! round are pushed (narrow the filters to follow one integration).
 
 use crate::engine::Engine;
-use crate::http::ApiError;
+use crate::http::{ApiError, Streamed};
 use crate::pipeline::now_us;
 use bytes::Bytes;
-use hyper::body::{Body, Frame};
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
 use postback_core::params::Params;
 use postback_core::seams::ServerPostbackQuery;
 use std::collections::HashMap;
-use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -33,29 +29,12 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// A stream ends after this long; the client connects again (`retry`).
 const LIFETIME: Duration = Duration::from_secs(3600);
 
-/// The event stream's body: what the follower task sends, until it ends or the client goes.
-pub struct LiveBody {
-    rx: mpsc::Receiver<Bytes>,
-}
-
-impl Body for LiveBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
-    }
-}
-
-pub fn start(engine: &Arc<Engine>, p: &Params) -> Result<Response<LiveBody>, ApiError> {
+pub fn start(engine: &Arc<Engine>, p: &Params) -> Result<Response<Streamed>, ApiError> {
     let tz = crate::stats::timezone(p)?;
     let filters = crate::stats::live_filters(p, &tz)?;
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(follow(engine.clone(), filters, tz, tx));
-    let mut r = Response::new(LiveBody { rx });
+    let mut r = Response::new(Streamed::new(rx));
     *r.status_mut() = StatusCode::OK;
     let h = r.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));

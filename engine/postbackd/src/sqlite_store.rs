@@ -584,6 +584,9 @@ fn postback_filter(q: &ServerPostbackQuery) -> Filter {
     f.any_of("offer_id", ints(&q.offers));
     f.any_of("pid", ints(&q.partners));
     f.any_of("advertiser_id", texts(&q.suppliers));
+    if let Some(v) = &q.id {
+        f.add("id = ?", [Value::Text(v.clone())]);
+    }
     if let Some(v) = &q.click_id {
         f.add("clickid = ?", [Value::Text(v.clone())]);
     }

@@ -12,7 +12,9 @@ use postback_core::delivery::AttemptRow;
 use postback_core::ids::ObjectId;
 use postback_core::params::Params;
 use postback_core::processor::ServerPostbackRow;
-use postback_core::rules::{status_name, Click, Conversion};
+use postback_core::rules::{
+    explain_click, explain_dedupe, status_name, Click, Context, Conversion, Outcome, ParsedPostback,
+};
 use postback_core::seams::{
     AttemptQuery, ConversionQuery, GroupKey, ServerPostbackQuery, SummaryKey, SummaryQuery,
     SummaryRow,
@@ -31,8 +33,118 @@ pub async fn route(engine: &Arc<Engine>, req: Req) -> Result<Response<Body>, Api
         "/3.0/stats/serverpostbacks/summary" => summary(engine, &p).await,
         "/3.0/stats/conversions" => conversions(engine, &p).await,
         "/3.0/stats/affiliatepostbacks" => affiliate_postbacks(engine, &p).await,
-        _ => Err(ApiError::NoRoute),
+        path => match path
+            .strip_prefix("/3.0/stats/serverpostbacks/")
+            .and_then(|rest| rest.strip_suffix("/explanation"))
+        {
+            Some(id) => explanation(engine, id, &p).await,
+            None => Err(ApiError::NoRoute),
+        },
     }
+}
+
+/// `GET /3.0/stats/serverpostbacks/{id}/explanation`: the rules as the engine applied them to
+/// one logged postback, rule by rule, recomputed from its parameters, its click and the
+/// catalog as of its time, with the conversion the dedupe found; secure codes are never shown.
+async fn explanation(
+    engine: &Arc<Engine>,
+    id: &str,
+    p: &Params,
+) -> Result<Response<Body>, ApiError> {
+    let tz = timezone(p)?;
+    let id = id.to_ascii_lowercase();
+    let oid: ObjectId = id.parse().map_err(|_| ApiError::NotFound)?;
+    // A postback's id begins with its second.
+    let from_us = i64::from(oid.timestamp()) * 1_000_000;
+    let page = engine
+        .analytics
+        .server_postbacks(ServerPostbackQuery {
+            from_us,
+            to_us: from_us + 1_000_000,
+            id: Some(id),
+            limit: 1,
+            ..ServerPostbackQuery::default()
+        })
+        .await?;
+    let row = page.rows.into_iter().next().ok_or(ApiError::NotFound)?;
+    let pb = ParsedPostback {
+        at_us: row.at_us,
+        server: row.server.clone(),
+        method: row.method.clone(),
+        get: row.get.clone(),
+        post: row.post.clone(),
+        pixel: row.pixel,
+        // A pixel's click id may have come from its cookie, which the log keeps as `clickid`.
+        cookie_click_id: (row.pixel && !row.clickid.is_empty()).then(|| row.clickid.clone()),
+    };
+    let click = match pb.clickid().filter(|c| c.parse::<ObjectId>().is_ok()) {
+        Some(c) => engine
+            .analytics
+            .clicks(vec![c.to_lowercase()])
+            .await?
+            .into_iter()
+            .next(),
+        None => None,
+    };
+    let (mut checks, judged) = {
+        let catalog = engine.catalog_read();
+        let ctx = Context {
+            catalog: &catalog,
+            platform_secure: &engine.config.platform_secure,
+        };
+        explain_click(&pb, click.as_ref(), &ctx)
+    };
+    let recomputed = match judged {
+        Err(verdict) => match verdict.outcome {
+            Outcome::Rejected(r) => r.message().to_string(),
+            _ => String::new(),
+        },
+        Ok(candidate) => {
+            let key = candidate.conversion.key;
+            let current = engine
+                .analytics
+                .conversion_states(vec![key.clone()])
+                .await?
+                .into_iter()
+                .next();
+            let dedupe = explain_dedupe(
+                &key,
+                &row.error,
+                row.created,
+                &row.conversion_id,
+                current.as_ref(),
+            );
+            let error = if dedupe.passed {
+                ""
+            } else {
+                row.error.as_str()
+            };
+            checks.push(dedupe);
+            error.to_string()
+        }
+    };
+    let matches_log = recomputed == row.error;
+    let note =
+        (!matches_log).then(|| {
+            format!(
+            "Applied now, the rules give {:?}, but the log says {:?}: the platform secure code \
+             changed since, or the click reached the engine after the postback.",
+            if recomputed.is_empty() { "registered" } else { &recomputed },
+            if row.error.is_empty() { "registered" } else { &row.error }
+        )
+        });
+    let catalog = engine.catalog_read();
+    let postback = server_postback_json(&row, click.as_ref(), &catalog, &tz);
+    Ok(json(
+        StatusCode::OK,
+        &json!({
+            "status": 1,
+            "postback": postback,
+            "checks": checks,
+            "matches_log": matches_log,
+            "note": note,
+        }),
+    ))
 }
 
 fn bad(msg: impl Into<String>) -> ApiError {
@@ -164,7 +276,7 @@ fn text(p: &Params, name: &str) -> Option<String> {
     p.get_nonempty(name).map(str::to_string)
 }
 
-fn format_time(tz: &Tz, at_us: i64) -> String {
+pub(crate) fn format_time(tz: &Tz, at_us: i64) -> String {
     DateTime::from_timestamp_micros(at_us)
         .map(|d| d.with_timezone(tz).format("%Y-%m-%d %H:%M:%S").to_string())
         .unwrap_or_default()
@@ -172,7 +284,7 @@ fn format_time(tz: &Tz, at_us: i64) -> String {
 
 /// The slice's filters and date range (paging aside), as `serverpostbacks` and its summary
 /// take them.
-fn postback_filters(p: &Params, tz: &Tz) -> Result<ServerPostbackQuery, ApiError> {
+pub(crate) fn postback_filters(p: &Params, tz: &Tz) -> Result<ServerPostbackQuery, ApiError> {
     let (from_us, to_us) = date_range(p, tz, None)?;
     let response_status = match p.get_nonempty("response_status") {
         Some(v) => Some(match v.trim() {

@@ -250,6 +250,125 @@ async fn the_whole_flow() {
     for (n, status, error) in expect {
         assert_eq!(outcome(n), (status, error.to_string()), "postback n={n}");
     }
+    // Why: each postback's explanation, rule by rule up to the one that decided.
+    let explain = |n: &str| {
+        let id = row(rows, "n", n)["_id"]["$id"]
+            .as_str()
+            .expect("id")
+            .to_string();
+        let api = api.clone();
+        async move {
+            let (code, body) = api
+                .get_json(&format!("/3.0/stats/serverpostbacks/{id}/explanation"))
+                .await;
+            assert_eq!(code, 200, "{body}");
+            assert_eq!(body["matches_log"], true, "{body}");
+            body
+        }
+    };
+    let default_conversion = row(rows, "n", "default")["conversion_id"].clone();
+    let why = [
+        (
+            "no-secure",
+            "secure_code",
+            false,
+            "the advertiser has a secure code, and no secure code was passed",
+        ),
+        (
+            "wrong-secure",
+            "secure_code",
+            false,
+            "the secure code passed (5 characters) is not it",
+        ),
+        ("secure-ok", "dedupe", true, "this postback created"),
+        (
+            "walled",
+            "ip_allow_list",
+            false,
+            "is not in the offer's allow-list: 10.0.0.0/8",
+        ),
+        (
+            "no-clickid",
+            "click_id",
+            false,
+            "neither clickid nor click_id was passed",
+        ),
+        ("broken", "click_id", false, "\"abc123\" is not a click id"),
+        (
+            "unknown",
+            "click",
+            false,
+            "no click 5f0000007e28fee0558b4567 is stored",
+        ),
+        (
+            "paused",
+            "offer",
+            false,
+            "was paused at the postback's time",
+        ),
+        (
+            "goal",
+            "goal",
+            false,
+            "goal \"purchase\" is not one the offer pays for; it pays for \"1\", \"Install\"",
+        ),
+        (
+            "dup",
+            "dedupe",
+            false,
+            "existed, and the postback passed no other status",
+        ),
+        (
+            "update",
+            "dedupe",
+            true,
+            "was pending: this postback changed its status",
+        ),
+        ("settled", "dedupe", false, "had left pending"),
+        (
+            "bad-status",
+            "status",
+            false,
+            "status \"4\" is none of 1 (confirmed)",
+        ),
+    ];
+    for (n, rule, passed, detail) in why {
+        let body = explain(n).await;
+        let checks = body["checks"].as_array().expect("checks");
+        let last = checks.last().expect("a check");
+        assert_eq!(
+            (last["rule"].as_str(), last["passed"].as_bool()),
+            (Some(rule), Some(passed)),
+            "n={n}: {body}"
+        );
+        assert!(
+            last["detail"].as_str().is_some_and(|d| d.contains(detail)),
+            "n={n}: {body}"
+        );
+        assert!(
+            checks[..checks.len() - 1]
+                .iter()
+                .all(|c| c["passed"] == true),
+            "n={n}: {body}"
+        );
+        assert!(
+            !body["checks"].to_string().contains("advsec"),
+            "a secure code is never shown: {body}"
+        );
+    }
+    let dup = explain("dup").await;
+    let dedupe = dup["checks"]
+        .as_array()
+        .and_then(|c| c.last())
+        .expect("dedupe");
+    assert_eq!(dedupe["conversion_id"], default_conversion, "{dup}");
+    for missing in ["000000000000000000000000", "not-an-id"] {
+        let (code, _) = api
+            .get_json(&format!("/3.0/stats/serverpostbacks/{missing}/explanation"))
+            .await;
+        assert_eq!(code, 404, "{missing}");
+    }
+
     let r = row(rows, "n", "broken");
     assert_eq!(r["response"], r#"{"status":2,"message":"Broken clickid"}"#);
     assert_eq!(row(rows, "n", "default")["response"], r#"{"status":1}"#);

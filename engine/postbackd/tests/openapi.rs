@@ -29,6 +29,8 @@ fn every_route_is_documented() {
         "/3.0/stats/serverpostbacks",
         "/3.0/stats/serverpostbacks/summary",
         "/3.0/stats/serverpostbacks/live",
+        "/3.0/stats/serverpostbacks/{id}/explanation",
+        "/3.0/stats/serverpostbacks/csv",
         "/3.0/stats/conversions",
         "/3.0/stats/affiliatepostbacks",
         "/3.0/admin/affiliatepostbacks/resend",

@@ -171,3 +171,94 @@ async fn a_store_of_an_older_schema_is_rebuilt_from_the_logs() {
         .expect("version");
     assert_eq!(version, postbackd::sqlite_store::SCHEMA_VERSION);
 }
+
+/// The CSV export: every row of the listing, in its order, once, however many pages it takes
+/// the exporter (a thousand rows each), with the listing's filters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_csv_export_holds_every_row_of_the_listing_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(dir.path()).await;
+    let api = Api::new(server.addr());
+    let click = offer_and_click(&api).await;
+    let n = 2300;
+    let mut senders = tokio::task::JoinSet::new();
+    for t in 0..23 {
+        let (api, click) = (api.clone(), click.clone());
+        senders.spawn(async move {
+            let from = t * 100;
+            // Every third one is refused (a broken click id), for the filter below.
+            for i in from..from + 100 {
+                let q = if i % 3 == 0 {
+                    format!("clickid=broken{i}&action_id=a{i:04}")
+                } else {
+                    format!("clickid={click}&action_id=a{i:04}")
+                };
+                api.postback(&q).await;
+            }
+        });
+    }
+    while let Some(r) = senders.join_next().await {
+        r.expect("sender");
+    }
+    api.wait_for_postbacks(n).await;
+    let d = today();
+    let mut listed = Vec::new();
+    for page in 1.. {
+        let (_, body) = api
+            .get_json(&format!(
+                "/3.0/stats/serverpostbacks?date_from={d}&date_to={d}&limit=500&page={page}"
+            ))
+            .await;
+        let rows = body["postbacks"].as_array().expect("rows").clone();
+        listed.extend(
+            rows.iter()
+                .map(|r| r["_id"]["$id"].as_str().expect("id").to_string()),
+        );
+        if rows.len() < 500 {
+            break;
+        }
+    }
+    let csv = |filters: &str| {
+        let api = api.clone();
+        let url = format!(
+            "{}/3.0/stats/serverpostbacks/csv?date_from={d}&date_to={d}{filters}",
+            api.base
+        );
+        async move {
+            let r = api
+                .http
+                .get(url)
+                .header("API-Key", KEY)
+                .send()
+                .await
+                .expect("export");
+            assert_eq!(r.status(), 200);
+            assert_eq!(r.headers()["content-type"], "text/csv; charset=utf-8");
+            r.text().await.expect("body")
+        }
+    };
+    let all = csv("").await;
+    let lines: Vec<&str> = all.split("\r\n").filter(|l| !l.is_empty()).collect();
+    assert!(lines[0].starts_with("id,date,offer_id"), "{}", lines[0]);
+    let exported: Vec<String> = lines[1..]
+        .iter()
+        .map(|l| {
+            l.split(',')
+                .next()
+                .expect("id")
+                .trim_matches('"')
+                .to_string()
+        })
+        .collect();
+    assert_eq!(exported.len(), n as usize);
+    assert_eq!(exported, listed, "the listing's rows, in its order");
+    let refused = csv("&response_status=2").await;
+    let refused: Vec<&str> = refused
+        .split("\r\n")
+        .filter(|l| !l.is_empty())
+        .skip(1)
+        .collect();
+    assert_eq!(refused.len(), 767, "every third of 2300");
+    assert!(refused.iter().all(|l| l.contains("\"Broken clickid\"")));
+    server.shutdown().await;
+}

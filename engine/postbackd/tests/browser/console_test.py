@@ -8,8 +8,11 @@ affiliate's hostile response body show as text.
 
 Prints each check; exits non-zero on the first failure (an assertion).
 """
+import csv
 import http.server
+import os
 import json
+from datetime import date
 import sys
 import threading
 import urllib.parse
@@ -18,6 +21,14 @@ import urllib.request
 from playwright.sync_api import expect, sync_playwright
 
 BASE, KEY = sys.argv[1].rstrip("/"), sys.argv[2]
+# Where a screenshot of each page goes (the README shows copies of them in docs/console/).
+SHOTS = sys.argv[3] if len(sys.argv) > 3 else None
+
+
+def shot(page, name):
+    if SHOTS:
+        os.makedirs(SHOTS, exist_ok=True)
+        page.screenshot(path=os.path.join(SHOTS, f"{name}.png"), full_page=False)
 SCRIPT = "<script>window.__pwned = 1</script>"
 IMG = '<img src=x onerror="window.__pwned = 2">'
 
@@ -72,6 +83,8 @@ def seed():
         except urllib.error.HTTPError as e:
             clicks.append(e.headers["Location"].split("c=")[1][:24])
     postbacks = [f"clickid={clicks[0]}&action_id=ORDER-777&sum=10"]
+    # The same order again, on the other click: a duplicate.
+    postbacks.append(f"clickid={clicks[1]}&action_id=ORDER-777&sum=10")
     postbacks += [f"clickid={clicks[1]}&action_id=A{i}&goal=nope" for i in range(60)]
     postbacks.append("clickid=" + urllib.parse.quote(SCRIPT) + "&note=" + urllib.parse.quote(IMG))
     for q in postbacks:
@@ -147,10 +160,23 @@ def main():
         # Search by a partial parameter value.
         page.fill("input[name=search]", "order-77")
         page.click("#filters button")
-        expect(page.locator("#summary")).to_contain_text("1 postbacks")
-        expect(page.locator("#rows tbody tr")).to_have_count(1)
-        expect(page.locator("#rows tbody tr td.params")).to_contain_text("action_id=ORDER-777")
-        print("ok  search by a partial value finds the one postback")
+        expect(page.locator("#summary")).to_contain_text("2 postbacks")
+        expect(page.locator("#rows tbody tr")).to_have_count(2)
+        expect(page.locator("#rows tbody tr td.params").first).to_contain_text("action_id=ORDER-777")
+        print("ok  search by a partial value finds the order and its duplicate")
+
+        # Why the duplicate was refused: the rules it passed, and the conversion that existed,
+        # which opens in the Conversions tab.
+        page.locator("#rows tbody tr", has_text="Conversion exists").click()
+        expect(page.locator("#why li[data-rule=click]")).to_contain_text("clicked at")
+        expect(page.locator("#why li[data-rule=dedupe]")).to_have_class("rejected")
+        expect(page.locator("#why li[data-rule=dedupe]")).to_contain_text('action id "ORDER-777"')
+        page.click("#why li[data-rule=dedupe] button")
+        expect(page.locator("#conversions")).to_be_visible()
+        expect(page.locator("#conv-rows tbody tr")).to_have_count(1)
+        expect(page.locator("#conv-rows tbody tr")).to_contain_text("ORDER-777")
+        page.click("#tab-server")
+        print("ok  a duplicate's explanation names the conversion that existed and opens it")
 
         # Filter by response status, then open a rejected one: its exact error.
         page.fill("input[name=search]", "")
@@ -161,8 +187,15 @@ def main():
         page.locator("#rows tbody tr", has_text="goal=nope").first.click()
         expect(page.locator("#detail-response")).to_have_text("Rejected (status 2): Goal not found")
         expect(page.locator("#detail-params")).to_contain_text("goal")
+        expect(page.locator("#why li")).to_have_count(6)
+        shot(page, "postback-why")
+        # Why: rule by rule, up to the goal the offer does not pay for, and the ones it does.
+        expect(page.locator("#why li")).to_have_count(6)
+        expect(page.locator("#why li[data-rule=offer]")).to_have_class("ok")
+        expect(page.locator("#why li[data-rule=goal]")).to_have_class("rejected")
+        expect(page.locator("#why li[data-rule=goal]")).to_contain_text('goal "nope" is not one the offer pays for; it pays for "1"')
         page.click("#detail button")
-        print("ok  filtered by response status; a rejection opens with its exact error")
+        print("ok  filtered by response status; a rejection opens with its exact error and why")
 
         # Hostile parameters are text, in the table and in the detail.
         page.fill("input[name=search]", "pwned")
@@ -190,6 +223,37 @@ def main():
         expect(page.locator("#rows tbody tr")).to_have_count(50)
         print("ok  paged through the list and back")
 
+        # CSV export of the filtered rows: the API's rows, in its order.
+        with page.expect_download() as info:
+            page.click("#export")
+        with open(info.value.path(), newline="", encoding="utf-8") as f:
+            exported = list(csv.reader(f))
+        assert exported[0][:3] == ["id", "date", "offer_id"], exported[0]
+        d = date.today().isoformat()
+        _, _, body = call("GET", f"/3.0/stats/serverpostbacks?date_from={d}&date_to={d}&limit=500")
+        listed = [r["_id"]["$id"] for r in json.loads(body)["postbacks"]]
+        assert [r[0] for r in exported[1:]] == listed, (len(exported), len(listed))
+        hostile = [r for r in exported if "pwned" in ",".join(r)]
+        assert len(hostile) == 1 and hostile[0][12] == "Broken clickid", hostile
+        print(f"ok  exported {len(listed)} rows as CSV, the same as the API's")
+
+        # The chart over the range: accepted and rejected postbacks, by hour.
+        expect(page.locator("#chart rect.rejected").first).to_be_attached()
+        tips = page.locator("#chart title").all_text_contents()
+        assert any(t.endswith("rejected") and not t.endswith(" 0 rejected") for t in tips), tips
+        shot(page, "server-postbacks")
+        print("ok  the chart shows the range's accepted and rejected postbacks")
+
+        # Integration health: the offer whose postbacks are refused stands out, with its error.
+        page.click("#tab-health")
+        shop = page.locator("#health-rows tbody tr", has_text="Shop")
+        expect(shop).to_have_class("alert")
+        expect(shop).to_contain_text("Goal not found ×60")
+        expect(shop.locator("svg.spark rect.rejected").first).to_be_attached()
+        shot(page, "integration-health")
+        page.click("#tab-server")
+        print("ok  integration health puts the refused offer forward, with its errors")
+
         # Affiliates Postbacks: the refused delivery, its hostile body as text, and a re-send.
         page.click("#tab-affiliate")
         expect(page.locator("#aff-summary")).to_contain_text("1 attempts", timeout=15000)
@@ -208,6 +272,7 @@ def main():
                 break
         expect(page.locator("#aff-summary")).to_contain_text("2 attempts")
         assert Affiliate.hits == 2, Affiliate.hits
+        shot(page, "affiliates-postbacks")
         print("ok  a failed affiliate postback shows its code and body as text, and re-sends once")
 
         # Conversions: the one accepted postback's, found by its action id and status.
@@ -221,6 +286,7 @@ def main():
         page.fill("#conv-filters input[name=action_id]", "ORDER-777")
         page.click("#conv-filters button[type=submit]")
         expect(page.locator("#conv-rows tbody tr")).to_have_count(1)
+        shot(page, "conversions")
         print("ok  conversions list with their filters")
 
         # The test preview of the affiliate's postback setting for that conversion: the URL it
