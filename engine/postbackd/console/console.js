@@ -227,6 +227,137 @@ async function loadHealth() {
   }));
 }
 
+// Setup: advertisers, offers with a payment, partners, affiliate postback settings, and the
+// links to hand to each side. Lists are re-read after every change.
+const setup = { advertisers: [], offers: [], partners: [] };
+async function loadSetup() {
+  $("setup-error").textContent = "";
+  let a, o, p, s;
+  try {
+    [a, o, p, s] = await Promise.all([
+      api("/3.0/admin/advertisers?limit=500"), api("/3.0/offers?limit=500"),
+      api("/3.0/admin/partners?limit=500"), api("/3.0/admin/postbacks?limit=500"),
+    ]);
+  } catch (e) {
+    $("setup-error").textContent = e.message;
+    return;
+  }
+  setup.advertisers = a.advertisers || [];
+  setup.offers = o.offers || [];
+  setup.partners = p.partners || [];
+  const rows = (id, items, cells) => $(id).tBodies[0].replaceChildren(...items.map((x) => {
+    const tr = el("tr");
+    tr.append(...cells(x).map((c) => el("td", c)));
+    return tr;
+  }));
+  rows("adv-list", setup.advertisers, (x) => [x.id, x.title, x.secure ? "set" : "—", x.allowed_ip || "any"]);
+  const advTitle = new Map(setup.advertisers.map((x) => [x.id, x.title]));
+  rows("offer-list", setup.offers, (x) => [
+    x.id, x.title, x.advertiser ? advTitle.get(x.advertiser) || x.advertiser : "—", x.status,
+    (x.payments || []).map((m) => `${m.goal}: ${m.total}${m.type === "percent" ? "%" : ` ${m.currency}`}`).join(", "),
+  ]);
+  rows("partner-list", setup.partners, (x) => [x.id, x.email, x.login]);
+  rows("setting-list", s.postbacks || [], (x) => [
+    x.id, x.partner_id, x.offer_id || "every", x.goal || "any", x.status || "every change", x.method, x.url,
+  ]);
+  const options = (select, items, label, keepFirst) => {
+    const before = select.value;
+    const first = keepFirst ? [select.options[0]] : [];
+    select.replaceChildren(...first, ...items.map((x) => {
+      const opt = el("option", label(x));
+      opt.value = String(x.id);
+      return opt;
+    }));
+    if ([...select.options].some((opt) => opt.value === before)) select.value = before;
+  };
+  options($("offer-form").elements.advertiser, setup.advertisers, (x) => x.title, true);
+  options($("setting-form").elements.partner_id, setup.partners, (x) => `${x.id} · ${x.email}`, false);
+  options($("setting-form").elements.offer_id, setup.offers, (x) => `${x.id} · ${x.title}`, true);
+  options($("links-form").elements.offer, setup.offers, (x) => `${x.id} · ${x.title}`, false);
+  options($("links-form").elements.partner, setup.partners, (x) => `${x.id} · ${x.email}`, false);
+  links();
+}
+
+// The links for the offer and partner chosen: the partner's tracking link, and the
+// advertiser's postback URL and pixel (with the secure code the offer or its advertiser needs).
+function links() {
+  const f = $("links-form").elements;
+  const offer = setup.offers.find((x) => String(x.id) === f.offer.value);
+  const base = location.origin;
+  if (!offer) {
+    for (const id of ["link-click", "link-postback", "link-pixel"]) $(id).textContent = "Create an offer first.";
+    return;
+  }
+  const adv = setup.advertisers.find((x) => x.id === offer.advertiser);
+  const secure = offer.secure || (adv && adv.secure) || "";
+  const goal = (offer.payments && offer.payments[0] && offer.payments[0].goal) || "1";
+  const s2s = new URLSearchParams({ clickid: "{clickid}", action_id: "{order_id}", goal, sum: "{sum}" });
+  const pixel = new URLSearchParams({ offer_id: String(offer.id), afid: "{order_id}", afgoal: goal, afprice: "{sum}" });
+  if (secure) {
+    s2s.set("secure", secure);
+    pixel.set("afsecure", secure);
+  }
+  const braces = (q) => q.toString().replace(/%7B/g, "{").replace(/%7D/g, "}");
+  $("link-click").textContent = `${base}/click?offer_id=${offer.id}&pid=${f.partner.value || "PARTNER_ID"}`;
+  $("link-postback").textContent = `${base}/postback?${braces(s2s)}`;
+  $("link-pixel").textContent = `<img src="${base}/success.jpg?${braces(pixel)}" width="1" height="1" alt="">`;
+}
+
+async function copy(button) {
+  const text = $(button.dataset.copy).textContent;
+  try {
+    await navigator.clipboard.writeText(text);
+    button.textContent = "Copied";
+  } catch (_) {
+    // No clipboard (an insecure origin): select it for the operator to copy.
+    const range = document.createRange();
+    range.selectNodeContents($(button.dataset.copy));
+    const sel = getSelection();
+    sel.removeAllRanges();
+    sel.addRange(range);
+    button.textContent = "Selected: copy it";
+  }
+  setTimeout(() => { button.textContent = "Copy"; }, 3000);
+}
+
+// Sends a setup form to its admin endpoint; blank fields are left out.
+async function create(path, fields, what) {
+  $("setup-message").textContent = "";
+  $("setup-error").textContent = "";
+  const form = {};
+  for (const [k, v] of Object.entries(fields)) if (String(v).trim() !== "") form[k] = String(v).trim();
+  try {
+    const body = await api(path, form);
+    const made = body.advertiser || body.offer || body.partner || body.postback || {};
+    $("setup-message").textContent = `Created ${what} ${made.id}.`;
+    await loadSetup();
+    return true;
+  } catch (e) {
+    $("setup-error").textContent = `${what}: ${e.message}`;
+    return false;
+  }
+}
+
+function bindSetup() {
+  const on = (id, make) => $(id).addEventListener("submit", async (e) => {
+    e.preventDefault();
+    if (await make(e.target.elements)) e.target.reset();
+  });
+  on("adv-form", (f) => create("/3.0/admin/advertiser", { title: f.title.value, secure: f.secure.value, allowed_ip: f.allowed_ip.value }, "advertiser"));
+  on("offer-form", (f) => create("/3.0/admin/offer", {
+    title: f.title.value, advertiser: f.advertiser.value, url: f.url.value, status: f.status.value,
+    default_status: f.default_status.value, "payments[0][goal]": f.goal.value, "payments[0][total]": f.total.value,
+    "payments[0][revenue]": f.revenue.value, "payments[0][type]": f.type.value, "payments[0][currency]": f.currency.value,
+  }, "offer"));
+  on("partner-form", (f) => create("/3.0/admin/partner", { email: f.email.value, login: f.login.value }, "partner"));
+  on("setting-form", (f) => create("/3.0/partner/postback", {
+    partner_id: f.partner_id.value, offer_id: f.offer_id.value, goal: f.goal.value, status: f.status.value,
+    method: f.method.value, url: f.url.value,
+  }, "postback"));
+  $("links-form").addEventListener("change", links);
+  for (const b of document.querySelectorAll("[data-copy]")) b.addEventListener("click", () => copy(b));
+}
+
 async function load() {
   $("list-error").textContent = "";
   let body;
@@ -458,7 +589,7 @@ function show(signedIn) {
   else for (const section of Object.values(TABS)) $(section).hidden = true;
 }
 
-const TABS = { server: "postbacks", affiliate: "affiliates", conversions: "conversions", health: "health" };
+const TABS = { server: "postbacks", affiliate: "affiliates", conversions: "conversions", health: "health", setup: "setup" };
 
 function tab(name) {
   for (const [t, section] of Object.entries(TABS)) {
@@ -469,6 +600,7 @@ function tab(name) {
   const list = { affiliate: affiliates, conversions }[name];
   if (list && !list.filters) list.start();
   if (name === "health" && !health.loaded) loadHealth();
+  if (name === "setup") loadSetup();
 }
 
 // A paged listing of one /3.0/stats endpoint with the filters of its form; element ids start
@@ -633,6 +765,7 @@ document.addEventListener("DOMContentLoaded", () => {
   form.elements.date_to.value = today();
   affiliates.bind();
   conversions.bind();
+  bindSetup();
   const hf = $("health-filters");
   hf.elements.date_from.value = today();
   hf.elements.date_to.value = today();

@@ -125,7 +125,8 @@ def main():
             args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"],
         )
-        page = browser.new_page()
+        context = browser.new_context(permissions=["clipboard-read", "clipboard-write"])
+        page = context.new_page()
         dialogs = []
         page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
         page.goto(BASE + "/")
@@ -301,6 +302,52 @@ def main():
         expect(page.locator("#preview-url")).to_contain_text("/pb?t=ORDER-777")
         assert Affiliate.hits == hits, "a preview sends nothing"
         print("ok  the test preview shows the URL a setting would call, and sends nothing")
+
+        # Setup: an advertiser, an offer with a payment, a partner and its postback setting,
+        # through the setup pages; then the links to hand out, and the tracking link works.
+        page.click("#tab-setup")
+        page.fill("#adv-form input[name=title]", "Acme")
+        page.fill("#adv-form input[name=secure]", "s3cret")
+        page.click("#adv-form button")
+        expect(page.locator("#setup-message")).to_contain_text("Created advertiser")
+        expect(page.locator("#adv-list tbody")).to_contain_text("Acme")
+        assert "s3cret" not in page.locator("#adv-list").inner_text()
+        page.fill("#offer-form input[name=title]", "Setup offer")
+        page.select_option("#offer-form select[name=advertiser]", label="Acme")
+        page.fill("#offer-form input[name=url]", "https://land.example/?c={clickid}")
+        page.fill("#offer-form input[name=goal]", "sale")
+        page.fill("#offer-form input[name=total]", "2.5")
+        page.click("#offer-form button")
+        expect(page.locator("#setup-message")).to_contain_text("Created offer 2")
+        expect(page.locator("#offer-list tbody")).to_contain_text("sale: 2.5 USD")
+        page.fill("#partner-form input[name=email]", "setup@example.com")
+        page.click("#partner-form button")
+        expect(page.locator("#partner-list tbody")).to_contain_text("setup@example.com")
+        page.select_option("#setting-form select[name=partner_id]", label="2 · setup@example.com")
+        page.fill("#setting-form input[name=url]", "https://aff.example/pb?t={transactionid}")
+        page.click("#setting-form button")
+        expect(page.locator("#setting-list tbody")).to_contain_text("https://aff.example/pb?t={transactionid}")
+        _, _, body = call("GET", "/3.0/offer/2")
+        offer = json.loads(body)["offer"]
+        assert offer["title"] == "Setup offer" and offer["payments"][0]["goal"] == "sale", offer
+        assert offer["payments"][0]["total"] == 2.5, offer
+        page.select_option("#links-form select[name=offer]", label="2 · Setup offer")
+        page.select_option("#links-form select[name=partner]", label="2 · setup@example.com")
+        link = page.locator("#link-click").inner_text()
+        assert link == BASE + "/click?offer_id=2&pid=2", link
+        expect(page.locator("#link-postback")).to_contain_text("/postback?clickid={clickid}&action_id={order_id}&goal=sale")
+        expect(page.locator("#link-postback")).to_contain_text("secure=s3cret")
+        expect(page.locator("#link-pixel")).to_contain_text("afgoal=sale")
+        page.click("#links button[data-copy=link-click]")
+        expect(page.locator("#links button[data-copy=link-click]")).to_have_text("Copied")
+        assert page.evaluate("navigator.clipboard.readText()") == link
+        try:
+            urllib.request.build_opener(NoRedirect).open(link)
+            raise AssertionError("the tracking link did not redirect")
+        except urllib.error.HTTPError as e:
+            assert e.code == 302 and e.headers["Location"].startswith("https://land.example/?c="), e
+        shot(page, "setup")
+        print("ok  setup pages create an advertiser, an offer, a partner and its postback; the links work")
 
         page.click("#sign-out")
         expect(page.locator("#sign-in")).to_be_visible()
