@@ -1,12 +1,15 @@
 """The console in a real browser (Debian's Chromium, headless, driven by Playwright) against a
 real engine (started with --allow-private-postback-targets): sign in, see postbacks live,
-search by a partial value, filter by response status, open a postback's parameters and its
-error, page through; see a failed affiliate postback and re-send it; hostile parameters and an
-affiliate's hostile response body show as text.
+search by a partial value, filter by response status, open a postback's parameters, its error
+and why it got it, page through, export CSV and compare it with the API, see the chart and
+integration health; see a failed affiliate postback and re-send it; create an advertiser, an
+offer, a partner and a postback setting through the setup pages and follow the tracking link;
+hostile parameters and an affiliate's hostile response body show as text.
 
-    python console_test.py BASE_URL API_KEY
+    python console_test.py BASE_URL API_KEY [SCREENSHOT_DIR]
 
-Prints each check; exits non-zero on the first failure (an assertion).
+Prints each check; exits non-zero on the first failure (an assertion). With SCREENSHOT_DIR,
+writes a screenshot of each page there.
 """
 import csv
 import http.server
