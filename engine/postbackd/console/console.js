@@ -344,11 +344,25 @@ function bindSetup() {
     if (await make(e.target.elements)) e.target.reset();
   });
   on("adv-form", (f) => create("/3.0/admin/advertiser", { title: f.title.value, secure: f.secure.value, allowed_ip: f.allowed_ip.value }, "advertiser"));
-  on("offer-form", (f) => create("/3.0/admin/offer", {
-    title: f.title.value, advertiser: f.advertiser.value, url: f.url.value, status: f.status.value,
-    default_status: f.default_status.value, "payments[0][goal]": f.goal.value, "payments[0][total]": f.total.value,
-    "payments[0][revenue]": f.revenue.value, "payments[0][type]": f.type.value, "payments[0][currency]": f.currency.value,
-  }, "offer"));
+  on("offer-form", async (f) => {
+    const fields = {
+      title: f.title.value, advertiser: f.advertiser.value, url: f.url.value, status: f.status.value,
+      default_status: f.default_status.value,
+    };
+    // One payment per fieldset, as Affise's payments[i][...] keys.
+    $("offer-form").querySelectorAll("fieldset.payment").forEach((set, i) => {
+      for (const input of set.querySelectorAll("input, select")) fields[`payments[${i}][${input.name}]`] = input.value;
+    });
+    const made = await create("/3.0/admin/offer", fields, "offer");
+    if (made) $("offer-form").querySelectorAll("fieldset.payment").forEach((set, i) => { if (i > 0) set.remove(); });
+    return made;
+  });
+  $("add-payment").addEventListener("click", () => {
+    const sets = $("offer-form").querySelectorAll("fieldset.payment");
+    const next = sets[sets.length - 1].cloneNode(true);
+    for (const input of next.querySelectorAll("input")) input.value = input.name === "currency" ? "USD" : "";
+    sets[sets.length - 1].after(next);
+  });
   on("partner-form", (f) => create("/3.0/admin/partner", { email: f.email.value, login: f.login.value }, "partner"));
   on("setting-form", (f) => create("/3.0/partner/postback", {
     partner_id: f.partner_id.value, offer_id: f.offer_id.value, goal: f.goal.value, status: f.status.value,
@@ -824,7 +838,27 @@ document.addEventListener("DOMContentLoaded", () => {
     if (tr && tr.dataset.index) openDetail(view.rows[Number(tr.dataset.index)]);
   };
   tbody.addEventListener("click", pick);
-  tbody.addEventListener("keydown", (e) => { if (e.key === "Enter") pick(e); });
+  tbody.addEventListener("keydown", (e) => {
+    if (e.key === "Enter") {
+      // Not also to the dialog's first button, which has the focus once it opens.
+      e.preventDefault();
+      pick(e);
+    }
+    const tr = e.target.closest("tr");
+    const next = e.key === "ArrowDown" ? tr && tr.nextElementSibling : e.key === "ArrowUp" ? tr && tr.previousElementSibling : null;
+    if (next) {
+      e.preventDefault();
+      next.focus();
+    }
+  });
+  // "/" goes to the search box, as in most log viewers.
+  document.addEventListener("keydown", (e) => {
+    const typing = e.target.closest && e.target.closest("input, select, textarea");
+    if (e.key === "/" && !typing && !$("postbacks").hidden) {
+      e.preventDefault();
+      $("filters").elements.search.focus();
+    }
+  });
   if (sessionStorage.getItem(KEY)) {
     show(true);
     startList();

@@ -225,7 +225,17 @@ def main():
         expect(page.locator("#next")).to_be_disabled()
         page.click("#prev")
         expect(page.locator("#rows tbody tr")).to_have_count(50)
-        print("ok  paged through the list and back")
+        # Keyboard: "/" goes to the search; arrows move between rows; Enter opens one.
+        page.locator("#postbacks h2").click()
+        page.keyboard.press("/")
+        assert page.evaluate("document.activeElement.name") == "search"
+        page.locator("#rows tbody tr").first.focus()
+        page.keyboard.press("ArrowDown")
+        page.keyboard.press("Enter")
+        expect(page.locator("#detail")).to_be_visible()
+        page.keyboard.press("Escape")
+        expect(page.locator("#detail")).to_be_hidden()
+        print("ok  paged through the list and back; the keyboard gets around")
 
         # CSV export of the filtered rows: the API's rows, in its order.
         with page.expect_download() as info:
@@ -320,9 +330,15 @@ def main():
         page.fill("#offer-form input[name=url]", "https://land.example/?c={clickid}")
         page.fill("#offer-form input[name=goal]", "sale")
         page.fill("#offer-form input[name=total]", "2.5")
-        page.click("#offer-form button")
+        page.click("#add-payment")
+        second = page.locator("#offer-form fieldset.payment").nth(1)
+        second.locator("input[name=goal]").fill("install")
+        second.locator("input[name=total]").fill("10")
+        second.locator("select[name=type]").select_option("percent")
+        page.click("#offer-form button[type=submit]")
         expect(page.locator("#setup-message")).to_contain_text("Created offer 2")
-        expect(page.locator("#offer-list tbody")).to_contain_text("sale: 2.5 USD")
+        expect(page.locator("#offer-list tbody")).to_contain_text("sale: 2.5 USD, install: 10%")
+        expect(page.locator("#offer-form fieldset.payment")).to_have_count(1)
         page.fill("#partner-form input[name=email]", "setup@example.com")
         page.click("#partner-form button")
         expect(page.locator("#partner-list tbody")).to_contain_text("setup@example.com")
@@ -334,6 +350,7 @@ def main():
         offer = json.loads(body)["offer"]
         assert offer["title"] == "Setup offer" and offer["payments"][0]["goal"] == "sale", offer
         assert offer["payments"][0]["total"] == 2.5, offer
+        assert offer["payments"][1]["goal"] == "install" and offer["payments"][1]["type"] == "percent", offer
         page.select_option("#links-form select[name=offer]", label="2 · Setup offer")
         page.select_option("#links-form select[name=partner]", label="2 · setup@example.com")
         link = page.locator("#link-click").inner_text()
