@@ -8,7 +8,7 @@
 #   bash benches/run.sh                 # the full run (about 20 minutes)
 #   QUICK=1 bash benches/run.sh         # shorter steps and a smaller log, for a first look
 #   ONLY="bare kafka" bash benches/run.sh   # some sections only (bare nginx engine e2e kafka
-#                                           # cluster stats stats-clickhouse)
+#                                           # cluster closed stats stats-clickhouse)
 #
 # The kafka section starts a single-node broker (deploy/kafka.sh) and measures postbackd with
 # its logs on Kafka (acks=all): the ingest peak, and the end-to-end lag at half of it.
@@ -35,7 +35,7 @@ if ! command -v nginx >/dev/null; then
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-ONLY=${ONLY:-bare nginx engine e2e kafka cluster stats stats-clickhouse}
+ONLY=${ONLY:-bare nginx engine e2e kafka cluster closed stats stats-clickhouse}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 
 work=$(mktemp -d)
@@ -52,10 +52,16 @@ trap cleanup EXIT
 
 wait_port() { for _ in $(seq 1 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 did not open" >&2; return 1; }
 peak_mem_mib() { awk '/VmHWM/ {printf "%.0f", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
-ramp() { # ramp NAME URL SCENARIO [API_KEY] -> prints the peak ok/s
+ramp() { # ramp NAME URL SCENARIO [API_KEY] [SERVER_PIDS] -> prints the peak ok/s
   "$BIN/pbload" --target "$2" --api-key "${4:-}" --scenario "$3" --ramp "$RAMP" --duration "$STEP_SECS" \
-    --quiet --json "$work/$1.json" | tee "$work/$1.txt" >&2
+    ${5:+--server-pid "$5"} --quiet --json "$work/$1.json" | tee "$work/$1.txt" >&2
   awk '/^peak/ {print $2}' "$work/$1.txt"
+}
+bound_at_peak() { # " (generator-bound)" if, at the last step that held its rate, pbload spent as much CPU per request as the server
+  python3 -c "
+import json
+r=[x for x in json.load(open('$work/$1.json')) if x['achieved_rps']>=0.95*x['rate'] and x['errors']+x['overloaded']<=x['sent']/100]
+print(' (generator-bound)' if r and r[-1]['cpu']['generator_bound'] else '')"
 }
 p99_at_peak() { # the p99 (ms) of the last step that held its rate
   python3 -c "
@@ -70,28 +76,34 @@ if want bare; then
 echo "== bare hyper" >&2
 "$BIN/bare_hyper" 127.0.0.1:18081 >/dev/null & pids+=($!); bare_pid=$!
 wait_port 18081
-bare=$(ramp bare http://127.0.0.1:18081 postback); bare_p99=$(p99_at_peak bare); bare_mem=$(peak_mem_mib $bare_pid)
+bare=$(ramp bare http://127.0.0.1:18081 postback "" $bare_pid); bare_p99=$(p99_at_peak bare)$(bound_at_peak bare)
+bare_mem=$(peak_mem_mib $bare_pid)
 kill $bare_pid
 fi
 
-if want nginx; then
-echo "== nginx (return 204, access log on)" >&2
-mkdir -p "$work/nginx"
-cat > "$work/nginx.conf" <<CONF
+nginx_conf() { # DIR PORT: nginx answering 204 with its access log on, its files in DIR
+  mkdir -p "$1"
+  cat > "$1/nginx.conf" <<CONF
 worker_processes auto;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log;
+pid $1/nginx.pid;
+error_log $1/error.log;
 events { worker_connections 8192; }
 http {
-  access_log $work/nginx/access.log;
-  client_body_temp_path $work/nginx; proxy_temp_path $work/nginx; fastcgi_temp_path $work/nginx;
-  uwsgi_temp_path $work/nginx; scgi_temp_path $work/nginx;
-  server { listen 127.0.0.1:18082; location / { return 204; } }
+  access_log $1/access.log;
+  client_body_temp_path $1; proxy_temp_path $1; fastcgi_temp_path $1;
+  uwsgi_temp_path $1; scgi_temp_path $1;
+  server { listen 127.0.0.1:$2; location / { return 204; } }
 }
 CONF
-"$NGINX" -c "$work/nginx.conf" -g 'daemon off;' & pids+=($!); nginx_pid=$!
+}
+
+if want nginx; then
+echo "== nginx (return 204, access log on)" >&2
+nginx_conf "$work/nginx" 18082
+"$NGINX" -c "$work/nginx/nginx.conf" -g 'daemon off;' & pids+=($!); nginx_pid=$!
 wait_port 18082
-nginx=$(ramp nginx http://127.0.0.1:18082 postback); nginx_p99=$(p99_at_peak nginx)
+nginx_pids=$(ps -o pid= --ppid $nginx_pid | paste -sd, -)
+nginx=$(ramp nginx http://127.0.0.1:18082 postback "" "$nginx_pids"); nginx_p99=$(p99_at_peak nginx)$(bound_at_peak nginx)
 nginx_mem=$(ps -o rss= --ppid $nginx_pid | awk '{s+=$1} END {printf "%.0f", s/1024}')
 kill $nginx_pid
 fi
@@ -100,9 +112,10 @@ if want engine; then
 echo "== postbackd (embedded, fsync'd group commit)" >&2
 "$BIN/postbackd" serve --listen 127.0.0.1:18083 --data-dir "$work/engine" --api-key bench >/dev/null 2>&1 & pids+=($!); pbd_pid=$!
 wait_port 18083
-pbd=$(ramp pbd http://127.0.0.1:18083 postback bench); pbd_p99=$(p99_at_peak pbd); pbd_mem=$(peak_mem_mib $pbd_pid)
+pbd=$(ramp pbd http://127.0.0.1:18083 postback bench $pbd_pid); pbd_p99=$(p99_at_peak pbd)$(bound_at_peak pbd)
+pbd_mem=$(peak_mem_mib $pbd_pid)
 echo "== click redirects" >&2
-clicks=$(ramp clicks http://127.0.0.1:18083 click bench); clicks_p99=$(p99_at_peak clicks)
+clicks=$(ramp clicks http://127.0.0.1:18083 click bench $pbd_pid); clicks_p99=$(p99_at_peak clicks)$(bound_at_peak clicks)
 kill $pbd_pid; wait $pbd_pid 2>/dev/null || true
 fi
 
@@ -165,6 +178,33 @@ print('p50 %.0f ms, p99 %.0f ms (n=%d); verify %s' % (l.get('p50',0), l.get('p99
 done
 fi
 
+# Closed loop, as most HTTP benchmarks run: 16, 64 and 256 keep-alive connections, each
+# sending one fixed postback URL again as soon as it is answered, to bare hyper, nginx and the
+# engine in turn; CPU per request of each side beside the rate.
+closed_rows=()
+if want closed; then
+echo "== closed loop: 16, 64, 256 connections, one postback URL" >&2
+"$BIN/bare_hyper" 127.0.0.1:18091 >/dev/null & pids+=($!); cb_pid=$!
+"$BIN/postbackd" serve --listen 127.0.0.1:18093 --data-dir "$work/engine-closed" --api-key bench >/dev/null 2>&1 & pids+=($!); cp_pid=$!
+nginx_conf "$work/nginx-closed" 18092
+"$NGINX" -c "$work/nginx-closed/nginx.conf" -g 'daemon off;' & pids+=($!); cn_pid=$!
+wait_port 18091; wait_port 18092; wait_port 18093
+closed_run() { # NAME PORT PIDS CONNECTIONS -> "ok/s|p99 ms|cpu pbload|cpu server|bound"
+  "$BIN/pbload" --target "http://127.0.0.1:$2" --scenario postback --connections "$4" --duration "$STEP_SECS" \
+    --server-pid "$3" --json "$work/closed-$1-$4.json" >&2
+  python3 -c "
+import json; r=json.load(open('$work/closed-$1-$4.json')); c=r['cpu']
+print('%.0f|%.1f|%.1f|%.1f|%s' % (r['ok_per_s'], r['latency']['p99'], c['generator_us_per_request'], c['server_us_per_request'] or 0, ' (generator-bound)' if c['generator_bound'] else ''))"
+}
+for c in 16 64 256; do
+  b=$(closed_run bare 18091 "$cb_pid" "$c")
+  n=$(closed_run nginx 18092 "$(ps -o pid= --ppid "$cn_pid" | paste -sd, -)" "$c")
+  e=$(closed_run engine 18093 "$cp_pid" "$c")
+  closed_rows+=("$c|$b|$n|$e")
+done
+kill $cb_pid $cp_pid $cn_pid 2>/dev/null || true
+fi
+
 if want stats; then
 echo "== stats queries over $ROWS logged postbacks" >&2
 "$BIN/stats_query" "target/stats-bench-$ROWS" "$ROWS" | tee "$work/stats.txt" >&2
@@ -193,6 +233,15 @@ for i in 0 1 2; do
   [ -n "${cluster_peaks[$i]:-}" ] || continue
   echo "| postbackd cluster, $((i + 1)) engine(s), Kafka acks=all + ClickHouse | ${cluster_peaks[$i]} | ${cluster_p99[$i]} ms | | $(ratio "${cluster_peaks[$i]}" "$bare") of bare hyper |"
 done
+if [ ${#closed_rows[@]} -gt 0 ]; then
+  echo
+  echo "| closed loop, one postback URL | bare hyper ok/s (p99) | nginx ok/s (p99) | postbackd ok/s (p99) | postbackd / bare hyper | CPU µs per request: pbload, bare / nginx / postbackd |"
+  echo "|---|---|---|---|---|---|"
+  for row in "${closed_rows[@]}"; do
+    IFS='|' read -r c b_ok b_p99 b_gen b_srv b_bound n_ok n_p99 n_gen n_srv n_bound e_ok e_p99 e_gen e_srv e_bound <<<"$row"
+    echo "| $c connections | $b_ok ($b_p99 ms)$b_bound | ${n_ok:-} (${n_p99:-} ms)${n_bound:-} | $e_ok ($e_p99 ms)$e_bound | $(ratio "$e_ok" "$b_ok") | $b_gen / ${n_gen:-} / $e_gen; $b_srv / ${n_srv:-} / $e_srv |"
+  done
+fi
 echo
 echo "End to end (accepted → visible in the stats) at $half req/s, full mix, embedded: $e2e"
 echo "End to end at $cluster_half req/s, full mix, on the 3-engine cluster: $cluster_e2e"

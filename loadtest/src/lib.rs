@@ -28,7 +28,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod closed;
 mod receiver;
+
+pub use closed::{cpu_seconds, run_closed, ClosedOptions, ClosedReport, CpuShare};
 
 /// What to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -60,6 +63,8 @@ pub struct Options {
     /// Receive the run's affiliate postbacks here (a loopback port of pbload's own), and with
     /// `verify` check that each conversion state arrived exactly once.
     pub receive_postbacks: bool,
+    /// The server's process ids, to measure the CPU it spends per request beside pbload's own.
+    pub server_pids: Vec<u32>,
     pub quiet: bool,
 }
 
@@ -105,6 +110,8 @@ pub struct Report {
     pub by_kind: HashMap<String, Percentiles>,
     pub e2e_lag: Option<Percentiles>,
     pub verify: Option<Verification>,
+    /// CPU per request of the generator and the server (see `CpuShare`).
+    pub cpu: CpuShare,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -695,6 +702,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         );
         bar
     };
+    let meter = closed::CpuMeter::start(&opts.server_pids);
     let start = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / opts.rate.max(0.001));
     let total = (opts.rate * opts.duration.as_secs_f64()) as u64;
@@ -742,6 +750,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     }
     while tasks.join_next().await.is_some() {}
     let elapsed = start.elapsed().as_secs_f64();
+    let cpu = meter.finish(rec.ok.load(Ordering::Relaxed) + rec.errors.load(Ordering::Relaxed));
     progress.finish_and_clear();
 
     let verify = if opts.verify {
@@ -786,6 +795,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         by_kind,
         e2e_lag: (!lag.is_empty()).then(|| Percentiles::of(&lag)),
         verify,
+        cpu,
     })
 }
 

@@ -42,6 +42,16 @@ struct Cli {
     /// it exactly once.
     #[arg(long, conflicts_with = "affiliate_url")]
     receive_postbacks: bool,
+    /// Closed loop instead of a rate: this many keep-alive connections, each sending its next
+    /// request when the last was answered, for `duration` seconds; one fixed URL of the
+    /// scenario (`postback` or `click`), read without an HTTP library to cost the least.
+    #[arg(long, conflicts_with_all = ["ramp", "verify"])]
+    connections: Option<usize>,
+    /// The server's process id (repeat it, or a comma-separated list, for a server of several
+    /// processes): its CPU time per request is reported beside pbload's own, and a run where
+    /// pbload spent as much is flagged generator-bound.
+    #[arg(long, value_delimiter = ',')]
+    server_pid: Vec<u32>,
     /// Write the report(s) as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -62,8 +72,12 @@ fn main() -> anyhow::Result<()> {
         verify: cli.verify,
         affiliate_url: cli.affiliate_url.clone(),
         receive_postbacks: cli.receive_postbacks,
+        server_pids: cli.server_pid.clone(),
         quiet: cli.quiet,
     };
+    if let Some(connections) = cli.connections {
+        return closed_loop(&cli, connections, &runtime);
+    }
     let reports = match &cli.ramp {
         None => vec![runtime.block_on(run(base))?],
         Some(spec) => {
@@ -81,11 +95,12 @@ fn main() -> anyhow::Result<()> {
                 }))?;
                 let short = r.achieved_rps < 0.95 * rate || r.errors + r.overloaded > r.sent / 100;
                 println!(
-                    "step {rate:>8.0}/s: {:>8.0} ok/s, p99 {:>8.2} ms, {} errors, {} overloaded{}",
+                    "step {rate:>8.0}/s: {:>8.0} ok/s, p99 {:>8.2} ms, {} errors, {} overloaded{}{}",
                     r.achieved_rps,
                     r.latency.p99,
                     r.errors,
                     r.overloaded,
+                    cpu_note(&r.cpu),
                     if short { "  <- short" } else { "" }
                 );
                 reports.push(r);
@@ -118,6 +133,62 @@ fn main() -> anyhow::Result<()> {
         .any(|r| r.verify.as_ref().is_some_and(|v| !v.passed()))
     {
         std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// CPU per request, and a warning where the generator spent as much as the server.
+fn cpu_note(cpu: &pbload::CpuShare) -> String {
+    match cpu.server_us_per_request {
+        Some(server) => format!(
+            ", cpu/req pbload {:.1} µs, server {server:.1} µs{}",
+            cpu.generator_us_per_request,
+            if cpu.generator_bound {
+                " GENERATOR-BOUND"
+            } else {
+                ""
+            }
+        ),
+        None => String::new(),
+    }
+}
+
+fn closed_loop(
+    cli: &Cli,
+    connections: usize,
+    runtime: &tokio::runtime::Runtime,
+) -> anyhow::Result<()> {
+    let target = cli
+        .target
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no target"))?
+        .clone();
+    let path = match cli.scenario {
+        Scenario::Click => "/click?offer_id=1&pid=1&sub1=closed".to_string(),
+        // One fixed URL, the same for the engine and the baselines.
+        _ => "/postback?clickid=5f0000007e28fee0558b4567&action_id=closed-loop&goal=1&sum=10"
+            .to_string(),
+    };
+    let r = runtime.block_on(pbload::run_closed(pbload::ClosedOptions {
+        target,
+        path,
+        connections,
+        duration: Duration::from_secs_f64(cli.duration),
+        server_pids: cli.server_pid.clone(),
+    }))?;
+    println!(
+        "closed loop, {} connections, {:.1} s: {:.0} ok/s, {} errors; latency ms p50 {:.2} p99 {:.2} p99.9 {:.2}{}",
+        r.connections,
+        r.duration_s,
+        r.ok_per_s,
+        r.errors,
+        r.latency.p50,
+        r.latency.p99,
+        r.latency.p999,
+        cpu_note(&r.cpu)
+    );
+    if let Some(path) = &cli.json {
+        std::fs::write(path, serde_json::to_string_pretty(&r)?)?;
     }
     Ok(())
 }

@@ -321,6 +321,7 @@ async fn the_load_tester_drives_a_cluster_and_verifies_it() {
         verify: true,
         affiliate_url: None,
         receive_postbacks: true,
+        server_pids: Vec::new(),
         quiet: true,
     })
     .await

@@ -27,6 +27,7 @@ async fn a_short_verified_load_run() {
         verify: true,
         affiliate_url: None,
         receive_postbacks: true,
+        server_pids: Vec::new(),
         quiet: true,
     })
     .await
