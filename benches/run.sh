@@ -70,13 +70,13 @@ r=[x for x in json.load(open('$work/$1.json')) if x['achieved_rps']>=0.95*x['rat
 print('%.1f' % r[-1]['latency']['p99'] if r else '?')"
 }
 
-bare= bare_p99= bare_mem= nginx= nginx_p99= nginx_mem= pbd= pbd_p99= pbd_mem= clicks= clicks_p99=
+bare= bare_p99= bare_bound= nginx_bound= pbd_bound= clicks_bound= bare_mem= nginx= nginx_p99= nginx_mem= pbd= pbd_p99= pbd_mem= clicks= clicks_p99=
 e2e= half= kafka= kafka_p99= kafka_mem= kafka_e2e= kafka_half=
 if want bare; then
 echo "== bare hyper" >&2
 "$BIN/bare_hyper" 127.0.0.1:18081 >/dev/null & pids+=($!); bare_pid=$!
 wait_port 18081
-bare=$(ramp bare http://127.0.0.1:18081 postback "" $bare_pid); bare_p99=$(p99_at_peak bare)$(bound_at_peak bare)
+bare=$(ramp bare http://127.0.0.1:18081 postback "" $bare_pid); bare_p99=$(p99_at_peak bare); bare_bound=$(bound_at_peak bare)
 bare_mem=$(peak_mem_mib $bare_pid)
 kill $bare_pid
 fi
@@ -103,7 +103,7 @@ nginx_conf "$work/nginx" 18082
 "$NGINX" -c "$work/nginx/nginx.conf" -g 'daemon off;' & pids+=($!); nginx_pid=$!
 wait_port 18082
 nginx_pids=$(ps -o pid= --ppid $nginx_pid | paste -sd, -)
-nginx=$(ramp nginx http://127.0.0.1:18082 postback "" "$nginx_pids"); nginx_p99=$(p99_at_peak nginx)$(bound_at_peak nginx)
+nginx=$(ramp nginx http://127.0.0.1:18082 postback "" "$nginx_pids"); nginx_p99=$(p99_at_peak nginx); nginx_bound=$(bound_at_peak nginx)
 nginx_mem=$(ps -o rss= --ppid $nginx_pid | awk '{s+=$1} END {printf "%.0f", s/1024}')
 kill $nginx_pid
 fi
@@ -112,10 +112,10 @@ if want engine; then
 echo "== postbackd (embedded, fsync'd group commit)" >&2
 "$BIN/postbackd" serve --listen 127.0.0.1:18083 --data-dir "$work/engine" --api-key bench >/dev/null 2>&1 & pids+=($!); pbd_pid=$!
 wait_port 18083
-pbd=$(ramp pbd http://127.0.0.1:18083 postback bench $pbd_pid); pbd_p99=$(p99_at_peak pbd)$(bound_at_peak pbd)
+pbd=$(ramp pbd http://127.0.0.1:18083 postback bench $pbd_pid); pbd_p99=$(p99_at_peak pbd); pbd_bound=$(bound_at_peak pbd)
 pbd_mem=$(peak_mem_mib $pbd_pid)
 echo "== click redirects" >&2
-clicks=$(ramp clicks http://127.0.0.1:18083 click bench $pbd_pid); clicks_p99=$(p99_at_peak clicks)$(bound_at_peak clicks)
+clicks=$(ramp clicks http://127.0.0.1:18083 click bench $pbd_pid); clicks_p99=$(p99_at_peak clicks); clicks_bound=$(bound_at_peak clicks)
 kill $pbd_pid; wait $pbd_pid 2>/dev/null || true
 fi
 
@@ -224,10 +224,10 @@ echo "Machine: $(nproc) cores ($cpu), $(free -g | awk '/Mem:/ {print $2}') GiB; 
 echo
 echo "| what | peak ok/s | p99 at peak | peak memory | ratio |"
 echo "|---|---|---|---|---|"
-echo "| bare hyper, 200 without work | $bare | $bare_p99 ms | $bare_mem MiB | 1.00x |"
-echo "| nginx, 204 with access log | $nginx | $nginx_p99 ms | $nginx_mem MiB | $(ratio "$nginx" "$bare") of bare hyper |"
-echo "| postbackd postback ingest, embedded, durable | $pbd | $pbd_p99 ms | $pbd_mem MiB | $(ratio "$pbd" "$bare") of bare hyper, $(ratio "$pbd" "$nginx") of nginx |"
-echo "| postbackd click redirects | $clicks | $clicks_p99 ms | | $(ratio "$clicks" "$bare") of bare hyper |"
+echo "| bare hyper, 200 without work | $bare | $bare_p99 ms$bare_bound | $bare_mem MiB | 1.00x |"
+echo "| nginx, 204 with access log | $nginx | $nginx_p99 ms$nginx_bound | $nginx_mem MiB | $(ratio "$nginx" "$bare") of bare hyper |"
+echo "| postbackd postback ingest, embedded, durable | $pbd | $pbd_p99 ms$pbd_bound | $pbd_mem MiB | $(ratio "$pbd" "$bare") of bare hyper, $(ratio "$pbd" "$nginx") of nginx |"
+echo "| postbackd click redirects | $clicks | $clicks_p99 ms$clicks_bound | | $(ratio "$clicks" "$bare") of bare hyper |"
 echo "| postbackd postback ingest, Kafka acks=all | $kafka | $kafka_p99 ms | $kafka_mem MiB | $(ratio "$kafka" "$bare") of bare hyper |"
 for i in 0 1 2; do
   [ -n "${cluster_peaks[$i]:-}" ] || continue

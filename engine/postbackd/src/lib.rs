@@ -19,6 +19,7 @@ pub mod http;
 pub mod live;
 pub mod paging;
 pub mod pipeline;
+pub mod priority;
 pub mod sqlite_store;
 pub mod stats;
 pub mod tracking;

@@ -2,6 +2,11 @@
 //! writer connection (the processor and the dispatcher) and a few reader connections (the stats
 //! API). It is the analytics store, the processor's state store and the delivery queue at once;
 //! the schema is `schemas/sqlite.sql`.
+//!
+//! Every write runs on the writer connection's own thread, in order, at a lower CPU priority
+//! than the rest of the engine (nice 10): the store's writes cost more CPU per postback than
+//! the whole HTTP path, and under a burst the front end must have the cores first, while
+//! processing catches up on what is idle (at least a tenth of a core under full contention).
 
 use postback_core::delivery::{
     Attempt, AttemptRow, DeliveryJob, DeliveryRecord, DueJobs, DueQuery, JobState, JobStatus,
@@ -38,10 +43,62 @@ pub enum SchemaState {
 }
 
 pub struct SqliteStore {
-    writer: Arc<Mutex<Connection>>,
+    writer: Writer,
     readers: Arc<Vec<Mutex<Connection>>>,
     /// The time budget of a stats query.
     query_budget: std::time::Duration,
+}
+
+/// A write, run on the writer's thread.
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// The writer connection's thread: jobs in, run in order. Dropping it closes the connection.
+struct Writer {
+    jobs: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Writer {
+    fn start(mut conn: Connection) -> Result<Self, SeamError> {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let thread = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || {
+                crate::priority::lower_this_thread();
+                while let Ok(job) = rx.recv() {
+                    // A job that panics drops its answer (the caller gets an error); the
+                    // connection's open transaction rolls back as it unwinds.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        job(&mut conn)
+                    }));
+                }
+            })
+            .map_err(|e| SeamError::Fatal(format!("starting the store's writer: {e}")))?;
+        Ok(Self {
+            jobs: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    fn send(&self, job: Job) -> Result<(), SeamError> {
+        let jobs = self.jobs.lock().map_err(lock_err)?;
+        jobs.as_ref()
+            .and_then(|tx| tx.send(job).ok())
+            .ok_or_else(|| SeamError::Fatal("the store's writer has stopped".into()))
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread, which closes the connection: wait for it, so
+        // that the database is closed when the store is.
+        if let Ok(mut jobs) = self.jobs.lock() {
+            jobs.take();
+        }
+        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = t.join();
+        }
+    }
 }
 
 /// How many SQLite VM steps run between checks of a query's budget and cancellation.
@@ -138,7 +195,7 @@ impl SqliteStore {
             readers.push(Mutex::new(r));
         }
         Ok(Self {
-            writer: Arc::new(Mutex::new(writer)),
+            writer: Writer::start(writer)?,
             readers: Arc::new(readers),
             query_budget: std::time::Duration::from_secs(10),
         })
@@ -151,16 +208,19 @@ impl SqliteStore {
         self
     }
 
-    /// Runs `f` on the writer connection off the async threads.
+    /// Runs `f` on the writer connection, on its thread.
     fn with_writer<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, SeamError> + Send + 'static,
     ) -> BoxFuture<'_, Result<T, SeamError>> {
-        let conn = self.writer.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent = self.writer.send(Box::new(move |c: &mut Connection| {
+            let _ = tx.send(f(c));
+        }));
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || f(&mut *conn.lock().map_err(lock_err)?))
-                .await
-                .map_err(|e| SeamError::Fatal(format!("store task panicked: {e}")))?
+            sent?;
+            rx.await
+                .map_err(|_| SeamError::Fatal("store task panicked".into()))?
         })
     }
 
