@@ -317,9 +317,12 @@ impl Server {
         let (stop, stop_rx) = watch::channel(false);
         let roles = engine.config.roles;
         tracing::info!(%roles, "starting");
-        let processor = roles
-            .process
-            .then(|| tokio::spawn(pipeline::run_processor(engine.clone(), stop_rx.clone())));
+        let processor = roles.process.then(|| {
+            in_background(
+                "processor",
+                pipeline::run_processor(engine.clone(), stop_rx.clone()),
+            )
+        });
         let housekeeping = tokio::spawn(pipeline::run_retention(engine.clone(), stop_rx.clone()));
         let catalog = tokio::spawn(engine.clone().follow_catalog(stop_rx.clone()));
         let dispatcher = roles.dispatch.then(|| {
@@ -373,6 +376,36 @@ impl Server {
         self.engine.catalog_log.close();
         self.engine.deliveries.close();
     }
+}
+
+/// Runs `task` on a thread of its own with its own runtime, at background priority
+/// (`crate::priority`): the processor must not take the cores the front end needs during a
+/// burst, and gets the idle ones (threads it starts inherit the priority). The handle ends with
+/// the task.
+fn in_background(
+    name: &str,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+) -> JoinHandle<()> {
+    let (done, finished) = tokio::sync::oneshot::channel::<()>();
+    let started = std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            crate::priority::lower_this_thread();
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(task),
+                Err(e) => tracing::error!(error = %e, "could not start a background runtime"),
+            }
+            let _ = done.send(());
+        });
+    if let Err(e) = started {
+        tracing::error!(error = %e, "could not start a background thread");
+    }
+    tokio::spawn(async move {
+        let _ = finished.await;
+    })
 }
 
 /// The store is derived data: one written by an older schema is rebuilt from the logs rather

@@ -68,9 +68,8 @@ impl Writer {
                 while let Ok(job) = rx.recv() {
                     // A job that panics drops its answer (the caller gets an error); the
                     // connection's open transaction rolls back as it unwinds.
-                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        job(&mut conn)
-                    }));
+                    let _ =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn)));
                 }
             })
             .map_err(|e| SeamError::Fatal(format!("starting the store's writer: {e}")))?;
