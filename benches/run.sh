@@ -8,7 +8,7 @@
 #   bash benches/run.sh                 # the full run (about 20 minutes)
 #   QUICK=1 bash benches/run.sh         # shorter steps and a smaller log, for a first look
 #   ONLY="bare kafka" bash benches/run.sh   # some sections only (bare nginx engine e2e kafka
-#                                           # cluster closed stats stats-clickhouse)
+#                                           # sustained cluster closed stats stats-clickhouse)
 #
 # The kafka section starts a single-node broker (deploy/kafka.sh) and measures postbackd with
 # its logs on Kafka (acks=all): the ingest peak, and the end-to-end lag at half of it.
@@ -35,7 +35,7 @@ if ! command -v nginx >/dev/null; then
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-ONLY=${ONLY:-bare nginx engine e2e kafka cluster closed stats stats-clickhouse}
+ONLY=${ONLY:-bare nginx engine e2e sustained kafka cluster closed stats stats-clickhouse}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 
 work=$(mktemp -d)
@@ -102,7 +102,7 @@ echo "== nginx (return 204, access log on)" >&2
 nginx_conf "$work/nginx" 18082
 "$NGINX" -c "$work/nginx/nginx.conf" -g 'daemon off;' & pids+=($!); nginx_pid=$!
 wait_port 18082
-nginx_pids=$(ps -o pid= --ppid $nginx_pid | paste -sd, -)
+nginx_pids=$(ps -o pid= --ppid $nginx_pid | tr -d " " | paste -sd, -)
 nginx=$(ramp nginx http://127.0.0.1:18082 postback "" "$nginx_pids"); nginx_p99=$(p99_at_peak nginx); nginx_bound=$(bound_at_peak nginx)
 nginx_mem=$(ps -o rss= --ppid $nginx_pid | awk '{s+=$1} END {printf "%.0f", s/1024}')
 kill $nginx_pid
@@ -178,6 +178,30 @@ print('p50 %.0f ms, p99 %.0f ms (n=%d); verify %s' % (l.get('p50',0), l.get('p99
 done
 fi
 
+# Sustained: the full mix for 60 s (SUSTAIN_SECS) at the highest rate where processing keeps
+# up (end-to-end lag p99 under 1 s), from half the postback peak (or SUSTAIN_RATE) down by a
+# fifth until it holds, at most four tries; verified.
+sustained=
+if want sustained; then
+echo "== sustained full pipeline" >&2
+rate=${SUSTAIN_RATE:-$(python3 -c "print(max(500, int(float('${pbd:-4000}')/2)))")}
+for try in 1 2 3 4; do
+  "$BIN/postbackd" serve --listen 127.0.0.1:18095 --data-dir "$work/sustained-$try" --api-key bench >/dev/null 2>&1 & pids+=($!); sus_pid=$!
+  wait_port 18095
+  "$BIN/pbload" --target http://127.0.0.1:18095 --api-key bench --scenario full --rate "$rate" \
+    --duration "${SUSTAIN_SECS:-60}" --verify --quiet --server-pid $sus_pid --json "$work/sustained.json" >&2 || true
+  kill $sus_pid; wait $sus_pid 2>/dev/null || true
+  line=$(python3 -c "
+import json; r=json.load(open('$work/sustained.json'))[0]; l=r.get('e2e_lag') or {}; v=r.get('verify') or {}
+ok = v.get('expected',0)>0 and v.get('missing',1)==0 and v.get('duplicated',1)==0 and v.get('wrong_outcome',1)==0
+held = r['achieved_rps'] >= 0.95*r['rate'] and l.get('p99', 1e9) < 1000
+print('%s|%.0f ok/s for %.0f s, e2e lag p50 %.0f ms, p99 %.0f ms (n=%d), server CPU %.1f µs per request; verify %s' % ('held' if held else 'short', r['achieved_rps'], r['duration_s'], l.get('p50',0), l.get('p99',0), l.get('count',0), r['cpu'].get('server_us_per_request') or 0, 'passed' if ok else 'FAILED'))")
+  echo "  $rate req/s: ${line#*|}" >&2
+  if [ "${line%%|*}" = held ]; then sustained="$rate req/s: ${line#*|}"; break; fi
+  rate=$(python3 -c "print(int($rate * 0.8))")
+done
+fi
+
 # Closed loop, as most HTTP benchmarks run: 16, 64 and 256 keep-alive connections, each
 # sending one fixed postback URL again as soon as it is answered, to bare hyper, nginx and the
 # engine in turn; CPU per request of each side beside the rate.
@@ -198,7 +222,7 @@ print('%.0f|%.1f|%.1f|%.1f|%s' % (r['ok_per_s'], r['latency']['p99'], c['generat
 }
 for c in 16 64 256; do
   b=$(closed_run bare 18091 "$cb_pid" "$c")
-  n=$(closed_run nginx 18092 "$(ps -o pid= --ppid "$cn_pid" | paste -sd, -)" "$c")
+  n=$(closed_run nginx 18092 "$(ps -o pid= --ppid "$cn_pid" | tr -d " " | paste -sd, -)" "$c")
   e=$(closed_run engine 18093 "$cp_pid" "$c")
   closed_rows+=("$c|$b|$n|$e")
 done
@@ -244,6 +268,7 @@ if [ ${#closed_rows[@]} -gt 0 ]; then
 fi
 echo
 echo "End to end (accepted → visible in the stats) at $half req/s, full mix, embedded: $e2e"
+echo "Sustained full pipeline, 60 s, the highest rate tried where the lag p99 stayed under 1 s: ${sustained:-not held at any rate tried}"
 echo "End to end at $cluster_half req/s, full mix, on the 3-engine cluster: $cluster_e2e"
 echo "End to end at $kafka_half req/s, full mix, on Kafka: $kafka_e2e"
 echo
