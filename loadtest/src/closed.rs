@@ -235,6 +235,56 @@ async fn read_response(stream: &mut TcpStream, buf: &mut [u8]) -> Option<(u16, b
     Some((status, keep_alive))
 }
 
+/// Keep-alive connections to one server for tracking requests (a GET, no body), written and
+/// read without an HTTP library: what the open-loop `postback` and `click` scenarios send, so
+/// that the generator costs less per request than the servers it drives.
+pub(crate) struct RawPool {
+    authority: String,
+    idle: std::sync::Mutex<Vec<(TcpStream, Vec<u8>)>>,
+}
+
+impl RawPool {
+    /// `None` for anything but plain `http://`.
+    pub(crate) fn new(base: &str) -> Option<Self> {
+        let authority = base
+            .trim_end_matches('/')
+            .strip_prefix("http://")?
+            .to_string();
+        Some(Self {
+            authority,
+            idle: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Sends `GET path` on an idle connection (or a new one); the answer's status.
+    pub(crate) async fn get(&self, path: &str) -> anyhow::Result<u16> {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let (mut stream, mut buf) = match idle {
+            Some(c) => c,
+            None => {
+                let s = TcpStream::connect(&self.authority).await?;
+                s.set_nodelay(true)?;
+                (s, vec![0u8; 16 * 1024])
+            }
+        };
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: pbload\r\n\r\n",
+            self.authority
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let (status, keep_alive) = read_response(&mut stream, &mut buf)
+            .await
+            .ok_or_else(|| anyhow::anyhow!("the connection broke or the answer was unreadable"))?;
+        if keep_alive {
+            self.idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((stream, buf));
+        }
+        Ok(status)
+    }
+}
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
