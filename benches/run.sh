@@ -23,9 +23,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 STEP_SECS=${STEP_SECS:-5}
-RAMP=${RAMP:-2000:100000:2000}
+RAMP=${RAMP:-4000:200000:4000}
 ROWS=${ROWS:-10000000}
-if [ "${QUICK:-}" = 1 ]; then STEP_SECS=3; RAMP=2000:100000:4000; ROWS=1000000; fi
+if [ "${QUICK:-}" = 1 ]; then STEP_SECS=3; RAMP=4000:200000:8000; ROWS=1000000; fi
 
 cargo build --release -p postbackd -p pbload -p postback-benches --bins
 BIN=target/release

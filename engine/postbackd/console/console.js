@@ -95,7 +95,7 @@ function query(extra) {
 function readFilters() {
   const form = $("filters");
   const f = {};
-  for (const name of ["date_from", "date_to", "search", "response_status", "offer", "clickid", "goal", "action_id"]) {
+  for (const name of ["date_from", "date_to", "search", "response_status", "offer", "supplier", "partner", "clickid", "status", "goal", "action_id"]) {
     f[name] = form.elements[name].value.trim();
   }
   return f;

@@ -213,6 +213,15 @@ def main():
         page.click("#detail button")
         print("ok  <script> and <img onerror> in parameters show as text and never run")
 
+        # The affiliate filter: every postback but the two whose click id matched no click.
+        page.fill("input[name=search]", "")
+        page.select_option("select[name=response_status]", "")
+        page.fill("#filters input[name=partner]", "1")
+        page.click("#filters button")
+        expect(page.locator("#summary")).to_contain_text(f"{n - 2} postbacks")
+        page.fill("#filters input[name=partner]", "")
+        print("ok  the affiliate filter")
+
         # Paging through the whole list, 50 a page.
         page.fill("input[name=search]", "")
         page.select_option("select[name=response_status]", "")
