@@ -375,10 +375,6 @@ impl<'e> Batcher<'e> {
                 }
             }
             Stage::Dedupe => {
-                let mut incomplete = false;
-                for p in next.keys() {
-                    incomplete |= self.incomplete(*p).await?;
-                }
                 let batch: Vec<Accepted> = records
                     .into_iter()
                     .filter_map(|r| match serde_json::from_slice::<Accepted>(&r.payload) {
@@ -402,6 +398,11 @@ impl<'e> Batcher<'e> {
                         .lookup(Vec::new(), keys.clone())
                         .await?
                         .conversions;
+                    // Only where this process's state of a partition may be stale.
+                    let mut incomplete = false;
+                    for p in next.keys() {
+                        incomplete |= self.incomplete(*p).await?;
+                    }
                     if incomplete {
                         for shared in engine.analytics.conversion_states(keys).await? {
                             let newer = lookups
@@ -488,9 +489,22 @@ impl<'e> Batcher<'e> {
         ids.sort();
         ids.dedup();
         let mut lookups = self.engine.state.lookup(ids, Vec::new()).await?;
+        // Whether a partition's state is incomplete here, asked once per partition.
+        let mut incomplete: BTreeMap<Partition, bool> = BTreeMap::new();
         let mut elsewhere = Vec::new();
         for (p, id) in missing {
-            if !lookups.clicks.contains_key(&id) && self.incomplete(p).await? {
+            if lookups.clicks.contains_key(&id) {
+                continue;
+            }
+            let here_incomplete = match incomplete.get(&p) {
+                Some(known) => *known,
+                None => {
+                    let asked = self.incomplete(p).await?;
+                    incomplete.insert(p, asked);
+                    asked
+                }
+            };
+            if here_incomplete {
                 elsewhere.push(id);
             }
         }
