@@ -147,17 +147,25 @@ cluster_dir=$(mktemp -d)
 export BIN="${CARGO_TARGET_DIR:-target}/debug/postbackd" KAFKA_PORT=19692 CLICKHOUSE_PORT=18723 BASE_PORT=18700
 pbload_bin="${CARGO_TARGET_DIR:-target}/debug/pbload"
 cluster_targets() { bash deploy/cluster.sh urls "$cluster_dir" | sed 's/^/--target /'; }
+# A failed check leaves the engines' own account of it: the end of each one's log.
+cluster_load() {
+  # shellcheck disable=SC2046
+  if ! "$pbload_bin" $(cluster_targets) --api-key cluster --rate 200 --verify \
+    --receive-postbacks --quiet "$@"; then
+    for log in "$cluster_dir"/engine-*/out.log; do
+      echo "-- $log"; tail -n 40 "$log"
+    done
+    bash deploy/cluster.sh stop "$cluster_dir"
+    exit 1
+  fi
+}
 bash deploy/cluster.sh start "$cluster_dir" all all ingest,process,api
 (sleep 2; bash deploy/cluster.sh kill "$cluster_dir" 3) &
 killer=$!
-# shellcheck disable=SC2046
-"$pbload_bin" $(cluster_targets) --api-key cluster --rate 200 --duration 6 --verify \
-  --receive-postbacks --quiet
+cluster_load --duration 6
 wait "$killer"
 bash deploy/cluster.sh add "$cluster_dir" all
-# shellcheck disable=SC2046
-"$pbload_bin" $(cluster_targets) --api-key cluster --rate 200 --duration 4 --verify \
-  --receive-postbacks --quiet
+cluster_load --duration 4
 bash deploy/cluster.sh stop "$cluster_dir"
 rm -rf "$cluster_dir"
 unset BIN KAFKA_PORT CLICKHOUSE_PORT BASE_PORT

@@ -1196,6 +1196,8 @@ async fn verify_deliveries(
         _ => "?",
     };
     let mut expected: HashMap<(String, String), u32> = HashMap::new();
+    // Action id → conversion id, to explain a state that never arrived.
+    let mut leads: HashMap<String, String> = HashMap::new();
     let base = format!(
         "/3.0/stats/conversions?{}&offer={}&limit=500",
         date_range(),
@@ -1207,6 +1209,8 @@ async fn verify_deliveries(
         for c in &rows {
             let action = c["action_id"].as_str().unwrap_or("").to_string();
             let status = status_number(c["status"].as_str().unwrap_or("")).to_string();
+            let lead = c["id"].as_str().unwrap_or("").to_string();
+            leads.insert(action.clone(), lead);
             expected.insert((action, status), 0);
         }
         if rows.len() < 500 {
@@ -1246,7 +1250,11 @@ async fn verify_deliveries(
         match counts.get(key).copied().unwrap_or(0) {
             0 => {
                 check.missing += 1;
-                note(problems, format!("{key:?}: never delivered"));
+                if problems.len() < 10 {
+                    let lead = leads.get(&key.0).map_or("", String::as_str);
+                    let why = attempts_of(target, plan, lead).await;
+                    note(problems, format!("{key:?}: never delivered ({why})"));
+                }
             }
             1 => check.once += 1,
             n => {
@@ -1265,6 +1273,40 @@ async fn verify_deliveries(
         }
     }
     Ok(check)
+}
+
+/// What the engine's attempt log holds for a conversion (by its id): tells a job never made
+/// from one made and not attempted, or attempted and failed.
+async fn attempts_of(target: &Target, plan: &Plan, lead: &str) -> String {
+    if lead.is_empty() {
+        return "its conversion is not in the listing".into();
+    }
+    let path = format!(
+        "/3.0/stats/affiliatepostbacks?{}&offer={}&limit=500",
+        date_range(),
+        plan.offer_id
+    );
+    let mut seen = Vec::new();
+    for page in 1..=20 {
+        let Ok(v) = target.get_json(&format!("{path}&page={page}")).await else {
+            return "the attempt log could not be read".into();
+        };
+        let rows = v["postbacks"].as_array().cloned().unwrap_or_default();
+        for r in rows.iter().filter(|r| r["lead_id"] == lead) {
+            seen.push(format!(
+                "status {} attempt {} code {} {}",
+                r["status"], r["attempt"], r["http_code"], r["error"]
+            ));
+        }
+        if rows.len() < 500 {
+            break;
+        }
+    }
+    if seen.is_empty() {
+        format!("conversion {lead}: no attempt logged")
+    } else {
+        format!("conversion {lead}: {}", seen.join("; "))
+    }
 }
 
 /// The report as a table for people.

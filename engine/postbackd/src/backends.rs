@@ -136,6 +136,9 @@ fn check_kafka(_url: &str) -> anyhow::Result<()> {
 pub struct InjectedFaults {
     pub events: Option<Arc<Faults>>,
     pub deliveries: Option<Arc<Faults>>,
+    /// No catalog follower in the background: the catalog changes other processes make
+    /// arrive only when this process needs them (a follower lagging as far as it can).
+    pub catalog_unfollowed: bool,
 }
 
 /// Where the logs are.

@@ -170,6 +170,15 @@ impl Engine {
         }
     }
 
+    /// Applies every catalog change the log holds now. The processing stages call it before a
+    /// batch: a change acknowledged before a postback was appended is then applied before the
+    /// postback is judged, however far behind the follower below is (a partner's postback
+    /// setting created on one engine, a conversion made on another a moment later).
+    pub async fn catalog_current(&self) -> Result<(), SeamError> {
+        let mut next = self.catalog_writer.lock().await;
+        self.catch_up(&mut next, None).await.map(|_| ())
+    }
+
     /// Applies the changes other processes make to the catalog as they reach the log (within
     /// about 100 ms on Kafka), until `stop`.
     pub async fn follow_catalog(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
@@ -284,7 +293,17 @@ pub struct Server {
     processor: Option<JoinHandle<()>>,
     dispatcher: Option<JoinHandle<()>>,
     housekeeping: JoinHandle<()>,
-    catalog: JoinHandle<()>,
+    catalog: Option<JoinHandle<()>>,
+}
+
+/// The Prometheus recorder keeps every histogram sample until it is drained, which only a
+/// scrape or an upkeep does: without this, a server nobody scrapes grows by each request's
+/// latency sample for ever.
+async fn keep_metrics_bounded(handle: PrometheusHandle) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        handle.run_upkeep();
+    }
 }
 
 impl Server {
@@ -313,6 +332,10 @@ impl Server {
             None => None,
         };
         rebuild_stale_store(&config).await?;
+        if let Some(handle) = metrics.clone() {
+            tokio::spawn(keep_metrics_bounded(handle));
+        }
+        let follow_catalog = !faults.catalog_unfollowed;
         let engine = Engine::open(config, metrics, faults).await?;
         let (stop, stop_rx) = watch::channel(false);
         let roles = engine.config.roles;
@@ -324,7 +347,8 @@ impl Server {
             )
         });
         let housekeeping = tokio::spawn(pipeline::run_retention(engine.clone(), stop_rx.clone()));
-        let catalog = tokio::spawn(engine.clone().follow_catalog(stop_rx.clone()));
+        let catalog =
+            follow_catalog.then(|| tokio::spawn(engine.clone().follow_catalog(stop_rx.clone())));
         let dispatcher = roles.dispatch.then(|| {
             tokio::spawn(crate::dispatcher::run(
                 engine.clone(),
@@ -370,7 +394,9 @@ impl Server {
             let _ = d.await;
         }
         let _ = self.housekeeping.await;
-        let _ = self.catalog.await;
+        if let Some(c) = self.catalog {
+            let _ = c.await;
+        }
         // Close the logs now rather than when the last reference goes.
         self.engine.events.close();
         self.engine.catalog_log.close();

@@ -329,6 +329,7 @@ impl<'e> Batcher<'e> {
     /// log the same way.
     async fn process(&mut self, records: Vec<Record>) -> Result<Vec<Position>, SeamError> {
         let engine = self.engine;
+        engine.catalog_current().await?;
         let mut next: BTreeMap<Partition, u64> = BTreeMap::new();
         let count = records.len() as u64;
         let mut maybe_inserted = records.iter().any(|r| {

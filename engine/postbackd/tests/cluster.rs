@@ -5,10 +5,20 @@ mod common;
 
 use common::affiliate::Affiliate;
 use common::{Api, KEY};
+use postbackd::engine::InjectedFaults;
 use postbackd::{Config, Server};
 use std::time::{Duration, Instant};
 
 async fn start(dir: &std::path::Path, shared: &Shared, roles: &str) -> (Server, Api) {
+    start_with(dir, shared, roles, InjectedFaults::default()).await
+}
+
+async fn start_with(
+    dir: &std::path::Path,
+    shared: &Shared,
+    roles: &str,
+    faults: InjectedFaults,
+) -> (Server, Api) {
     let config = Config {
         listen: "127.0.0.1:0".parse().expect("addr"),
         data_dir: dir.to_path_buf(),
@@ -20,7 +30,9 @@ async fn start(dir: &std::path::Path, shared: &Shared, roles: &str) -> (Server, 
         allow_private_postback_targets: true,
         ..Config::default()
     };
-    let server = Server::start(config, None).await.expect("starts");
+    let server = Server::start_with(config, None, faults)
+        .await
+        .expect("starts");
     let api = Api::new(server.addr());
     (server, api)
 }
@@ -294,6 +306,56 @@ async fn dispatchers_share_the_deliveries_and_send_each_once() {
     }
     server_c.shutdown().await;
     server_a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs Kafka and ClickHouse: POSTBACKD_TEST_KAFKA, POSTBACKD_TEST_CLICKHOUSE"]
+async fn a_processor_judges_with_every_catalog_change_made_before_the_postback() {
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let shared = shared(dir_a.path());
+    let affiliate = Affiliate::start().await;
+    // The processing engine starts with an empty catalog and does not follow it: the offer,
+    // the partner and its postback setting made on the other engine reach it only if it
+    // reads the catalog log before judging.
+    let lagging = InjectedFaults {
+        catalog_unfollowed: true,
+        ..InjectedFaults::default()
+    };
+    let (server_b, _) = start_with(dir_b.path(), &shared, "process,dispatch", lagging).await;
+    let (server_a, a) = start(dir_a.path(), &shared, "ingest,api").await;
+    a.admin_post(
+        "/3.0/admin/offer",
+        &[
+            ("title", "O"),
+            ("url", "https://x.example/?clickid={clickid}"),
+        ],
+    )
+    .await;
+    a.admin_post("/3.0/admin/partner", &[("email", "p@example.com")])
+        .await;
+    let url = affiliate.url("/ok?t={transactionid}&");
+    a.admin_post(
+        "/3.0/partner/postback",
+        &[("partner_id", "1"), ("url", &url)],
+    )
+    .await;
+    convert(&a, ["L1".to_string()]).await;
+    let today = common::today();
+    eventually(
+        &a,
+        &format!("/3.0/stats/serverpostbacks?date_from={today}&date_to={today}"),
+        |body| {
+            let rows = body["postbacks"].as_array().map_or(&[][..], Vec::as_slice);
+            rows.len() == 1 && rows[0]["error"] == "" && rows[0]["conversion_id"] != ""
+        },
+    )
+    .await;
+    each_received_once(&affiliate, &["L1".to_string()]).await;
+    server_a.shutdown().await;
+    server_b.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
