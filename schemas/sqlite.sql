@@ -67,11 +67,18 @@ CREATE INDEX IF NOT EXISTS sp_at ON server_postbacks (at_us, id);
 CREATE INDEX IF NOT EXISTS sp_offer ON server_postbacks (offer_id, at_us);
 CREATE INDEX IF NOT EXISTS sp_partner ON server_postbacks (pid, at_us);
 CREATE INDEX IF NOT EXISTS sp_advertiser ON server_postbacks (advertiser_id, at_us);
-CREATE INDEX IF NOT EXISTS sp_clickid ON server_postbacks (clickid);
-CREATE INDEX IF NOT EXISTS sp_action ON server_postbacks (action_id);
 CREATE INDEX IF NOT EXISTS sp_goal ON server_postbacks (goal_lc, at_us);
 CREATE INDEX IF NOT EXISTS sp_status ON server_postbacks (status, at_us);
 CREATE INDEX IF NOT EXISTS sp_response ON server_postbacks (response_status, at_us);
+
+-- Exact filters on columns with about as many values as rows (click id, action id, sub1) go
+-- through an inverted index of one term per value, rowid = seq: FTS5 keeps it as segments it
+-- appends and merges, where a B-tree index on such a column writes a random page per row
+-- (most of what the store wrote per postback). The term is a hash of the value (see
+-- `key_term`); the column itself decides among the candidates.
+CREATE VIRTUAL TABLE IF NOT EXISTS server_postbacks_keys USING fts5 (
+    keys, content = '', contentless_delete = 1, detail = none, tokenize = 'ascii'
+);
 
 -- Substring search over "key=value" lines of the parameters; rowid = server_postbacks.seq.
 CREATE VIRTUAL TABLE IF NOT EXISTS server_postbacks_search USING fts5 (
@@ -111,11 +118,12 @@ CREATE INDEX IF NOT EXISTS conv_created ON conversions (created_us, id);
 CREATE INDEX IF NOT EXISTS conv_offer ON conversions (offer_id, created_us);
 CREATE INDEX IF NOT EXISTS conv_partner ON conversions (pid, created_us);
 CREATE INDEX IF NOT EXISTS conv_advertiser ON conversions (advertiser_id, created_us);
-CREATE INDEX IF NOT EXISTS conv_clickid ON conversions (clickid);
-CREATE INDEX IF NOT EXISTS conv_action ON conversions (action_id);
 CREATE INDEX IF NOT EXISTS conv_status ON conversions (status, created_us);
 CREATE INDEX IF NOT EXISTS conv_goal ON conversions (goal_lc, created_us);
-CREATE INDEX IF NOT EXISTS conv_sub1 ON conversions (sub1, created_us);
+-- Click id, action id and sub1, as for server postbacks.
+CREATE VIRTUAL TABLE IF NOT EXISTS conversions_keys USING fts5 (
+    keys, content = '', contentless_delete = 1, detail = none, tokenize = 'ascii'
+);
 
 -- Affiliate postback deliveries, derived from the deliveries log.
 CREATE TABLE IF NOT EXISTS delivery_jobs (

@@ -239,6 +239,17 @@ async fn main() -> Result<(), Error> {
             }),
         ),
         (
+            // The exact filter of one order id, as an advertiser's support asks for it.
+            "action id + 30 days",
+            Box::new(move |i| {
+                Query::Listing(ServerPostbackQuery {
+                    action_id: Some(rare(i)),
+                    limit: 100,
+                    ..everything()
+                })
+            }),
+        ),
+        (
             // A third of the rows match.
             "search common + one day",
             Box::new(move |i| {

@@ -78,6 +78,7 @@ fn click(id: &str, at_us: i64) -> Click {
 
 fn postback(id: &str, at_us: i64, query: &str, offer_id: u64, ok: bool) -> ServerPostbackRow {
     let get = parse_form(query.as_bytes());
+    let action_id = get.get("action_id").unwrap_or("").into();
     ServerPostbackRow {
         id: id.into(),
         at_us,
@@ -94,7 +95,7 @@ fn postback(id: &str, at_us: i64, query: &str, offer_id: u64, ok: bool) -> Serve
         } else {
             "Click not found".into()
         },
-        action_id: String::new(),
+        action_id,
         status: 0,
         offer_id,
         pid: 2,
@@ -250,7 +251,8 @@ async fn filters_search_and_paging(store: &dyn AnalyticsStore) {
     let rows = (0..30)
         .map(|i| {
             let q = format!(
-                "clickid=c{i}&goal={}&tag=x{i}y",
+                "clickid=c{i}&action_id=o{}&goal={}&tag=x{i}y",
+                i % 4,
                 if i % 2 == 0 { "Install" } else { "sale" }
             );
             postback(&format!("p{i:02}"), 100 + i, &q, (i % 3) as u64, i % 5 != 0)
@@ -311,6 +313,33 @@ async fn filters_search_and_paging(store: &dyn AnalyticsStore) {
         })
         .await,
         1
+    );
+    assert_eq!(
+        count(ServerPostbackQuery {
+            action_id: Some("o3".into()),
+            ..query(0, 1000)
+        })
+        .await,
+        7,
+        "o3: rows 3, 7, .., 27"
+    );
+    assert_eq!(
+        count(ServerPostbackQuery {
+            action_id: Some("o3".into()),
+            click_id: Some("c7".into()),
+            ..query(0, 1000)
+        })
+        .await,
+        1
+    );
+    assert_eq!(
+        count(ServerPostbackQuery {
+            action_id: Some("o".into()),
+            ..query(0, 1000)
+        })
+        .await,
+        0,
+        "an exact filter, not a prefix"
     );
     let one = store
         .server_postbacks(ServerPostbackQuery {
@@ -630,6 +659,7 @@ async fn conversion_filters(store: &dyn AnalyticsStore) {
             };
             c.action_id = format!("act{i}");
             c.clickid = format!("click{}", i / 2);
+            c.subs[0] = format!("s1-{}", i % 3);
             c.subs[1] = format!("s2-{}", i % 4);
             c
         })
@@ -725,11 +755,21 @@ async fn conversion_filters(store: &dyn AnalyticsStore) {
         .await,
         3
     );
+    let mut subs: [Option<String>; 5] = Default::default();
+    subs[0] = Some("s1-1".into());
+    assert_eq!(
+        count(ConversionQuery {
+            subs,
+            ..all.clone()
+        })
+        .await,
+        4
+    );
     let page = store
         .conversions(ConversionQuery {
             offset: 10,
             limit: 5,
-            ..all
+            ..all.clone()
         })
         .await
         .expect("page");
@@ -737,6 +777,38 @@ async fn conversion_filters(store: &dyn AnalyticsStore) {
     assert_eq!(
         page.rows.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
         vec!["v01", "v00"]
+    );
+    // A later state of a conversion is found by the same filters, once, with that state.
+    let mut declined = conversion("v03", "k3", 3, 103);
+    (declined.action_id, declined.clickid, declined.updated_us) =
+        ("act3".into(), "click1".into(), 500);
+    declined.subs[0] = "s1-0".into();
+    store
+        .insert(AnalyticsRows {
+            conversions: vec![declined],
+            ..Default::default()
+        })
+        .await
+        .expect("update");
+    let found = store
+        .conversions(ConversionQuery {
+            action_id: Some("act3".into()),
+            ..all.clone()
+        })
+        .await
+        .expect("query");
+    assert_eq!(found.total, 1);
+    assert_eq!(
+        (found.rows[0].id.as_str(), found.rows[0].status),
+        ("v03", 3)
+    );
+    assert_eq!(
+        count(ConversionQuery {
+            clickid: Some("click1".into()),
+            ..all
+        })
+        .await,
+        2
     );
 }
 

@@ -71,8 +71,9 @@ pub struct Config {
     /// Memory for the recent clicks and conversions the processor keeps, in bytes.
     pub processor_cache_bytes: usize,
     /// After a batch smaller than `processor_batch`, wait this long (milliseconds) before the
-    /// next, so that a store that prefers few large inserts (ClickHouse) gets them. Default: 0
-    /// with the embedded store, 200 with ClickHouse.
+    /// next, so that the store gets few large inserts: ClickHouse prefers them, and each
+    /// SQLite commit rewrites every index page it touches. Default: 100 with the embedded
+    /// store, 200 with ClickHouse.
     pub processor_linger_ms: Option<u64>,
     /// Seconds a client has to send its request headers and body.
     pub request_timeout_secs: u64,
@@ -260,7 +261,7 @@ impl Config {
 
     /// The processor's pause after a short batch: as configured, or the store's default.
     pub fn processor_linger(&self) -> std::time::Duration {
-        let default = if self.store.is_empty() { 0 } else { 200 };
+        let default = if self.store.is_empty() { 100 } else { 200 };
         std::time::Duration::from_millis(self.processor_linger_ms.unwrap_or(default))
     }
 

@@ -46,6 +46,11 @@ pub const CONSUMER: &str = "dispatcher";
 /// Records of the deliveries log applied at once.
 const APPLY_BATCH: usize = 1024;
 
+/// The pause after applying a short batch: each attempt appends its own record, and applying
+/// them one transaction each (and looking for due jobs after each) cost the store more than
+/// all the attempts themselves; this gathers them. Due jobs are started before the pause.
+const APPLY_LINGER: Duration = Duration::from_millis(50);
+
 /// Delivery settings, from the engine's configuration.
 #[derive(Debug, Clone)]
 pub struct DeliveryConfig {
@@ -164,6 +169,7 @@ impl Dispatcher {
                 polled = sub.poll(APPLY_BATCH, 4 << 20, Duration::from_millis(250)) => polled?,
                 _ = stop.changed() => continue,
             };
+            let mut linger = false;
             match polled {
                 Polled::Assigned(partitions) => {
                     for p in partitions {
@@ -189,6 +195,7 @@ impl Dispatcher {
                     self.let_go(&partitions, attempts).await;
                 }
                 Polled::Records(records) => {
+                    let short = records.len() < APPLY_BATCH;
                     let mut by_partition: BTreeMap<Partition, Vec<Record>> = BTreeMap::new();
                     for r in records {
                         by_partition.entry(r.partition).or_default().push(r);
@@ -212,12 +219,19 @@ impl Dispatcher {
                         next.push(at);
                     }
                     sub.commit(next).await?;
+                    linger = short;
                 }
                 Polled::Idle => {}
             }
             *backoff = Duration::from_millis(100);
             while attempts.try_join_next().is_some() {}
             self.start_due(&owned, attempts).await?;
+            if linger {
+                tokio::select! {
+                    _ = tokio::time::sleep(APPLY_LINGER) => {}
+                    _ = stop.changed() => {}
+                }
+            }
         }
     }
 

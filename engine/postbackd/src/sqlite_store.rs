@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 const SCHEMA: &str = include_str!("../../../schemas/sqlite.sql");
 /// Kept in `PRAGMA user_version`. Raise it with every change to `schemas/sqlite.sql`: a store of
 /// another version is not migrated but rebuilt from the logs, which hold everything it derives.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 const READERS: usize = 3;
 
 /// What an existing store file's schema is, compared with this build's.
@@ -290,6 +290,25 @@ fn pairs_from_json(s: &str) -> Params {
     Params(serde_json::from_str(s).unwrap_or_default())
 }
 
+/// The term of an exact value in a `*_keys` index: a letter naming the column and a 64-bit
+/// FNV-1a hash of the value. A collision only adds a candidate; the column decides.
+fn key_term(column: char, value: &str) -> String {
+    let hash = value.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{column}{hash:016x}")
+}
+
+/// A row's terms for its `*_keys` index (empty values have none).
+fn key_terms(values: &[(char, &str)]) -> String {
+    values
+        .iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(c, v)| key_term(*c, v))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn search_text(row: &ServerPostbackRow) -> String {
     let mut s = String::new();
     for (k, v) in row.get.iter().chain(row.post.iter()) {
@@ -344,14 +363,16 @@ fn upsert_conversions(tx: &Transaction<'_>, conversions: &[Conversion]) -> rusql
            created_us, updated_us, click_us, version)
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
            ?, ?, ?, ?, ?, ?)
-         ON CONFLICT (id) DO UPDATE SET status = excluded.status,
-           updated_us = excluded.updated_us, comment = excluded.comment,
-           version = excluded.version
-         WHERE excluded.version >= conversions.version",
+         ON CONFLICT (id) DO NOTHING",
     )?;
+    let mut update = tx.prepare_cached(
+        "UPDATE conversions SET status = ?, updated_us = ?, comment = ?, version = ?
+         WHERE id = ? AND version <= ?",
+    )?;
+    let mut keys = tx.prepare_cached("INSERT INTO conversions_keys (rowid, keys) VALUES (?, ?)")?;
     for c in conversions {
         let sub = |i: usize| c.subs.get(i).cloned().unwrap_or_default();
-        conv.execute(params![
+        let inserted = conv.execute(params![
             c.id,
             c.key,
             c.offer_id as i64,
@@ -385,6 +406,22 @@ fn upsert_conversions(tx: &Transaction<'_>, conversions: &[Conversion]) -> rusql
             c.click_us,
             c.version(),
         ])?;
+        if inserted == 1 {
+            let sub1 = sub(0);
+            let terms = key_terms(&[('c', &c.clickid), ('a', &c.action_id), ('s', &sub1)]);
+            if !terms.is_empty() {
+                keys.execute(params![tx.last_insert_rowid(), terms])?;
+            }
+        } else {
+            update.execute(params![
+                c.status,
+                c.updated_us,
+                c.comment,
+                c.version(),
+                c.id,
+                c.version(),
+            ])?;
+        }
     }
     Ok(())
 }
@@ -401,6 +438,8 @@ fn insert_rows(conn: &mut Connection, rows: &AnalyticsRows) -> rusqlite::Result<
         )?;
         let mut search =
             tx.prepare_cached("INSERT INTO server_postbacks_search (rowid, params) VALUES (?, ?)")?;
+        let mut keys =
+            tx.prepare_cached("INSERT INTO server_postbacks_keys (rowid, keys) VALUES (?, ?)")?;
         for r in &rows.postbacks {
             let inserted = pb.execute(params![
                 r.id,
@@ -427,9 +466,14 @@ fn insert_rows(conn: &mut Connection, rows: &AnalyticsRows) -> rusqlite::Result<
                 r.payouts,
                 r.revenue,
             ])?;
-            // Only a new row gets search terms: a replayed batch must not add them twice.
+            // Only a new row gets terms: a replayed batch must not add them twice.
             if inserted == 1 {
-                search.execute(params![tx.last_insert_rowid(), search_text(r)])?;
+                let seq = tx.last_insert_rowid();
+                search.execute(params![seq, search_text(r)])?;
+                let terms = key_terms(&[('c', &r.clickid), ('a', &r.action_id)]);
+                if !terms.is_empty() {
+                    keys.execute(params![seq, terms])?;
+                }
             }
         }
         let mut attempt = tx.prepare_cached(
@@ -491,13 +535,13 @@ fn delete_before(
     key: &str,
     column: &str,
     before_us: i64,
-    also: Option<&str>,
+    also: &[&str],
 ) -> Result<u64, SeamError> {
     let mut removed = 0u64;
     let chunk = format!("SELECT {key} FROM {table} WHERE {column} < ?1 LIMIT 5000");
     loop {
         let tx = c.transaction().map_err(db_err)?;
-        if let Some(also) = also {
+        for also in also {
             tx.execute(&also.replace("{chunk}", &chunk), [before_us])
                 .map_err(db_err)?;
         }
@@ -617,6 +661,21 @@ impl Filter {
         let marks = vec!["?"; values.len()].join(", ");
         self.add(&format!("{column} IN ({marks})"), values);
     }
+    /// `column = value`, the candidates found through the term index `keys` (see
+    /// `key_term`) when the value has a term.
+    fn exact(&mut self, keys: &str, column: &str, letter: char, value: &str) {
+        if value.is_empty() {
+            self.add(&format!("{column} = ?"), [Value::Text(value.into())]);
+        } else {
+            self.add(
+                &format!("seq IN (SELECT rowid FROM {keys} WHERE {keys} MATCH ?) AND {column} = ?"),
+                [
+                    Value::Text(key_term(letter, value)),
+                    Value::Text(value.into()),
+                ],
+            );
+        }
+    }
     fn clause(&self) -> String {
         if self.sql.is_empty() {
             String::new()
@@ -647,10 +706,10 @@ fn postback_filter(q: &ServerPostbackQuery) -> Filter {
         f.add("id = ?", [Value::Text(v.clone())]);
     }
     if let Some(v) = &q.click_id {
-        f.add("clickid = ?", [Value::Text(v.clone())]);
+        f.exact("server_postbacks_keys", "clickid", 'c', v);
     }
     if let Some(v) = &q.action_id {
-        f.add("action_id = ?", [Value::Text(v.clone())]);
+        f.exact("server_postbacks_keys", "action_id", 'a', v);
     }
     if let Some(v) = &q.goal {
         f.add("goal_lc = ?", [Value::Text(v.to_lowercase())]);
@@ -908,17 +967,19 @@ impl AnalyticsStore for SqliteStore {
                 f.add("goal_lc = ?", [Value::Text(v.to_lowercase())]);
             }
             if let Some(v) = q.action_id {
-                f.add("action_id = ?", [Value::Text(v)]);
+                f.exact("conversions_keys", "action_id", 'a', &v);
             }
             if let Some(v) = q.clickid {
-                f.add("clickid = ?", [Value::Text(v)]);
+                f.exact("conversions_keys", "clickid", 'c', &v);
             }
             if let Some(v) = q.conversion_id {
                 f.add("id = ?", [Value::Text(v)]);
             }
             for (i, sub) in q.subs.iter().enumerate() {
-                if let Some(v) = sub {
-                    f.add(&format!("sub{} = ?", i + 1), [Value::Text(v.clone())]);
+                match sub {
+                    Some(v) if i == 0 => f.exact("conversions_keys", "sub1", 's', v),
+                    Some(v) => f.add(&format!("sub{} = ?", i + 1), [Value::Text(v.clone())]),
+                    None => {}
                 }
             }
             query_page(
@@ -999,9 +1060,12 @@ impl AnalyticsStore for SqliteStore {
                 "seq",
                 "at_us",
                 before_us,
-                Some("DELETE FROM server_postbacks_search WHERE rowid IN ({chunk})"),
+                &[
+                    "DELETE FROM server_postbacks_search WHERE rowid IN ({chunk})",
+                    "DELETE FROM server_postbacks_keys WHERE rowid IN ({chunk})",
+                ],
             )?;
-            let attempts = delete_before(c, "delivery_attempts", "seq", "at_us", before_us, None)?;
+            let attempts = delete_before(c, "delivery_attempts", "seq", "at_us", before_us, &[])?;
             Ok(postbacks + attempts + expire_state(c, before_us)?)
         })
     }
@@ -1010,8 +1074,10 @@ impl AnalyticsStore for SqliteStore {
     fn clear(&self) -> BoxFuture<'_, Result<(), SeamError>> {
         self.with_writer(|c| {
             c.execute_batch(
-                "BEGIN; DELETE FROM server_postbacks_search; DELETE FROM server_postbacks;
-                 DELETE FROM delivery_attempts; DELETE FROM conversions; DELETE FROM clicks;
+                "BEGIN; DELETE FROM server_postbacks_search; DELETE FROM server_postbacks_keys;
+                 DELETE FROM server_postbacks;
+                 DELETE FROM delivery_attempts; DELETE FROM conversions_keys;
+                 DELETE FROM conversions; DELETE FROM clicks;
                  COMMIT;",
             )
             .map_err(db_err)
@@ -1021,10 +1087,14 @@ impl AnalyticsStore for SqliteStore {
 
 /// Clicks and conversions are the state's and the analytics' at once.
 fn expire_state(c: &mut Connection, before_us: i64) -> Result<u64, SeamError> {
-    Ok(
-        delete_before(c, "conversions", "id", "created_us", before_us, None)?
-            + delete_before(c, "clicks", "click_id", "at_us", before_us, None)?,
-    )
+    Ok(delete_before(
+        c,
+        "conversions",
+        "seq",
+        "created_us",
+        before_us,
+        &["DELETE FROM conversions_keys WHERE rowid IN ({chunk})"],
+    )? + delete_before(c, "clicks", "click_id", "at_us", before_us, &[])?)
 }
 
 impl StateStore for SqliteStore {
@@ -1144,7 +1214,7 @@ impl DeliveryQueue for SqliteStore {
 
     fn expire(&self, before_us: i64) -> BoxFuture<'_, Result<u64, SeamError>> {
         self.with_writer(move |c| {
-            delete_before(c, "delivery_jobs", "job_id", "at_us", before_us, None)
+            delete_before(c, "delivery_jobs", "job_id", "at_us", before_us, &[])
         })
     }
 }
