@@ -155,12 +155,6 @@ impl Dispatcher {
         let log = self.engine.deliveries.clone();
         let mut sub = log.clone().subscribe(CONSUMER).await?;
         let mut owned = BTreeSet::new();
-        // Partitions assigned but not yet read up to the end they had then, with that end:
-        // the dispatcher before may have attempted their jobs, and its attempts are in the log
-        // up to there, perhaps past the first batch read. None is attempted until then.
-        let mut catching_up: BTreeMap<Partition, u64> = BTreeMap::new();
-        // Partitions whose first batch since they were assigned may be in the attempt log.
-        let mut resumed = BTreeSet::new();
         loop {
             if *stop.borrow() {
                 return Ok(());
@@ -173,24 +167,16 @@ impl Dispatcher {
             match polled {
                 Polled::Assigned(partitions) => {
                     for p in partitions {
-                        let (start, end) = log.bounds(p).await?;
-                        let at = self.engine.queue.position(CONSUMER, p).await?.max(start);
-                        tracing::info!(partition = p, at, end, "dispatching a partition");
-                        sub.start_at(p, at);
-                        if at < end {
-                            catching_up.insert(p, end);
-                        } else {
-                            owned.insert(p);
-                        }
-                        resumed.insert(p);
+                        let end = self.catch_up(p).await?;
+                        tracing::info!(partition = p, end, "dispatching a partition");
+                        sub.start_at(p, end);
+                        owned.insert(p);
                     }
                 }
                 Polled::Revoked(partitions) => {
                     tracing::info!(?partitions, "partitions moved to another dispatcher");
                     for p in &partitions {
                         owned.remove(p);
-                        catching_up.remove(p);
-                        resumed.remove(p);
                     }
                     self.let_go(&partitions, attempts).await;
                 }
@@ -210,12 +196,8 @@ impl Dispatcher {
                             offset: last + 1,
                         };
                         let records = decode(&batch);
-                        apply_batch(&self.engine, &records, at, resumed.remove(&p)).await?;
+                        apply_batch(&self.engine, &records, at, false).await?;
                         self.recorded(&records);
-                        if catching_up.get(&p).is_some_and(|end| at.offset >= *end) {
-                            catching_up.remove(&p);
-                            owned.insert(p);
-                        }
                         next.push(at);
                     }
                     sub.commit(next).await?;
@@ -233,6 +215,35 @@ impl Dispatcher {
                 }
             }
         }
+    }
+
+    /// Applies a partition just assigned from where this process's queue stopped up to the
+    /// log's end now, read from the log itself, and returns that end. The group starts a member
+    /// at the offset the last owner committed: the records before it would never reach this
+    /// queue, and a job it still holds as pending, which another dispatcher delivered since,
+    /// would go out twice. Any of these records may be in the attempt log already (another
+    /// process applied them). None of the partition's jobs is attempted before this returns.
+    async fn catch_up(&self, p: Partition) -> Result<u64, SeamError> {
+        let log = &self.engine.deliveries;
+        let (start, end) = log.bounds(p).await?;
+        let mut at = self.engine.queue.position(CONSUMER, p).await?.max(start);
+        while at < end {
+            let batch = log.read(p, at, APPLY_BATCH, 4 << 20).await?;
+            let Some(last) = batch.last().map(|r| r.offset) else {
+                return Err(SeamError::Unavailable(format!(
+                    "deliveries partition {p}: offsets {at}..{end} not readable yet"
+                )));
+            };
+            let next = Position {
+                partition: p,
+                offset: last + 1,
+            };
+            let records = decode(&batch);
+            apply_batch(&self.engine, &records, next, true).await?;
+            self.recorded(&records);
+            at = next.offset;
+        }
+        Ok(at.max(end))
     }
 
     /// Jobs whose attempt is now in the log leave the in-flight set.

@@ -167,6 +167,26 @@ fn delivered_by(dir: &std::path::Path) -> i64 {
     .expect("counts")
 }
 
+/// Offer 1 and partner 1, whose postback setting calls `affiliate`'s `/ok` with the action id.
+async fn offer_with_postback(api: &Api, affiliate: &Affiliate) {
+    api.admin_post(
+        "/3.0/admin/offer",
+        &[
+            ("title", "O"),
+            ("url", "https://x.example/?clickid={clickid}"),
+        ],
+    )
+    .await;
+    api.admin_post("/3.0/admin/partner", &[("email", "p@example.com")])
+        .await;
+    let url = affiliate.url("/ok?t={transactionid}&");
+    api.admin_post(
+        "/3.0/partner/postback",
+        &[("partner_id", "1"), ("url", &url)],
+    )
+    .await;
+}
+
 /// Sends a conversion for each of `ids` through `api` (a click each, offer 1, partner 1).
 async fn convert(api: &Api, ids: impl IntoIterator<Item = String>) {
     for id in ids {
@@ -213,22 +233,7 @@ async fn dispatchers_share_the_deliveries_and_send_each_once() {
     let affiliate = Affiliate::start().await;
     let (server_a, a) = start(dir_a.path(), &shared, "all").await;
     let (server_b, _) = start(dir_b.path(), &shared, "dispatch").await;
-    a.admin_post(
-        "/3.0/admin/offer",
-        &[
-            ("title", "O"),
-            ("url", "https://x.example/?clickid={clickid}"),
-        ],
-    )
-    .await;
-    a.admin_post("/3.0/admin/partner", &[("email", "p@example.com")])
-        .await;
-    let url = affiliate.url("/ok?t={transactionid}&");
-    a.admin_post(
-        "/3.0/partner/postback",
-        &[("partner_id", "1"), ("url", &url)],
-    )
-    .await;
+    offer_with_postback(&a, &affiliate).await;
 
     // Conversions until the dispatch-only engine has delivered some of them: the two
     // dispatchers share the partitions.
@@ -326,22 +331,7 @@ async fn a_processor_judges_with_every_catalog_change_made_before_the_postback()
     };
     let (server_b, _) = start_with(dir_b.path(), &shared, "process,dispatch", lagging).await;
     let (server_a, a) = start(dir_a.path(), &shared, "ingest,api").await;
-    a.admin_post(
-        "/3.0/admin/offer",
-        &[
-            ("title", "O"),
-            ("url", "https://x.example/?clickid={clickid}"),
-        ],
-    )
-    .await;
-    a.admin_post("/3.0/admin/partner", &[("email", "p@example.com")])
-        .await;
-    let url = affiliate.url("/ok?t={transactionid}&");
-    a.admin_post(
-        "/3.0/partner/postback",
-        &[("partner_id", "1"), ("url", &url)],
-    )
-    .await;
+    offer_with_postback(&a, &affiliate).await;
     convert(&a, ["L1".to_string()]).await;
     let today = common::today();
     eventually(
