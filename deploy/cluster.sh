@@ -23,12 +23,20 @@ KAFKA_PORT=${KAFKA_PORT:-19492}
 CLICKHOUSE_PORT=${CLICKHOUSE_PORT:-18423}
 API_KEY=${API_KEY:-cluster}
 
-wait_port() {
-  for _ in $(seq 1 300); do
-    (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0
+# Waits until the engine on PORT (process PID) answers /ready: its schema migrations are
+# done, so the next engine does not migrate the same ClickHouse database at the same moment
+# (ClickHouse 18.16 fails one of two concurrent inserts into a Log table).
+wait_ready() { # PORT PID LOG
+  for _ in $(seq 1 600); do
+    curl -sf --max-time 1 "http://127.0.0.1:$1/ready" >/dev/null 2>&1 && return 0
+    if ! kill -0 "$2" 2>/dev/null; then
+      echo "cluster.sh: the engine on port $1 exited:" >&2
+      tail -n 20 "$3" >&2
+      return 1
+    fi
     sleep 0.1
   done
-  echo "cluster.sh: port $1 did not open" >&2
+  echo "cluster.sh: the engine on port $1 did not become ready" >&2
   return 1
 }
 
@@ -43,7 +51,7 @@ engine() { # engine DIR I ROLES
     >"$dir/engine-$i/out.log" 2>&1 &
   echo $! >"$dir/engine-$i/pid"
   echo "$port" >"$dir/engine-$i/port"
-  wait_port "$port"
+  wait_ready "$port" "$(cat "$dir/engine-$i/pid")" "$dir/engine-$i/out.log"
   echo "engine $i ($roles): http://127.0.0.1:$port" >&2
 }
 
