@@ -224,26 +224,15 @@ impl Dispatcher {
     /// would go out twice. Any of these records may be in the attempt log already (another
     /// process applied them). None of the partition's jobs is attempted before this returns.
     async fn catch_up(&self, p: Partition) -> Result<u64, SeamError> {
-        let log = &self.engine.deliveries;
-        let (start, end) = log.bounds(p).await?;
-        let mut at = self.engine.queue.position(CONSUMER, p).await?.max(start);
-        while at < end {
-            let batch = log.read(p, at, APPLY_BATCH, 4 << 20).await?;
-            let Some(last) = batch.last().map(|r| r.offset) else {
-                return Err(SeamError::Unavailable(format!(
-                    "deliveries partition {p}: offsets {at}..{end} not readable yet"
-                )));
-            };
-            let next = Position {
-                partition: p,
-                offset: last + 1,
-            };
-            let records = decode(&batch);
-            apply_batch(&self.engine, &records, next, true).await?;
-            self.recorded(&records);
-            at = next.offset;
+        let (at, end) =
+            apply_partition(&self.engine, p, true, |records| self.recorded(records)).await?;
+        if at < end {
+            return Err(SeamError::Unavailable(format!(
+                "deliveries partition {p}: offsets {at}..{end} not readable yet"
+            )));
         }
-        Ok(at.max(end))
+        // The last batch may reach past `end`: the group starts after it.
+        Ok(at)
     }
 
     /// Jobs whose attempt is now in the log leave the in-flight set.
@@ -739,28 +728,42 @@ async fn attempt_rows(
 
 /// Applies the deliveries log, as it is now, to the store (a replay's second half).
 pub async fn apply_log(engine: &Engine) -> Result<(), SeamError> {
-    let log = &engine.deliveries;
-    for p in 0..log.partitions() {
-        let (start, end) = log.bounds(p).await?;
-        let mut pos = engine.queue.position(CONSUMER, p).await?.max(start);
-        // The first batch may have been inserted into the attempt log before the queue was
-        // committed.
-        let mut maybe_inserted = true;
-        while pos < end {
-            let batch = log.read(p, pos, APPLY_BATCH, 4 << 20).await?;
-            let Some(last) = batch.last().map(|r| r.offset) else {
-                break;
-            };
-            let next = Position {
-                partition: p,
-                offset: last + 1,
-            };
-            apply_batch(engine, &decode(&batch), next, maybe_inserted).await?;
-            maybe_inserted = false;
-            pos = next.offset;
-        }
+    for p in 0..engine.deliveries.partitions() {
+        apply_partition(engine, p, false, |_| {}).await?;
     }
     Ok(())
+}
+
+/// Applies partition `p` of the deliveries log, read from the log itself, from where the queue
+/// stopped to the log's end now; returns where it stopped (short of the end only if the log
+/// gave nothing more) and that end. The first batch may be in the attempt log already (it was
+/// inserted there before the queue was committed); with `all_maybe_inserted`, any may.
+async fn apply_partition(
+    engine: &Engine,
+    p: Partition,
+    all_maybe_inserted: bool,
+    mut applied: impl FnMut(&[DeliveryRecord]),
+) -> Result<(u64, u64), SeamError> {
+    let log = &engine.deliveries;
+    let (start, end) = log.bounds(p).await?;
+    let mut at = engine.queue.position(CONSUMER, p).await?.max(start);
+    let mut maybe_inserted = true;
+    while at < end {
+        let batch = log.read(p, at, APPLY_BATCH, 4 << 20).await?;
+        let Some(last) = batch.last().map(|r| r.offset) else {
+            break;
+        };
+        let next = Position {
+            partition: p,
+            offset: last + 1,
+        };
+        let records = decode(&batch);
+        apply_batch(engine, &records, next, maybe_inserted).await?;
+        applied(&records);
+        maybe_inserted = all_maybe_inserted;
+        at = next.offset;
+    }
+    Ok((at, end))
 }
 
 fn decode(batch: &[Record]) -> Vec<DeliveryRecord> {
