@@ -23,9 +23,9 @@ KAFKA_PORT=${KAFKA_PORT:-19492}
 CLICKHOUSE_PORT=${CLICKHOUSE_PORT:-18423}
 API_KEY=${API_KEY:-cluster}
 
-# Waits until the engine on PORT (process PID) answers /ready: its schema migrations are
-# done, so the next engine does not migrate the same ClickHouse database at the same moment
-# (ClickHouse 18.16 fails one of two concurrent inserts into a Log table).
+# Waits until the engine on PORT (process PID) answers /ready, so that an engine that fails
+# to start is reported with its log (engines may migrate one database at once; this also
+# keeps their starts apart).
 wait_ready() { # PORT PID LOG
   for _ in $(seq 1 600); do
     curl -sf --max-time 1 "http://127.0.0.1:$1/ready" >/dev/null 2>&1 && return 0

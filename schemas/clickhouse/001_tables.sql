@@ -1,5 +1,5 @@
 -- postbackd's analytics tables on ClickHouse, migration 1. Applied by `postbackd migrate`
--- (and at start), recorded in {db}.schema_migrations.
+-- (and at start), recorded in {db}.schema_versions.
 --
 -- Placeholders, filled by postbackd:
 --   {db}            the database

@@ -279,7 +279,11 @@ fn the_modern_ddl_and_every_query_run_in_a_current_engine() {
     };
     let s = i64::MAX;
     let checks: Vec<(String, Value)> = vec![
-        (sql::applied_migrations(DB), json!([[1]])),
+        (sql::migrations_tables(DB), json!([["schema_versions"]])),
+        (
+            sql::applied_migrations(DB, &["schema_versions".into()]),
+            json!([[1]]),
+        ),
         (
             sql::postbacks_by_day(DB, &all, i64::MIN, s),
             json!([[T0, T0 + 2 * HOUR, 3]]),

@@ -5,7 +5,7 @@
 //! the engine's SQLite.
 //!
 //! - Schema: `schemas/clickhouse/*.sql`, applied in order by [`ClickHouseStore::migrate`] and
-//!   recorded in `schema_migrations`. The server's version is read at connect: from 20.3 on
+//!   recorded in `schema_versions`. The server's version is read at connect: from 20.3 on
 //!   the tables carry the retention as `TTL`, and rows are checked against the tables' types
 //!   (the crate's validation); on older servers (Debian's 18.16) [`AnalyticsStore::expire`]
 //!   drops whole months past the retention, and validation is off (18.16 lacks the format it
@@ -317,9 +317,28 @@ impl ClickHouseStore {
         self.version
     }
 
-    /// Applies the migrations not recorded in `schema_migrations`, in order; returns how many.
-    /// Each statement is idempotent, so a migration cut short is simply applied again.
+    /// Applies the migrations not recorded as applied, in order; returns how many. Each
+    /// statement is idempotent, so a migration cut short is simply applied again, and
+    /// processes that migrate one database at once (replicas started together) all succeed: a
+    /// pass that loses a race of DDL on the server is run again.
     pub async fn migrate(&self) -> Result<usize, SeamError> {
+        const PASSES: u32 = 5;
+        let mut pass = 1;
+        loop {
+            match self.migrate_once().await {
+                Ok(n) => return Ok(n),
+                Err(e) if pass < PASSES => {
+                    tracing::warn!(error = %e, pass, "a ClickHouse migration pass failed; again");
+                    tokio::time::sleep(std::time::Duration::from_millis(200 * u64::from(pass)))
+                        .await;
+                    pass += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn migrate_once(&self) -> Result<usize, SeamError> {
         let db = &self.db;
         let run = |sql: String| async move {
             self.admin
@@ -330,19 +349,7 @@ impl ClickHouseStore {
         };
         run(sql::create_database(db)).await?;
         run(sql::create_migrations_table(db)).await?;
-        #[derive(clickhouse::Row, serde::Deserialize)]
-        struct Applied {
-            version: u32,
-        }
-        let applied: HashSet<u32> = self
-            .admin
-            .query_raw(&sql::applied_migrations(db))
-            .fetch_all::<Applied>()
-            .await
-            .map_err(write_err)?
-            .into_iter()
-            .map(|a| a.version)
-            .collect();
+        let applied = self.applied_migrations().await.map_err(write_err)?;
         let mut count = 0;
         for (version, name, template) in MIGRATIONS {
             if applied.contains(version) {
@@ -360,21 +367,37 @@ impl ClickHouseStore {
         Ok(count)
     }
 
-    /// Fails unless every migration of this build is applied: a schema that is behind is
-    /// upgraded by `postbackd migrate` (or `--migrate`), never silently.
-    pub async fn check_schema(&self) -> Result<(), SeamError> {
+    /// The versions recorded as applied, in `schema_versions` and in the legacy table (none
+    /// while the database or both tables are missing).
+    async fn applied_migrations(&self) -> Result<HashSet<u32>, clickhouse::error::Error> {
         #[derive(clickhouse::Row, serde::Deserialize)]
         struct Applied {
             version: u32,
         }
-        let db = &self.db;
-        let applied: HashSet<u32> = match self
+        let tables: Vec<String> = self
             .admin
-            .query_raw(&sql::applied_migrations(db))
+            .query_raw(&sql::migrations_tables(&self.db))
+            .fetch_all()
+            .await?;
+        if tables.is_empty() {
+            return Ok(HashSet::new());
+        }
+        Ok(self
+            .admin
+            .query_raw(&sql::applied_migrations(&self.db, &tables))
             .fetch_all::<Applied>()
-            .await
-        {
-            Ok(rows) => rows.into_iter().map(|a| a.version).collect(),
+            .await?
+            .into_iter()
+            .map(|a| a.version)
+            .collect())
+    }
+
+    /// Fails unless every migration of this build is applied: a schema that is behind is
+    /// upgraded by `postbackd migrate` (or `--migrate`), never silently.
+    pub async fn check_schema(&self) -> Result<(), SeamError> {
+        let db = &self.db;
+        let applied = match self.applied_migrations().await {
+            Ok(applied) => applied,
             Err(e) if matches!(error_code(&e.to_string()), Some(60 | 81)) => HashSet::new(),
             Err(e) => return Err(write_err(e)),
         };

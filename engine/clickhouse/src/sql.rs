@@ -436,20 +436,41 @@ pub fn create_database(db: &str) -> String {
     format!("CREATE DATABASE IF NOT EXISTS {db}")
 }
 
+/// The applied migrations, one row per recording: migrations run at once may record a version
+/// twice, which is harmless. A MergeTree, because concurrent inserts into a Log-family table
+/// fail or corrupt it (18.16: `File not found: .../tmp_sizes.json`).
 pub fn create_migrations_table(db: &str) -> String {
     format!(
-        "CREATE TABLE IF NOT EXISTS {db}.schema_migrations \
-         (version UInt32, name String, applied_us Int64) ENGINE = TinyLog"
+        "CREATE TABLE IF NOT EXISTS {db}.schema_versions \
+         (version UInt32, name String, applied_us Int64) ENGINE = MergeTree ORDER BY version"
     )
 }
 
-pub fn applied_migrations(db: &str) -> String {
-    format!("SELECT version FROM {db}.schema_migrations")
+/// Where databases migrated before `schema_versions` recorded their migrations (a TinyLog):
+/// read, never written.
+pub const LEGACY_MIGRATIONS: &str = "schema_migrations";
+
+/// Which of the tables that record migrations the database has.
+pub fn migrations_tables(db: &str) -> String {
+    format!(
+        "SELECT name FROM system.tables WHERE database = {} AND name IN ('schema_versions', {})",
+        quote(db),
+        quote(LEGACY_MIGRATIONS)
+    )
+}
+
+/// The versions recorded in `tables` (some of [`migrations_tables`]; not empty).
+pub fn applied_migrations(db: &str, tables: &[String]) -> String {
+    tables
+        .iter()
+        .map(|t| format!("SELECT version FROM {db}.{t}"))
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ")
 }
 
 pub fn record_migration(db: &str, version: u32, name: &str, at_us: i64) -> String {
     format!(
-        "INSERT INTO {db}.schema_migrations VALUES ({version}, {}, {at_us})",
+        "INSERT INTO {db}.schema_versions VALUES ({version}, {}, {at_us})",
         quote(name)
     )
 }

@@ -30,3 +30,77 @@ async fn analytics_store_conforms() {
     })
     .await;
 }
+
+/// Replicas of a Deployment start together, and each may run `--migrate`: every one of them
+/// must succeed, and the schema they leave must be whole, with each migration recorded.
+#[tokio::test]
+#[ignore = "needs a ClickHouse server: POSTBACKD_TEST_CLICKHOUSE=clickhouse://127.0.0.1:PORT"]
+async fn concurrent_migrations_all_succeed() {
+    use postback_clickhouse::{ClickHouseConfig, ClickHouseStore};
+    for round in 0..3 {
+        let db = format!("migrate_{}_{round}", std::process::id());
+        let config = ClickHouseConfig::from_url(&format!("{}/{db}", server())).expect("url");
+        let mut stores = Vec::new();
+        for _ in 0..6 {
+            stores.push(ClickHouseStore::connect(&config).await.expect("connect"));
+        }
+        let results = postback_core::log::join_all(stores.iter().map(|s| s.migrate())).await;
+        for r in &results {
+            assert!(
+                r.is_ok(),
+                "round {round}: a concurrent migration failed: {r:?}"
+            );
+        }
+        let applied: usize = results.iter().map(|r| *r.as_ref().expect("ok")).sum();
+        assert!(
+            applied >= postback_clickhouse::MIGRATIONS.len(),
+            "{applied}"
+        );
+        stores[0].check_schema().await.expect("the schema is whole");
+        assert_eq!(
+            stores[0].migrate().await.expect("once more"),
+            0,
+            "nothing left to apply"
+        );
+    }
+}
+
+/// A database migrated before `schema_versions` recorded its migrations in `schema_migrations`
+/// (a TinyLog): it counts as migrated, and nothing is applied again.
+#[tokio::test]
+#[ignore = "needs a ClickHouse server: POSTBACKD_TEST_CLICKHOUSE=clickhouse://127.0.0.1:PORT"]
+async fn migrations_recorded_in_the_legacy_table_count() {
+    use postback_clickhouse::{ClickHouseConfig, ClickHouseStore};
+    let db = format!("legacy_{}", std::process::id());
+    let config = ClickHouseConfig::from_url(&format!("{}/{db}", server())).expect("url");
+    let store = ClickHouseStore::connect(&config).await.expect("connect");
+    assert!(store.migrate().await.expect("migrate") >= 1);
+    // Make it look like a database the older build migrated.
+    let admin = clickhouse::Client::default().with_url(&config.url);
+    for sql in [
+        format!("DROP TABLE {db}.schema_versions"),
+        format!(
+            "CREATE TABLE {db}.schema_migrations (version UInt32, name String, applied_us Int64) \
+             ENGINE = TinyLog"
+        ),
+        format!("INSERT INTO {db}.schema_migrations VALUES (1, 'tables', 0)"),
+    ] {
+        admin.query(&sql).execute().await.expect(&sql);
+    }
+    let store = ClickHouseStore::connect(&config).await.expect("connect");
+    store
+        .check_schema()
+        .await
+        .expect("migrated by the older build");
+    assert_eq!(store.migrate().await.expect("migrate"), 0, "nothing again");
+    // Without the legacy record, the same database would be behind.
+    admin
+        .query(&format!("DROP TABLE {db}.schema_migrations"))
+        .execute()
+        .await
+        .expect("drop");
+    assert!(
+        store.check_schema().await.is_err(),
+        "no record, not migrated"
+    );
+}

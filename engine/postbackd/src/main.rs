@@ -58,7 +58,8 @@ enum Command {
         roles: Option<postbackd::config::Roles>,
     },
     /// Create or upgrade the ClickHouse schema (--store clickhouse://...), then exit.
-    /// Idempotent: applied migrations are recorded in the database's `schema_migrations`.
+    /// Idempotent: applied migrations are recorded in the database's `schema_versions`;
+    /// safe to run from several processes at once.
     Migrate {
         #[command(flatten)]
         common: Common,
