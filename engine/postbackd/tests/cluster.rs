@@ -19,7 +19,11 @@ async fn start_with(
     roles: &str,
     faults: InjectedFaults,
 ) -> (Server, Api) {
-    let config = Config {
+    start_config(config(dir, shared, roles), faults).await
+}
+
+fn config(dir: &std::path::Path, shared: &Shared, roles: &str) -> Config {
+    Config {
         listen: "127.0.0.1:0".parse().expect("addr"),
         data_dir: dir.to_path_buf(),
         log: shared.log.clone(),
@@ -29,7 +33,10 @@ async fn start_with(
         roles: roles.parse().expect("roles"),
         allow_private_postback_targets: true,
         ..Config::default()
-    };
+    }
+}
+
+async fn start_config(config: Config, faults: InjectedFaults) -> (Server, Api) {
     let server = Server::start_with(config, None, faults)
         .await
         .expect("starts");
@@ -310,6 +317,73 @@ async fn dispatchers_share_the_deliveries_and_send_each_once() {
         assert_eq!(affiliate.count("/bad", &format!("t=F{i}&")), 2, "F{i}");
     }
     server_c.shutdown().await;
+    server_a.shutdown().await;
+}
+
+/// A partition that comes back to a dispatcher after another delivered its jobs: the first
+/// dispatcher's queue still holds those jobs as due for a retry, and the group starts it at
+/// the other's committed offset, past the records of the deliveries. It must apply them from
+/// the log before it attempts anything (`Dispatcher::catch_up`), or each goes out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs Kafka and ClickHouse: POSTBACKD_TEST_KAFKA, POSTBACKD_TEST_CLICKHOUSE"]
+async fn a_partition_handed_back_is_not_delivered_again() {
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let shared = shared(dir_a.path());
+    let affiliate = Affiliate::start().await;
+    // Retries wait long enough for the second dispatcher to join and take its share first.
+    let slow_retries = |dir: &std::path::Path, roles: &str| Config {
+        delivery_base_delay_ms: 12_000,
+        ..config(dir, &shared, roles)
+    };
+    let (server_a, a) = start_config(slow_retries(dir_a.path(), "all"), Default::default()).await;
+    offer_with_postback(&a, &affiliate).await;
+    let url = affiliate.url("/flaky?t={transactionid}&");
+    a.admin_post(
+        "/3.0/partner/postback",
+        &[("partner_id", "1"), ("url", &url)],
+    )
+    .await;
+    // Every first attempt fails (500) at the first dispatcher: each job waits for its retry.
+    let ids: Vec<String> = (0..24).map(|i| format!("H{i}")).collect();
+    convert(&a, ids.clone()).await;
+    let attempts = |n: usize| {
+        ids.iter()
+            .all(|id| affiliate.count("/flaky", &format!("t={id}&")) >= n)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !attempts(1) {
+        assert!(Instant::now() < deadline, "first attempts not made");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The second dispatcher takes its share and makes those retries (200).
+    let (server_b, _) =
+        start_config(slow_retries(dir_b.path(), "dispatch"), Default::default()).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !attempts(2) {
+        assert!(Instant::now() < deadline, "retries not made");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let by_b = delivered_by(dir_b.path());
+    assert!(
+        by_b > 0,
+        "the second dispatcher got no share before the retries"
+    );
+    // It leaves: its partitions come back to the first, which must know they are delivered.
+    server_b.shutdown().await;
+    let settle = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < settle {
+        for id in &ids {
+            let n = affiliate.count("/flaky", &format!("t={id}&"));
+            assert!(
+                n <= 2,
+                "{id} was sent {n} times (the second dispatcher held {by_b} delivered jobs)"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     server_a.shutdown().await;
 }
 
