@@ -140,7 +140,8 @@ const ABANDONED: u8 = 2;
 struct AppendRequest {
     records: Vec<Vec<u8>>,
     state: Arc<AtomicU8>,
-    reply: oneshot::Sender<Result<Vec<u64>, SeamError>>,
+    /// The offset of the request's first record (the rest follow it).
+    reply: oneshot::Sender<Result<u64, SeamError>>,
 }
 
 impl AppendRequest {
@@ -520,8 +521,7 @@ impl Writer {
                             .store(self.head.next, Ordering::Release);
                         self.shared.end_tx.send_replace(self.head.next);
                         for (req, first) in group.into_iter().zip(firsts) {
-                            let offsets = (first..first + req.records.len() as u64).collect();
-                            let _ = req.reply.send(Ok(offsets));
+                            let _ = req.reply.send(Ok(first));
                         }
                     } else {
                         metrics::counter!("postbackd_log_groups_undone_total").increment(1);
@@ -726,7 +726,8 @@ fn answer_all(group: Vec<AppendRequest>, why: &str) {
 }
 
 impl PartitionLog {
-    fn append(&self, records: Vec<Vec<u8>>) -> BoxFuture<'_, Result<Vec<u64>, SeamError>> {
+    /// Appends the records together; answers the first one's offset once they are durable.
+    fn append(&self, records: Vec<Vec<u8>>) -> BoxFuture<'_, Result<u64, SeamError>> {
         Box::pin(async move {
             if let Some(big) = records.iter().find(|r| r.len() > MAX_RECORD) {
                 return Err(SeamError::Rejected(format!(
@@ -995,19 +996,21 @@ impl EventLog for EmbeddedEventLog {
     fn append(&self, records: Vec<Keyed>) -> BoxFuture<'_, Result<Vec<Position>, SeamError>> {
         Box::pin(async move {
             let n = self.partitions();
+            let position = |partition, offset| Position { partition, offset };
+            // The front end appends one record a request: straight to its partition's writer.
+            if let [one] = &records[..] {
+                let partition = partition_of(&one.key, n);
+                let payload = records.into_iter().map(|r| r.payload).collect();
+                let first = self.partitions[partition as usize].append(payload).await?;
+                return Ok(vec![position(partition, first)]);
+            }
             // Each partition's records go to its writer in one request (one group commit).
             let mut by_partition: Vec<Vec<(usize, Vec<u8>)>> = vec![Vec::new(); n as usize];
             let count = records.len();
             for (i, r) in records.into_iter().enumerate() {
                 by_partition[partition_of(&r.key, n) as usize].push((i, r.payload));
             }
-            let mut out = vec![
-                Position {
-                    partition: 0,
-                    offset: 0,
-                };
-                count
-            ];
+            let mut out = vec![position(0, 0); count];
             let appends = by_partition
                 .into_iter()
                 .enumerate()
@@ -1018,8 +1021,9 @@ impl EventLog for EmbeddedEventLog {
                     async move { (p as Partition, index, log.append(payloads).await) }
                 });
             for (partition, index, result) in postback_core::log::join_all(appends).await {
-                for (i, offset) in index.into_iter().zip(result?) {
-                    out[i] = Position { partition, offset };
+                let first = result?;
+                for (i, offset) in index.into_iter().zip(first..) {
+                    out[i] = position(partition, offset);
                 }
             }
             Ok(out)
@@ -1552,8 +1556,8 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match log.append(vec![b"record-2".to_vec()]).await {
-                Ok(offsets) => {
-                    assert_eq!(offsets, vec![2], "the refused records took no offset");
+                Ok(first) => {
+                    assert_eq!(first, 2, "the refused records took no offset");
                     break;
                 }
                 Err(_) => assert!(Instant::now() < deadline, "never recovered"),

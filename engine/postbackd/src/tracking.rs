@@ -117,15 +117,15 @@ fn header_value(s: &str) -> HeaderValue {
     })
 }
 
-fn postback_event(req: &Req, pixel: Option<PixelContext>) -> PostbackEvent {
+fn postback_event(req: Req, pixel: Option<PixelContext>) -> PostbackEvent {
     let mut event = PostbackEvent {
         at_us: now_us(),
         ip: req.client_ip.to_string(),
         method: req.method.as_str().to_string(),
-        query: req.query.clone(),
+        content_type: req.header("content-type").to_string(),
+        query: req.query,
         body: None,
         body_hex: None,
-        content_type: req.header("content-type").to_string(),
         pixel,
     };
     event.set_body(&req.body);
@@ -137,7 +137,7 @@ pub async fn postback(engine: &Arc<Engine>, req: Req) -> Result<Response<Body>, 
     if req.method != Method::GET && req.method != Method::POST {
         return Err(ApiError::Method);
     }
-    append(engine, &Event::Postback(postback_event(&req, None))).await?;
+    append(engine, &Event::Postback(postback_event(req, None))).await?;
     engine.http_metrics.s2s_postbacks.increment(1);
     let mut r = Response::new(Full::new(Bytes::from_static(br#"{"status":1}"#)));
     r.headers_mut()
@@ -180,11 +180,7 @@ pub async fn pixel(engine: &Arc<Engine>, req: Req) -> Result<Response<Body>, Api
         source: req.header("referer").to_string(),
         cookie_click_id,
     };
-    append(
-        engine,
-        &Event::Postback(postback_event(&req, Some(context))),
-    )
-    .await?;
+    append(engine, &Event::Postback(postback_event(req, Some(context)))).await?;
     engine.http_metrics.pixel_postbacks.increment(1);
     let body: &[u8] = match kind.as_str() {
         "success.jpg" => PIXEL,
