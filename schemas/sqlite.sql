@@ -85,6 +85,28 @@ CREATE VIRTUAL TABLE IF NOT EXISTS server_postbacks_search USING fts5 (
     params, content = '', contentless_delete = 1, tokenize = 'trigram'
 );
 
+-- The server-postback log counted by UTC hour and by every key a summary groups or filters
+-- by: a month's summary reads these instead of every row. Kept exact in the rows' own
+-- transactions: a batch adds the counts of the rows it inserted (a redone batch inserts none),
+-- and retention counts again the hours whose rows it removed.
+CREATE TABLE IF NOT EXISTS sp_hourly (
+    hour_us INTEGER NOT NULL,
+    offer_id INTEGER NOT NULL,
+    advertiser_id TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    goal_lc TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    response_status INTEGER NOT NULL,
+    error TEXT NOT NULL,
+    postbacks INTEGER NOT NULL,
+    accepted INTEGER NOT NULL,
+    rejected INTEGER NOT NULL,
+    created INTEGER NOT NULL,
+    payouts REAL NOT NULL,
+    revenue REAL NOT NULL,
+    PRIMARY KEY (hour_us, offer_id, advertiser_id, pid, goal_lc, status, response_status, error)
+) WITHOUT ROWID;
+
 CREATE TABLE IF NOT EXISTS conversions (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,

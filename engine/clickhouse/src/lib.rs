@@ -739,8 +739,11 @@ impl AnalyticsStore for ClickHouseStore {
                 .map_err(read_err)?;
             let has = |k| q.group_by.contains(&k);
             let time = has(SummaryKey::Hour) || has(SummaryKey::Day);
+            // Ungrouped, an empty range still gives SQL one row (of zeros): no rows, like
+            // groups (and like the other stores).
             let mut out: Vec<SummaryRow> = rows
                 .into_iter()
+                .filter(|r| r.n_postbacks > 0)
                 .map(|r| SummaryRow {
                     hour_us: time.then_some(r.k_hour),
                     offer_id: has(SummaryKey::Offer).then_some(r.k_offer),

@@ -28,6 +28,7 @@ pub async fn analytics_suite(fresh: Fresh<'_, dyn AnalyticsStore>) {
     attempt_filters(&*fresh().await).await;
     snapshots_pin_a_growing_listing(&*fresh().await).await;
     summaries(&*fresh().await).await;
+    summaries_of_ranges_off_the_hour(&*fresh().await).await;
     clear_forgets_every_row(&*fresh().await).await;
 }
 
@@ -602,6 +603,21 @@ async fn expiry_removes_old_rows(store: &dyn AnalyticsStore) {
         left.rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
         vec!["p-new"]
     );
+    let summary = store
+        .summary(SummaryQuery {
+            filters: all.clone(),
+            group_by: vec![SummaryKey::Day],
+        })
+        .await
+        .expect("summary");
+    assert_eq!(
+        summary
+            .iter()
+            .map(|r| (r.hour_us, r.postbacks))
+            .collect::<Vec<_>>(),
+        vec![(Some(100 * DAY), 1)],
+        "the summary forgets expired rows too"
+    );
     let found = store
         .server_postbacks(ServerPostbackQuery {
             search: Some("findme".into()),
@@ -1037,6 +1053,11 @@ async fn clear_forgets_every_row(store: &dyn AnalyticsStore) {
             .total,
         0
     );
+    let summary = SummaryQuery {
+        filters: query(0, 10 * crate::seams::HOUR_US),
+        group_by: vec![],
+    };
+    assert!(store.summary(summary).await.expect("summary").is_empty());
     assert!(store
         .clicks(vec!["c1".into()])
         .await
@@ -1097,11 +1118,20 @@ async fn summaries(store: &dyn AnalyticsStore) {
     ];
     store
         .insert(AnalyticsRows {
-            postbacks: rows,
+            postbacks: rows.clone(),
             ..Default::default()
         })
         .await
         .expect("insert");
+    // The batch redone: nothing is counted twice.
+    store
+        .insert(AnalyticsRows {
+            postbacks: rows,
+            maybe_inserted: true,
+            ..Default::default()
+        })
+        .await
+        .expect("insert again");
     let q = |group_by: Vec<SummaryKey>| SummaryQuery {
         filters: query(0, 24 * HOUR),
         group_by,
@@ -1170,6 +1200,81 @@ async fn summaries(store: &dyn AnalyticsStore) {
         ],
         "goals without case"
     );
+}
+
+/// A summary over a range whose ends are off the hour (a client's time zone of +05:30, say)
+/// counts exactly the rows within it, whatever the filters.
+async fn summaries_of_ranges_off_the_hour(store: &dyn AnalyticsStore) {
+    const HOUR: i64 = crate::seams::HOUR_US;
+    let at = [
+        10 * HOUR,
+        10 * HOUR + 5,
+        11 * HOUR,
+        12 * HOUR,
+        12 * HOUR + 7,
+        14 * HOUR + 1,
+    ];
+    let rows = at
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let mut r = postback(&format!("e{i:03}"), *t, "goal=Sale&promo=X", 1, i != 2);
+            if i % 2 == 0 {
+                (r.created, r.payouts, r.revenue) = (true, 1.5, 3.0);
+            }
+            r
+        })
+        .collect();
+    store
+        .insert(AnalyticsRows {
+            postbacks: rows,
+            ..Default::default()
+        })
+        .await
+        .expect("insert");
+    let summary = |from: i64, to: i64, search: Option<&str>, goal: Option<&str>| SummaryQuery {
+        filters: ServerPostbackQuery {
+            search: search.map(str::to_string),
+            goal: goal.map(str::to_string),
+            ..query(from, to)
+        },
+        group_by: vec![SummaryKey::Hour],
+    };
+    // [10:00 + 1 µs, 14:00 + 1 µs): whole hours 11 to 13, and the rows at both ends.
+    let (from, to) = (10 * HOUR + 1, 14 * HOUR + 1);
+    let expected = vec![
+        (Some(10 * HOUR), 1, 1, 0),
+        (Some(11 * HOUR), 1, 0, 1),
+        (Some(12 * HOUR), 2, 2, 0),
+    ];
+    for (search, goal) in [(None, None), (None, Some("SALE")), (Some("promo=x"), None)] {
+        let got: Vec<(Option<i64>, u64, u64, u64)> = store
+            .summary(summary(from, to, search, goal))
+            .await
+            .expect("summary")
+            .iter()
+            .map(|r| (r.hour_us, r.postbacks, r.accepted, r.rejected))
+            .collect();
+        assert_eq!(got, expected, "search {search:?}, goal {goal:?}");
+    }
+    let total = store
+        .summary(SummaryQuery {
+            group_by: vec![],
+            ..summary(from, to, None, None)
+        })
+        .await
+        .expect("summary");
+    assert_eq!(total.len(), 1);
+    assert_eq!(
+        (total[0].postbacks, total[0].conversions, total[0].payouts),
+        (4, 2, 3.0),
+        "of the created rows at 10:00, 11:00 and 12:07, the last two are within"
+    );
+    let none = store
+        .summary(summary(13 * HOUR, 14 * HOUR, None, None))
+        .await
+        .expect("summary");
+    assert!(none.is_empty(), "{none:?}");
 }
 
 /// Committing again changes nothing; positions are kept per consumer and partition; a later

@@ -20,15 +20,18 @@ use postback_core::seams::{
     AnalyticsRows, AnalyticsStore, AttemptQuery, BoxFuture, ConversionQuery, DeliveryQueue, Page,
     SeamError, ServerPostbackQuery, StateChanges, StateStore, SummaryQuery, SummaryRow,
 };
+use postback_core::seams::{GroupKey, HOUR_US};
 use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row, Transaction};
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 const SCHEMA: &str = include_str!("../../../schemas/sqlite.sql");
 /// Kept in `PRAGMA user_version`. Raise it with every change to `schemas/sqlite.sql`: a store of
 /// another version is not migrated but rebuilt from the logs, which hold everything it derives.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 const READERS: usize = 3;
 
 /// What an existing store file's schema is, compared with this build's.
@@ -440,6 +443,7 @@ fn insert_rows(conn: &mut Connection, rows: &AnalyticsRows) -> rusqlite::Result<
             tx.prepare_cached("INSERT INTO server_postbacks_search (rowid, params) VALUES (?, ?)")?;
         let mut keys =
             tx.prepare_cached("INSERT INTO server_postbacks_keys (rowid, keys) VALUES (?, ?)")?;
+        let mut hourly = HourlyCounts::default();
         for r in &rows.postbacks {
             let inserted = pb.execute(params![
                 r.id,
@@ -474,8 +478,10 @@ fn insert_rows(conn: &mut Connection, rows: &AnalyticsRows) -> rusqlite::Result<
                 if !terms.is_empty() {
                     keys.execute(params![seq, terms])?;
                 }
+                hourly.count(r);
             }
         }
+        hourly.add_to(&tx)?;
         let mut attempt = tx.prepare_cached(
             "INSERT OR IGNORE INTO delivery_attempts (job_id, attempt, at_us, http_code, error,
                state, next_at_us, pid, offer_id, goal_lc, conv_status, job)
@@ -500,6 +506,90 @@ fn insert_rows(conn: &mut Connection, rows: &AnalyticsRows) -> rusqlite::Result<
     }
     upsert_conversions(&tx, &rows.conversions)?;
     tx.commit()
+}
+
+/// `sp_hourly`'s key: hour, offer, advertiser, partner, goal, status, response status, error.
+type HourKey = (i64, i64, String, i64, String, i64, u8, String);
+
+/// A batch's rows counted by `sp_hourly`'s keys, added to it in the batch's transaction:
+/// postbacks, created, payouts, revenue (accepted and rejected follow from the key).
+#[derive(Default)]
+struct HourlyCounts(HashMap<HourKey, (i64, i64, f64, f64)>);
+
+impl HourlyCounts {
+    fn count(&mut self, r: &ServerPostbackRow) {
+        let key = (
+            hour_of(r.at_us),
+            r.offer_id as i64,
+            r.advertiser_id.clone(),
+            r.pid as i64,
+            r.goal.to_lowercase(),
+            r.status,
+            r.response_status,
+            r.error.clone(),
+        );
+        let n = self.0.entry(key).or_default();
+        n.0 += 1;
+        n.1 += i64::from(r.created);
+        n.2 += r.payouts;
+        n.3 += r.revenue;
+    }
+
+    fn add_to(self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
+        let mut add = tx.prepare_cached(
+            "INSERT INTO sp_hourly VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT DO UPDATE SET postbacks = postbacks + excluded.postbacks,
+               accepted = accepted + excluded.accepted, rejected = rejected + excluded.rejected,
+               created = created + excluded.created, payouts = payouts + excluded.payouts,
+               revenue = revenue + excluded.revenue",
+        )?;
+        for ((hour, offer, advertiser, pid, goal, status, response, error), n) in self.0 {
+            let (postbacks, created, payouts, revenue) = n;
+            let accepted = if response == 1 { postbacks } else { 0 };
+            add.execute(params![
+                hour,
+                offer,
+                advertiser,
+                pid,
+                goal,
+                status,
+                response,
+                error,
+                postbacks,
+                accepted,
+                postbacks - accepted,
+                created,
+                payouts,
+                revenue,
+            ])?;
+        }
+        Ok(())
+    }
+}
+
+/// The start of `at_us`'s UTC hour, as the SQL of the summaries computes it.
+fn hour_of(at_us: i64) -> i64 {
+    (at_us / HOUR_US) * HOUR_US
+}
+
+/// Counts again, from the rows, the hours of `sp_hourly` from `from_us`'s to `to_us`'s.
+fn recount_hours(tx: &Transaction<'_>, from_us: i64, to_us: i64) -> rusqlite::Result<()> {
+    let (first, end) = (hour_of(from_us), hour_of(to_us) + HOUR_US);
+    tx.execute(
+        "DELETE FROM sp_hourly WHERE hour_us >= ? AND hour_us < ?",
+        [first, end],
+    )?;
+    tx.execute(
+        &format!(
+            "INSERT INTO sp_hourly SELECT (at_us / {HOUR_US}) * {HOUR_US}, offer_id,
+               advertiser_id, pid, goal_lc, status, response_status, error, COUNT(*),
+               SUM(response_status = 1), SUM(response_status <> 1), SUM(created), SUM(payouts),
+               SUM(revenue)
+             FROM server_postbacks WHERE at_us >= ? AND at_us < ? GROUP BY 1, 2, 3, 4, 5, 6, 7, 8"
+        ),
+        [first, end],
+    )?;
+    Ok(())
 }
 
 fn commit_state(
@@ -529,6 +619,9 @@ fn position(c: &Connection, consumer: &str, partition: Partition) -> Result<u64,
 /// Deletes the rows of `table` whose `column` is before `before_us`, in small transactions so
 /// that the processor is never held up for long; runs `also` on each chunk's keys first (to
 /// delete what hangs off them). Returns how many rows went.
+/// Called after a chunk of rows was deleted, with the span of their times.
+type AfterChunk = fn(&Transaction<'_>, i64, i64) -> rusqlite::Result<()>;
+
 fn delete_before(
     c: &mut Connection,
     table: &str,
@@ -536,6 +629,7 @@ fn delete_before(
     column: &str,
     before_us: i64,
     also: &[&str],
+    after: Option<AfterChunk>,
 ) -> Result<u64, SeamError> {
     let mut removed = 0u64;
     let chunk = format!("SELECT {key} FROM {table} WHERE {column} < ?1 LIMIT 5000");
@@ -545,12 +639,27 @@ fn delete_before(
             tx.execute(&also.replace("{chunk}", &chunk), [before_us])
                 .map_err(db_err)?;
         }
+        let span: Option<(i64, i64)> = match after {
+            Some(_) => tx
+                .query_row(
+                    &format!(
+                        "SELECT min({column}), max({column}) FROM {table} WHERE {key} IN ({chunk})"
+                    ),
+                    [before_us],
+                    |r| Ok(r.get::<_, Option<i64>>(0)?.zip(r.get::<_, Option<i64>>(1)?)),
+                )
+                .map_err(db_err)?,
+            None => None,
+        };
         let n = tx
             .execute(
                 &format!("DELETE FROM {table} WHERE {key} IN ({chunk})"),
                 [before_us],
             )
             .map_err(db_err)?;
+        if let (Some(after), Some((first, last))) = (after, span) {
+            after(&tx, first, last).map_err(db_err)?;
+        }
         tx.commit().map_err(db_err)?;
         removed += n as u64;
         if n == 0 {
@@ -699,9 +808,7 @@ fn postback_filter(q: &ServerPostbackQuery) -> Filter {
         "at_us >= ? AND at_us < ?",
         [Value::Integer(q.from_us), Value::Integer(q.to_us)],
     );
-    f.any_of("offer_id", ints(&q.offers));
-    f.any_of("pid", ints(&q.partners));
-    f.any_of("advertiser_id", texts(&q.suppliers));
+    key_filters(&mut f, q);
     if let Some(v) = &q.id {
         f.add("id = ?", [Value::Text(v.clone())]);
     }
@@ -710,15 +817,6 @@ fn postback_filter(q: &ServerPostbackQuery) -> Filter {
     }
     if let Some(v) = &q.action_id {
         f.exact("server_postbacks_keys", "action_id", 'a', v);
-    }
-    if let Some(v) = &q.goal {
-        f.add("goal_lc = ?", [Value::Text(v.to_lowercase())]);
-    }
-    if let Some(v) = q.status {
-        f.add("status = ?", [Value::Integer(v)]);
-    }
-    if let Some(v) = q.response_status {
-        f.add("response_status = ?", [Value::Integer(v.into())]);
     }
     if let Some(s) = q.search.as_ref().filter(|s| !s.is_empty()) {
         if s.chars().count() >= 3 {
@@ -740,13 +838,103 @@ fn postback_filter(q: &ServerPostbackQuery) -> Filter {
     f
 }
 
-/// The summary: one GROUP BY over the filtered log, the groups in key order.
+/// The filters on columns that `sp_hourly` keeps as well.
+fn key_filters(f: &mut Filter, q: &ServerPostbackQuery) {
+    f.any_of("offer_id", ints(&q.offers));
+    f.any_of("pid", ints(&q.partners));
+    f.any_of("advertiser_id", texts(&q.suppliers));
+    if let Some(v) = &q.goal {
+        f.add("goal_lc = ?", [Value::Text(v.to_lowercase())]);
+    }
+    if let Some(v) = q.status {
+        f.add("status = ?", [Value::Integer(v)]);
+    }
+    if let Some(v) = q.response_status {
+        f.add("response_status = ?", [Value::Integer(v.into())]);
+    }
+}
+
+/// The summary. The whole hours of the range are read from `sp_hourly` when every filter is on
+/// its keys, the rest (a range's ends off the hour, or filters on ids or the search) from the
+/// rows; the parts are merged, groups in key order.
 fn summary(c: &Connection, q: &SummaryQuery) -> rusqlite::Result<Vec<SummaryRow>> {
-    use postback_core::seams::{SummaryKey as K, HOUR_US};
+    let f = &q.filters;
+    let (from, to) = (f.from_us, f.to_us);
+    let whole = (hour_of(from.saturating_add(HOUR_US - 1)), hour_of(to));
+    let by_keys = f.id.is_none()
+        && f.click_id.is_none()
+        && f.action_id.is_none()
+        && f.search.as_ref().is_none_or(|s| s.is_empty());
+    let parts = if by_keys && whole.0 < whole.1 {
+        let mut parts = summary_of(c, q, Counted::Hourly, whole)?;
+        for edge in [(from, whole.0), (whole.1, to)] {
+            if edge.0 < edge.1 {
+                parts.extend(summary_of(c, q, Counted::Rows, edge)?);
+            }
+        }
+        parts
+    } else {
+        summary_of(c, q, Counted::Rows, (from, to))?
+    };
+    let mut groups: BTreeMap<GroupKey, SummaryRow> = BTreeMap::new();
+    for part in parts {
+        match groups.entry(part.key()) {
+            Entry::Occupied(mut g) => g.get_mut().merge(&part),
+            Entry::Vacant(g) => {
+                g.insert(part);
+            }
+        }
+    }
+    // Ungrouped, an empty log still gives SQL one row (of zeros): no rows, like groups.
+    Ok(groups.into_values().filter(|g| g.postbacks > 0).collect())
+}
+
+/// Where a summary counts: the rows, or `sp_hourly`'s counts of whole hours.
+#[derive(Clone, Copy, PartialEq)]
+enum Counted {
+    Rows,
+    Hourly,
+}
+
+/// One GROUP BY over `counted`, within `range` and the query's filters.
+fn summary_of(
+    c: &Connection,
+    q: &SummaryQuery,
+    counted: Counted,
+    range: (i64, i64),
+) -> rusqlite::Result<Vec<SummaryRow>> {
+    use postback_core::seams::SummaryKey as K;
     let has = |k| q.group_by.contains(&k);
+    let (table, hour, counts, filter) = match counted {
+        Counted::Rows => (
+            "server_postbacks",
+            format!("(at_us / {HOUR_US}) * {HOUR_US}"),
+            "COUNT(*), SUM(response_status = 1), SUM(response_status <> 1), SUM(created),
+             SUM(payouts), SUM(revenue)",
+            postback_filter(&ServerPostbackQuery {
+                from_us: range.0,
+                to_us: range.1,
+                ..q.filters.clone()
+            }),
+        ),
+        Counted::Hourly => {
+            let mut f = Filter::default();
+            f.add(
+                "hour_us >= ? AND hour_us < ?",
+                [Value::Integer(range.0), Value::Integer(range.1)],
+            );
+            key_filters(&mut f, &q.filters);
+            (
+                "sp_hourly",
+                "hour_us".to_string(),
+                "SUM(postbacks), SUM(accepted), SUM(rejected), SUM(created), SUM(payouts),
+                 SUM(revenue)",
+                f,
+            )
+        }
+    };
     // The columns of SummaryRow's keys, in its order: time, offer, advertiser, partner, goal,
     // response status, error.
-    let hour = format!("(at_us / {HOUR_US}) * {HOUR_US}");
     let columns: [(bool, &str); 7] = [
         (has(K::Hour) || has(K::Day), &hour),
         (has(K::Offer), "offer_id"),
@@ -765,20 +953,14 @@ fn summary(c: &Connection, q: &SummaryQuery) -> rusqlite::Result<Vec<SummaryRow>
         (String::new(), String::new())
     } else {
         let list = grouped.join(", ");
-        (
-            format!("{list}, "),
-            format!("GROUP BY {list} ORDER BY {list}"),
-        )
+        (format!("{list}, "), format!("GROUP BY {list}"))
     };
-    let f = postback_filter(&q.filters);
     let sql = format!(
-        "SELECT {select} COUNT(*), SUM(response_status = 1), SUM(response_status <> 1),
-           SUM(created), SUM(payouts), SUM(revenue)
-         FROM server_postbacks {} {group}",
-        f.clause()
+        "SELECT {select} {counts} FROM {table} {} {group}",
+        filter.clause()
     );
     let mut stmt = c.prepare_cached(&sql)?;
-    let rows = stmt.query_map(params_from_iter(f.values.iter()), |r| {
+    let rows = stmt.query_map(params_from_iter(filter.values.iter()), |r| {
         let mut i = 0;
         let mut next = || {
             i += 1;
@@ -806,17 +988,19 @@ fn summary(c: &Connection, q: &SummaryQuery) -> rusqlite::Result<Vec<SummaryRow>
         if columns[6].0 {
             row.error = Some(r.get(next())?);
         }
-        row.postbacks = r.get::<_, i64>(next())? as u64;
-        row.accepted = r.get::<_, Option<i64>>(next())?.unwrap_or(0) as u64;
-        row.rejected = r.get::<_, Option<i64>>(next())?.unwrap_or(0) as u64;
-        row.conversions = r.get::<_, Option<i64>>(next())?.unwrap_or(0) as u64;
+        let mut count = || {
+            r.get::<_, Option<i64>>(next())
+                .map(|n| n.unwrap_or(0) as u64)
+        };
+        row.postbacks = count()?;
+        row.accepted = count()?;
+        row.rejected = count()?;
+        row.conversions = count()?;
         row.payouts = r.get::<_, Option<f64>>(next())?.unwrap_or(0.0);
         row.revenue = r.get::<_, Option<f64>>(next())?.unwrap_or(0.0);
         Ok(row)
     })?;
-    // Ungrouped, an empty log still gives SQL one row (of zeros): no rows, like groups.
-    rows.filter(|r| !matches!(r, Ok(r) if r.postbacks == 0))
-        .collect()
+    rows.collect()
 }
 
 /// A search string as an FTS5 phrase (substring match with the trigram tokenizer).
@@ -1064,8 +1248,10 @@ impl AnalyticsStore for SqliteStore {
                     "DELETE FROM server_postbacks_search WHERE rowid IN ({chunk})",
                     "DELETE FROM server_postbacks_keys WHERE rowid IN ({chunk})",
                 ],
+                Some(recount_hours),
             )?;
-            let attempts = delete_before(c, "delivery_attempts", "seq", "at_us", before_us, &[])?;
+            let attempts =
+                delete_before(c, "delivery_attempts", "seq", "at_us", before_us, &[], None)?;
             Ok(postbacks + attempts + expire_state(c, before_us)?)
         })
     }
@@ -1075,7 +1261,7 @@ impl AnalyticsStore for SqliteStore {
         self.with_writer(|c| {
             c.execute_batch(
                 "BEGIN; DELETE FROM server_postbacks_search; DELETE FROM server_postbacks_keys;
-                 DELETE FROM server_postbacks;
+                 DELETE FROM server_postbacks; DELETE FROM sp_hourly;
                  DELETE FROM delivery_attempts; DELETE FROM conversions_keys;
                  DELETE FROM conversions; DELETE FROM clicks;
                  COMMIT;",
@@ -1094,7 +1280,8 @@ fn expire_state(c: &mut Connection, before_us: i64) -> Result<u64, SeamError> {
         "created_us",
         before_us,
         &["DELETE FROM conversions_keys WHERE rowid IN ({chunk})"],
-    )? + delete_before(c, "clicks", "click_id", "at_us", before_us, &[])?)
+        None,
+    )? + delete_before(c, "clicks", "click_id", "at_us", before_us, &[], None)?)
 }
 
 impl StateStore for SqliteStore {
@@ -1214,7 +1401,7 @@ impl DeliveryQueue for SqliteStore {
 
     fn expire(&self, before_us: i64) -> BoxFuture<'_, Result<u64, SeamError>> {
         self.with_writer(move |c| {
-            delete_before(c, "delivery_jobs", "job_id", "at_us", before_us, &[])
+            delete_before(c, "delivery_jobs", "job_id", "at_us", before_us, &[], None)
         })
     }
 }
@@ -1404,6 +1591,58 @@ mod tests {
             Box::pin(async move { s })
         })
         .await;
+    }
+
+    /// Retention that cuts an hour in two leaves that hour's counts to the rows it kept, and
+    /// a later batch adds to them; the summary agrees with the rows, read both ways.
+    #[tokio::test]
+    async fn hourly_counts_follow_retention_within_an_hour() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("s.sqlite")).expect("opens");
+        let at = |i: i64, at_us: i64| ServerPostbackRow {
+            at_us,
+            ..postback_row(i)
+        };
+        let rows = |rows| AnalyticsRows {
+            postbacks: rows,
+            ..Default::default()
+        };
+        let hour = HOUR_US;
+        store
+            .insert(rows(vec![
+                at(1, hour + 1),
+                at(2, hour + 5),
+                at(3, hour + 9),
+            ]))
+            .await
+            .expect("insert");
+        AnalyticsStore::expire(&store, hour + 6)
+            .await
+            .expect("expire");
+        store
+            .insert(rows(vec![at(4, hour + 20), at(5, 2 * hour)]))
+            .await
+            .expect("insert");
+        let by_hour = |from_us, to_us| SummaryQuery {
+            filters: ServerPostbackQuery {
+                from_us,
+                to_us,
+                ..Default::default()
+            },
+            group_by: vec![postback_core::seams::SummaryKey::Hour],
+        };
+        let counted = |summary: Vec<SummaryRow>| -> Vec<(Option<i64>, u64)> {
+            summary.iter().map(|r| (r.hour_us, r.postbacks)).collect()
+        };
+        let expected = vec![(Some(hour), 2), (Some(2 * hour), 1)];
+        // Whole hours (from sp_hourly), and a range off the hour (rows at its ends).
+        let hourly = store.summary(by_hour(0, 3 * hour)).await.expect("summary");
+        assert_eq!(counted(hourly), expected);
+        let edges = store
+            .summary(by_hour(1, 3 * hour - 1))
+            .await
+            .expect("summary");
+        assert_eq!(counted(edges), expected);
     }
 
     /// Enough rows that counting them takes many SQLite VM steps.
