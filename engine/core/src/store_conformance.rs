@@ -1219,6 +1219,7 @@ async fn summaries_of_ranges_off_the_hour(store: &dyn AnalyticsStore) {
         .enumerate()
         .map(|(i, t)| {
             let mut r = postback(&format!("e{i:03}"), *t, "goal=Sale&promo=X", 1, i != 2);
+            r.pid = 1 + i as u64 % 2;
             if i % 2 == 0 {
                 (r.created, r.payouts, r.revenue) = (true, 1.5, 3.0);
             }
@@ -1269,6 +1270,35 @@ async fn summaries_of_ranges_off_the_hour(store: &dyn AnalyticsStore) {
         (total[0].postbacks, total[0].conversions, total[0].payouts),
         (4, 2, 3.0),
         "of the created rows at 10:00, 11:00 and 12:07, the last two are within"
+    );
+    // By partner (1: the rows at 11:00 and 12:07; 2: 10:05 and 12:00), and one partner alone.
+    let by_partner: Vec<(Option<u64>, u64)> = store
+        .summary(SummaryQuery {
+            group_by: vec![SummaryKey::Partner],
+            ..summary(from, to, None, None)
+        })
+        .await
+        .expect("summary")
+        .iter()
+        .map(|r| (r.pid, r.postbacks))
+        .collect();
+    assert_eq!(by_partner, vec![(Some(1), 2), (Some(2), 2)]);
+    let partner_two: Vec<(Option<i64>, u64)> = store
+        .summary(SummaryQuery {
+            filters: ServerPostbackQuery {
+                partners: vec![2],
+                ..query(from, to)
+            },
+            group_by: vec![SummaryKey::Hour],
+        })
+        .await
+        .expect("summary")
+        .iter()
+        .map(|r| (r.hour_us, r.postbacks))
+        .collect();
+    assert_eq!(
+        partner_two,
+        vec![(Some(10 * HOUR), 1), (Some(12 * HOUR), 1)]
     );
     let none = store
         .summary(summary(13 * HOUR, 14 * HOUR, None, None))

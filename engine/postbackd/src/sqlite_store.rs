@@ -24,14 +24,14 @@ use postback_core::seams::{GroupKey, HOUR_US};
 use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row, Transaction};
 use std::collections::btree_map::Entry;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 const SCHEMA: &str = include_str!("../../../schemas/sqlite.sql");
 /// Kept in `PRAGMA user_version`. Raise it with every change to `schemas/sqlite.sql`: a store of
 /// another version is not migrated but rebuilt from the logs, which hold everything it derives.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 const READERS: usize = 3;
 
 /// What an existing store file's schema is, compared with this build's.
@@ -443,7 +443,12 @@ fn insert_rows(conn: &mut Connection, rows: &AnalyticsRows) -> rusqlite::Result<
             tx.prepare_cached("INSERT INTO server_postbacks_search (rowid, params) VALUES (?, ?)")?;
         let mut keys =
             tx.prepare_cached("INSERT INTO server_postbacks_keys (rowid, keys) VALUES (?, ?)")?;
-        let mut hourly = HourlyCounts::default();
+        // Rows this batch inserts get a seq above every earlier one (AUTOINCREMENT).
+        let before: i64 = tx.query_row(
+            "SELECT coalesce(max(seq), 0) FROM server_postbacks",
+            [],
+            |r| r.get(0),
+        )?;
         for r in &rows.postbacks {
             let inserted = pb.execute(params![
                 r.id,
@@ -478,10 +483,9 @@ fn insert_rows(conn: &mut Connection, rows: &AnalyticsRows) -> rusqlite::Result<
                 if !terms.is_empty() {
                     keys.execute(params![seq, terms])?;
                 }
-                hourly.count(r);
             }
         }
-        hourly.add_to(&tx)?;
+        add_hourly_counts(&tx, "seq > ?1", &[before])?;
         let mut attempt = tx.prepare_cached(
             "INSERT OR IGNORE INTO delivery_attempts (job_id, attempt, at_us, http_code, error,
                state, next_at_us, pid, offer_id, goal_lc, conv_status, job)
@@ -508,63 +512,31 @@ fn insert_rows(conn: &mut Connection, rows: &AnalyticsRows) -> rusqlite::Result<
     tx.commit()
 }
 
-/// `sp_hourly`'s key: hour, offer, advertiser, partner, goal, status, response status, error.
-type HourKey = (i64, i64, String, i64, String, i64, u8, String);
+/// The hourly counts of the server-postback log (see `schemas/sqlite.sql`), and whether each
+/// keeps the partner: with it an hour has a group per offer and partner, so summaries that
+/// neither group nor filter by partner read the table without it (pid 0), several times
+/// smaller.
+const HOURLY: [(&str, bool); 2] = [("sp_hourly", false), ("sp_hourly_partners", true)];
 
-/// A batch's rows counted by `sp_hourly`'s keys, added to it in the batch's transaction:
-/// postbacks, created, payouts, revenue (accepted and rejected follow from the key).
-#[derive(Default)]
-struct HourlyCounts(HashMap<HourKey, (i64, i64, f64, f64)>);
-
-impl HourlyCounts {
-    fn count(&mut self, r: &ServerPostbackRow) {
-        let key = (
-            hour_of(r.at_us),
-            r.offer_id as i64,
-            r.advertiser_id.clone(),
-            r.pid as i64,
-            r.goal.to_lowercase(),
-            r.status,
-            r.response_status,
-            r.error.clone(),
-        );
-        let n = self.0.entry(key).or_default();
-        n.0 += 1;
-        n.1 += i64::from(r.created);
-        n.2 += r.payouts;
-        n.3 += r.revenue;
-    }
-
-    fn add_to(self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
-        let mut add = tx.prepare_cached(
-            "INSERT INTO sp_hourly VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+/// Adds the rows `filter` selects (SQL on `server_postbacks`, with `values`) to the hourly
+/// counts.
+fn add_hourly_counts(tx: &Transaction<'_>, filter: &str, values: &[i64]) -> rusqlite::Result<()> {
+    for (table, with_partner) in HOURLY {
+        let pid = if with_partner { "pid" } else { "0" };
+        tx.prepare_cached(&format!(
+            "INSERT INTO {table} SELECT (at_us / {HOUR_US}) * {HOUR_US}, offer_id,
+               advertiser_id, {pid}, goal_lc, status, response_status, error, COUNT(*),
+               SUM(response_status = 1), SUM(response_status <> 1), SUM(created),
+               SUM(payouts), SUM(revenue)
+             FROM server_postbacks WHERE {filter} GROUP BY 1, 2, 3, 4, 5, 6, 7, 8
              ON CONFLICT DO UPDATE SET postbacks = postbacks + excluded.postbacks,
                accepted = accepted + excluded.accepted, rejected = rejected + excluded.rejected,
                created = created + excluded.created, payouts = payouts + excluded.payouts,
-               revenue = revenue + excluded.revenue",
-        )?;
-        for ((hour, offer, advertiser, pid, goal, status, response, error), n) in self.0 {
-            let (postbacks, created, payouts, revenue) = n;
-            let accepted = if response == 1 { postbacks } else { 0 };
-            add.execute(params![
-                hour,
-                offer,
-                advertiser,
-                pid,
-                goal,
-                status,
-                response,
-                error,
-                postbacks,
-                accepted,
-                postbacks - accepted,
-                created,
-                payouts,
-                revenue,
-            ])?;
-        }
-        Ok(())
+               revenue = revenue + excluded.revenue"
+        ))?
+        .execute(params_from_iter(values))?;
     }
+    Ok(())
 }
 
 /// The start of `at_us`'s UTC hour, as the SQL of the summaries computes it.
@@ -572,24 +544,16 @@ fn hour_of(at_us: i64) -> i64 {
     (at_us / HOUR_US) * HOUR_US
 }
 
-/// Counts again, from the rows, the hours of `sp_hourly` from `from_us`'s to `to_us`'s.
+/// Counts again, from the rows, the hours from `from_us`'s to `to_us`'s.
 fn recount_hours(tx: &Transaction<'_>, from_us: i64, to_us: i64) -> rusqlite::Result<()> {
     let (first, end) = (hour_of(from_us), hour_of(to_us) + HOUR_US);
-    tx.execute(
-        "DELETE FROM sp_hourly WHERE hour_us >= ? AND hour_us < ?",
-        [first, end],
-    )?;
-    tx.execute(
-        &format!(
-            "INSERT INTO sp_hourly SELECT (at_us / {HOUR_US}) * {HOUR_US}, offer_id,
-               advertiser_id, pid, goal_lc, status, response_status, error, COUNT(*),
-               SUM(response_status = 1), SUM(response_status <> 1), SUM(created), SUM(payouts),
-               SUM(revenue)
-             FROM server_postbacks WHERE at_us >= ? AND at_us < ? GROUP BY 1, 2, 3, 4, 5, 6, 7, 8"
-        ),
-        [first, end],
-    )?;
-    Ok(())
+    for (table, _) in HOURLY {
+        tx.execute(
+            &format!("DELETE FROM {table} WHERE hour_us >= ? AND hour_us < ?"),
+            [first, end],
+        )?;
+    }
+    add_hourly_counts(tx, "at_us >= ?1 AND at_us < ?2", &[first, end])
 }
 
 fn commit_state(
@@ -838,7 +802,7 @@ fn postback_filter(q: &ServerPostbackQuery) -> Filter {
     f
 }
 
-/// The filters on columns that `sp_hourly` keeps as well.
+/// The filters on columns that the hourly counts keep as well.
 fn key_filters(f: &mut Filter, q: &ServerPostbackQuery) {
     f.any_of("offer_id", ints(&q.offers));
     f.any_of("pid", ints(&q.partners));
@@ -854,8 +818,8 @@ fn key_filters(f: &mut Filter, q: &ServerPostbackQuery) {
     }
 }
 
-/// The summary. The whole hours of the range are read from `sp_hourly` when every filter is on
-/// its keys, the rest (a range's ends off the hour, or filters on ids or the search) from the
+/// The summary. The whole hours of the range are read from the hourly counts when every filter
+/// is on their keys, the rest (a range's ends off the hour, or filters on ids or the search) from the
 /// rows; the parts are merged, groups in key order.
 fn summary(c: &Connection, q: &SummaryQuery) -> rusqlite::Result<Vec<SummaryRow>> {
     let f = &q.filters;
@@ -889,7 +853,7 @@ fn summary(c: &Connection, q: &SummaryQuery) -> rusqlite::Result<Vec<SummaryRow>
     Ok(groups.into_values().filter(|g| g.postbacks > 0).collect())
 }
 
-/// Where a summary counts: the rows, or `sp_hourly`'s counts of whole hours.
+/// Where a summary counts: the rows, or the hourly counts of whole hours.
 #[derive(Clone, Copy, PartialEq)]
 enum Counted {
     Rows,
@@ -924,8 +888,10 @@ fn summary_of(
                 [Value::Integer(range.0), Value::Integer(range.1)],
             );
             key_filters(&mut f, &q.filters);
+            let partners = q.group_by.contains(&K::Partner) || !q.filters.partners.is_empty();
+            let (table, _) = HOURLY[usize::from(partners)];
             (
-                "sp_hourly",
+                table,
                 "hour_us".to_string(),
                 "SUM(postbacks), SUM(accepted), SUM(rejected), SUM(created), SUM(payouts),
                  SUM(revenue)",
@@ -1262,6 +1228,7 @@ impl AnalyticsStore for SqliteStore {
             c.execute_batch(
                 "BEGIN; DELETE FROM server_postbacks_search; DELETE FROM server_postbacks_keys;
                  DELETE FROM server_postbacks; DELETE FROM sp_hourly;
+                 DELETE FROM sp_hourly_partners;
                  DELETE FROM delivery_attempts; DELETE FROM conversions_keys;
                  DELETE FROM conversions; DELETE FROM clicks;
                  COMMIT;",
