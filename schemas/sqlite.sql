@@ -127,6 +127,15 @@ CREATE TABLE IF NOT EXISTS sp_hourly_partners (
     PRIMARY KEY (hour_us, advertiser_id, offer_id, pid, goal_lc, status, response_status, error)
 ) WITHOUT ROWID;
 
+-- The seqs of each UTC hour's server postbacks, first and last, kept with the hourly counts:
+-- a date range's seqs lie within those of its hours, and bounding the search index by them
+-- lets FTS5 read only that stretch of its lists (a common term over a day: 10 s -> 0.1 s).
+CREATE TABLE IF NOT EXISTS sp_seqs_by_hour (
+    hour_us INTEGER PRIMARY KEY,
+    first_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL
+);
+
 CREATE TABLE IF NOT EXISTS conversions (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,

@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 const SCHEMA: &str = include_str!("../../../schemas/sqlite.sql");
 /// Kept in `PRAGMA user_version`. Raise it with every change to `schemas/sqlite.sql`: a store of
 /// another version is not migrated but rebuilt from the logs, which hold everything it derives.
-pub const SCHEMA_VERSION: i64 = 7;
+pub const SCHEMA_VERSION: i64 = 8;
 const READERS: usize = 3;
 
 /// What an existing store file's schema is, compared with this build's.
@@ -519,7 +519,7 @@ fn insert_rows(conn: &mut Connection, rows: &AnalyticsRows) -> rusqlite::Result<
 const HOURLY: [(&str, bool); 2] = [("sp_hourly", false), ("sp_hourly_partners", true)];
 
 /// Adds the rows `filter` selects (SQL on `server_postbacks`, with `values`) to the hourly
-/// counts.
+/// counts and the hours' seqs.
 fn add_hourly_counts(tx: &Transaction<'_>, filter: &str, values: &[i64]) -> rusqlite::Result<()> {
     for (table, with_partner) in HOURLY {
         let pid = if with_partner { "pid" } else { "0" };
@@ -536,6 +536,13 @@ fn add_hourly_counts(tx: &Transaction<'_>, filter: &str, values: &[i64]) -> rusq
         ))?
         .execute(params_from_iter(values))?;
     }
+    tx.prepare_cached(&format!(
+        "INSERT INTO sp_seqs_by_hour SELECT (at_us / {HOUR_US}) * {HOUR_US}, min(seq), max(seq)
+         FROM server_postbacks WHERE {filter} GROUP BY 1
+         ON CONFLICT DO UPDATE SET first_seq = min(first_seq, excluded.first_seq),
+           last_seq = max(last_seq, excluded.last_seq)"
+    ))?
+    .execute(params_from_iter(values))?;
     Ok(())
 }
 
@@ -547,7 +554,11 @@ fn hour_of(at_us: i64) -> i64 {
 /// Counts again, from the rows, the hours from `from_us`'s to `to_us`'s.
 fn recount_hours(tx: &Transaction<'_>, from_us: i64, to_us: i64) -> rusqlite::Result<()> {
     let (first, end) = (hour_of(from_us), hour_of(to_us) + HOUR_US);
-    for (table, _) in HOURLY {
+    for table in HOURLY
+        .map(|(table, _)| table)
+        .iter()
+        .chain(&["sp_seqs_by_hour"])
+    {
         tx.execute(
             &format!("DELETE FROM {table} WHERE hour_us >= ? AND hour_us < ?"),
             [first, end],
@@ -784,9 +795,18 @@ fn postback_filter(q: &ServerPostbackQuery) -> Filter {
     }
     if let Some(s) = q.search.as_ref().filter(|s| !s.is_empty()) {
         if s.chars().count() >= 3 {
+            // The range's seqs bound the index's lists (see `sp_seqs_by_hour`).
+            let hours = [hour_of(q.from_us), hour_of(q.to_us)].map(Value::Integer);
             f.add(
-                "seq IN (SELECT rowid FROM server_postbacks_search WHERE params MATCH ?)",
-                [Value::Text(fts_phrase(s))],
+                "seq IN (SELECT rowid FROM server_postbacks_search WHERE params MATCH ?
+                   AND rowid >= (SELECT coalesce(min(first_seq), 0) FROM sp_seqs_by_hour
+                                 WHERE hour_us >= ? AND hour_us <= ?)
+                   AND rowid <= (SELECT coalesce(max(last_seq), -1) FROM sp_seqs_by_hour
+                                 WHERE hour_us >= ? AND hour_us <= ?))",
+                [Value::Text(fts_phrase(s))]
+                    .into_iter()
+                    .chain(hours.clone())
+                    .chain(hours),
             );
         } else {
             // Too short for trigrams: scan the rows the other filters leave, over the same
@@ -1228,7 +1248,7 @@ impl AnalyticsStore for SqliteStore {
             c.execute_batch(
                 "BEGIN; DELETE FROM server_postbacks_search; DELETE FROM server_postbacks_keys;
                  DELETE FROM server_postbacks; DELETE FROM sp_hourly;
-                 DELETE FROM sp_hourly_partners;
+                 DELETE FROM sp_hourly_partners; DELETE FROM sp_seqs_by_hour;
                  DELETE FROM delivery_attempts; DELETE FROM conversions_keys;
                  DELETE FROM conversions; DELETE FROM clicks;
                  COMMIT;",
