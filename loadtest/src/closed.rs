@@ -17,6 +17,9 @@ pub struct ClosedOptions {
     /// The path and query every request asks for.
     pub path: String,
     pub connections: usize,
+    /// Requests each connection writes at once before reading their answers (HTTP/1.1
+    /// pipelining; 1 = none): the generator's system calls are shared by that many requests.
+    pub pipeline: usize,
     pub duration: Duration,
     /// The server's processes, to measure their CPU time too.
     pub server_pids: Vec<u32>,
@@ -26,6 +29,7 @@ pub struct ClosedOptions {
 pub struct ClosedReport {
     pub target: String,
     pub connections: usize,
+    pub pipeline: usize,
     pub duration_s: f64,
     pub ok: u64,
     pub errors: u64,
@@ -108,14 +112,16 @@ pub async fn run_closed(opts: ClosedOptions) -> anyhow::Result<ClosedReport> {
         "GET {} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: pbload\r\n\r\n",
         opts.path
     )
+    .repeat(opts.pipeline.max(1))
     .into_bytes();
+    let pipeline = opts.pipeline.max(1);
     let meter = CpuMeter::start(&opts.server_pids);
     let started = Instant::now();
     let until = started + opts.duration;
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..opts.connections.max(1) {
         let (authority, request) = (authority.clone(), request.clone());
-        tasks.spawn(async move { connection(&authority, &request, until).await });
+        tasks.spawn(async move { connection(&authority, &request, pipeline, until).await });
     }
     let mut all = histogram();
     let (mut ok, mut errors) = (0, 0);
@@ -129,6 +135,7 @@ pub async fn run_closed(opts: ClosedOptions) -> anyhow::Result<ClosedReport> {
     Ok(ClosedReport {
         target: opts.target,
         connections: opts.connections,
+        pipeline,
         duration_s: elapsed,
         ok,
         errors,
@@ -139,15 +146,15 @@ pub async fn run_closed(opts: ClosedOptions) -> anyhow::Result<ClosedReport> {
 }
 
 /// One connection's loop: latencies, answers in 2xx/3xx, and failures (a failed connection is
-/// opened again).
+/// opened again). `requests` holds `pipeline` requests, written at once.
 async fn connection(
     authority: &str,
-    request: &[u8],
+    requests: &[u8],
+    pipeline: usize,
     until: Instant,
 ) -> (hdrhistogram::Histogram<u64>, u64, u64) {
     let mut h = histogram();
     let (mut ok, mut errors) = (0u64, 0u64);
-    let mut buf = vec![0u8; 16 * 1024];
     'connect: while Instant::now() < until {
         let Ok(mut stream) = TcpStream::connect(authority).await else {
             errors += 1;
@@ -155,27 +162,31 @@ async fn connection(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let mut answers = Answers::default();
         while Instant::now() < until {
             let sent = Instant::now();
-            if stream.write_all(request).await.is_err() {
-                errors += 1;
+            if stream.write_all(requests).await.is_err() {
+                errors += pipeline as u64;
                 continue 'connect;
             }
-            match read_response(&mut stream, &mut buf).await {
-                Some((status, keep_alive)) => {
-                    let _ = h.record(sent.elapsed().as_micros().max(1) as u64);
-                    if (200..400).contains(&status) {
-                        ok += 1;
-                    } else {
-                        errors += 1;
+            for i in 0..pipeline {
+                match answers.next(&mut stream).await {
+                    Some((status, keep_alive)) => {
+                        let _ = h.record(sent.elapsed().as_micros().max(1) as u64);
+                        if (200..400).contains(&status) {
+                            ok += 1;
+                        } else {
+                            errors += 1;
+                        }
+                        if !keep_alive {
+                            errors += (pipeline - 1 - i) as u64;
+                            continue 'connect;
+                        }
                     }
-                    if !keep_alive {
+                    None => {
+                        errors += (pipeline - i) as u64;
                         continue 'connect;
                     }
-                }
-                None => {
-                    errors += 1;
-                    continue 'connect;
                 }
             }
         }
@@ -183,56 +194,93 @@ async fn connection(
     (h, ok, errors)
 }
 
-/// Reads one response (headers, then a `Content-Length` or chunked body); its status, and
-/// whether the connection stays open. `None` on a broken or unreadable answer.
-async fn read_response(stream: &mut TcpStream, buf: &mut [u8]) -> Option<(u16, bool)> {
-    let mut len = 0;
-    let head_end = loop {
-        if len == buf.len() {
-            return None; // headers larger than the buffer
-        }
-        let n = stream.read(&mut buf[len..]).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        len += n;
-        if let Some(i) = find(&buf[..len], b"\r\n\r\n") {
-            break i + 4;
-        }
-    };
-    let head = std::str::from_utf8(&buf[..head_end]).ok()?;
-    let status: u16 = head.split(' ').nth(1)?.parse().ok()?;
-    let header = |name: &str| {
-        head.split("\r\n").skip(1).find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_ascii_lowercase())
-        })
-    };
-    let keep_alive = header("connection").is_none_or(|v| v != "close");
-    let mut body = len - head_end;
-    if let Some(length) = header("content-length") {
-        let want: usize = length.parse().ok()?;
-        while body < want {
-            let n = stream.read(&mut buf[..]).await.ok()?;
-            if n == 0 {
-                return None;
-            }
-            body += n;
-        }
-    } else if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
-        // Read until the last chunk's marker (the bodies here are small).
-        let mut tail: Vec<u8> = buf[head_end..len].to_vec();
-        while find(&tail, b"0\r\n\r\n").is_none() {
-            let n = stream.read(&mut buf[..]).await.ok()?;
-            if n == 0 {
-                return None;
-            }
-            tail.extend_from_slice(&buf[..n]);
+/// Answers read from one connection: what was read past the last answer waits for the next.
+struct Answers {
+    buf: Vec<u8>,
+    /// `buf[start..end]` is read and not yet taken.
+    start: usize,
+    end: usize,
+}
+
+impl Default for Answers {
+    fn default() -> Self {
+        Self {
+            buf: vec![0; 16 * 1024],
+            start: 0,
+            end: 0,
         }
     }
-    Some((status, keep_alive))
+}
+
+impl Answers {
+    /// Reads more into the buffer (moving what is left to its start when the end is full).
+    async fn fill(&mut self, stream: &mut TcpStream) -> Option<()> {
+        if self.end == self.buf.len() {
+            if self.start == 0 {
+                return None; // an answer larger than the buffer
+            }
+            self.buf.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, self.end - self.start);
+        }
+        match stream.read(&mut self.buf[self.end..]).await.ok()? {
+            0 => None,
+            n => {
+                self.end += n;
+                Some(())
+            }
+        }
+    }
+
+    /// The next response (headers, then a `Content-Length` or chunked body): its status, and
+    /// whether the connection stays open. `None` on a broken or unreadable answer.
+    async fn next(&mut self, stream: &mut TcpStream) -> Option<(u16, bool)> {
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        }
+        let head_len = loop {
+            if let Some(i) = find(&self.buf[self.start..self.end], b"\r\n\r\n") {
+                break i + 4;
+            }
+            self.fill(stream).await?;
+        };
+        let head = std::str::from_utf8(&self.buf[self.start..self.start + head_len]).ok()?;
+        let status: u16 = head.split(' ').nth(1)?.parse().ok()?;
+        let header = |name: &str| {
+            head.split("\r\n").skip(1).find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case(name)
+                    .then(|| v.trim().to_ascii_lowercase())
+            })
+        };
+        let keep_alive = header("connection").is_none_or(|v| v != "close");
+        let length = header("content-length");
+        let chunked = header("transfer-encoding").is_some_and(|v| v.contains("chunked"));
+        self.start += head_len;
+        if let Some(length) = length {
+            let mut want: usize = length.parse().ok()?;
+            loop {
+                let have = (self.end - self.start).min(want);
+                self.start += have;
+                want -= have;
+                if want == 0 {
+                    break;
+                }
+                (self.start, self.end) = (0, 0);
+                self.fill(stream).await?;
+            }
+        } else if chunked {
+            // Up to the last chunk's marker (the bodies here are small).
+            loop {
+                if let Some(i) = find(&self.buf[self.start..self.end], b"0\r\n\r\n") {
+                    self.start += i + 5;
+                    break;
+                }
+                self.fill(stream).await?;
+            }
+        }
+        Some((status, keep_alive))
+    }
 }
 
 /// Keep-alive connections to one server for tracking requests (a GET, no body), written and
@@ -240,7 +288,7 @@ async fn read_response(stream: &mut TcpStream, buf: &mut [u8]) -> Option<(u16, b
 /// that the generator costs less per request than the servers it drives.
 pub(crate) struct RawPool {
     authority: String,
-    idle: std::sync::Mutex<Vec<(TcpStream, Vec<u8>)>>,
+    idle: std::sync::Mutex<Vec<(TcpStream, Answers)>>,
 }
 
 impl RawPool {
@@ -259,12 +307,12 @@ impl RawPool {
     /// Sends `GET path` on an idle connection (or a new one); the answer's status.
     pub(crate) async fn get(&self, path: &str) -> anyhow::Result<u16> {
         let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let (mut stream, mut buf) = match idle {
+        let (mut stream, mut answers) = match idle {
             Some(c) => c,
             None => {
                 let s = TcpStream::connect(&self.authority).await?;
                 s.set_nodelay(true)?;
-                (s, vec![0u8; 16 * 1024])
+                (s, Answers::default())
             }
         };
         let request = format!(
@@ -272,14 +320,15 @@ impl RawPool {
             self.authority
         );
         stream.write_all(request.as_bytes()).await?;
-        let (status, keep_alive) = read_response(&mut stream, &mut buf)
+        let (status, keep_alive) = answers
+            .next(&mut stream)
             .await
             .ok_or_else(|| anyhow::anyhow!("the connection broke or the answer was unreadable"))?;
         if keep_alive {
             self.idle
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .push((stream, buf));
+                .push((stream, answers));
         }
         Ok(status)
     }
@@ -287,4 +336,52 @@ impl RawPool {
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Answers arrive in pieces and several at once (pipelined): each is taken whole, bodies
+    /// by length or in chunks, and what follows one waits for the next.
+    #[tokio::test]
+    async fn answers_are_split_at_their_ends_however_they_arrive() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let wire: Vec<u8> = [
+            "HTTP/1.1 200 OK\r\ncontent-length: 12\r\n\r\n{\"status\":1}",
+            "HTTP/1.1 302 Found\r\nlocation: /x\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 503 Service Unavailable\r\ntransfer-encoding: chunked\r\n\r\n4\r\nbusy\r\n0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nend",
+        ]
+        .concat()
+        .into_bytes();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            // Pieces that cut headers, bodies and chunk markers anywhere.
+            for piece in wire.chunks(7) {
+                s.write_all(piece).await.expect("write");
+                s.flush().await.expect("flush");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let mut answers = Answers {
+            buf: vec![0; 64],
+            start: 0,
+            end: 0,
+        };
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            got.push(answers.next(&mut stream).await.expect("an answer"));
+        }
+        assert_eq!(
+            got,
+            vec![(200, true), (302, true), (503, true), (200, false)]
+        );
+        assert!(answers.next(&mut stream).await.is_none(), "closed");
+        server.await.expect("server");
+    }
 }

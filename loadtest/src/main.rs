@@ -47,6 +47,10 @@ struct Cli {
     /// scenario (`postback` or `click`), read without an HTTP library to cost the least.
     #[arg(long, conflicts_with_all = ["ramp", "verify"])]
     connections: Option<usize>,
+    /// With `--connections`: requests each connection writes at once before reading their
+    /// answers (HTTP/1.1 pipelining), so that pbload's system calls are shared by that many.
+    #[arg(long, default_value_t = 1, requires = "connections")]
+    pipeline: usize,
     /// The server's process id (repeat it, or a comma-separated list, for a server of several
     /// processes): its CPU time per request is reported beside pbload's own, and a run where
     /// pbload spent as much is flagged generator-bound.
@@ -173,11 +177,17 @@ fn closed_loop(
         target,
         path,
         connections,
+        pipeline: cli.pipeline,
         duration: Duration::from_secs_f64(cli.duration),
         server_pids: cli.server_pid.clone(),
     }))?;
+    let pipelined = if r.pipeline > 1 {
+        format!(", pipeline {}", r.pipeline)
+    } else {
+        String::new()
+    };
     println!(
-        "closed loop, {} connections, {:.1} s: {:.0} ok/s, {} errors; latency ms p50 {:.2} p99 {:.2} p99.9 {:.2}{}",
+        "closed loop, {} connections{pipelined}, {:.1} s: {:.0} ok/s, {} errors; latency ms p50 {:.2} p99 {:.2} p99.9 {:.2}{}",
         r.connections,
         r.duration_s,
         r.ok_per_s,
