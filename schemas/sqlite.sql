@@ -88,10 +88,11 @@ CREATE VIRTUAL TABLE IF NOT EXISTS server_postbacks_search USING fts5 (
 -- The server-postback log counted by UTC hour and by every key a summary groups or filters
 -- by: a month's summary reads these instead of every row. Kept exact in the rows' own
 -- transactions: a batch adds the counts of the rows it inserted (a redone batch inserts none),
--- and retention counts again the hours whose rows it removed. `sp_hourly` leaves the partner
--- out (pid 0): with it an hour has a group per offer and partner, so summaries that neither
--- group nor filter by partner read it, several times smaller than `sp_hourly_partners`.
+-- and retention counts again the hours whose rows it removed. Two grains: `by_partner` 1 counts
+-- per partner, where an hour has a group per offer and partner; 0 sums the partners (pid 0),
+-- several times fewer groups, for every summary that neither groups nor filters by partner.
 CREATE TABLE IF NOT EXISTS sp_hourly (
+    by_partner INTEGER NOT NULL,
     hour_us INTEGER NOT NULL,
     offer_id INTEGER NOT NULL,
     advertiser_id TEXT NOT NULL,
@@ -107,24 +108,8 @@ CREATE TABLE IF NOT EXISTS sp_hourly (
     payouts REAL NOT NULL,
     revenue REAL NOT NULL,
     -- The advertiser before the offer: a summary by time and advertiser reads them in order.
-    PRIMARY KEY (hour_us, advertiser_id, offer_id, pid, goal_lc, status, response_status, error)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS sp_hourly_partners (
-    hour_us INTEGER NOT NULL,
-    offer_id INTEGER NOT NULL,
-    advertiser_id TEXT NOT NULL,
-    pid INTEGER NOT NULL,
-    goal_lc TEXT NOT NULL,
-    status INTEGER NOT NULL,
-    response_status INTEGER NOT NULL,
-    error TEXT NOT NULL,
-    postbacks INTEGER NOT NULL,
-    accepted INTEGER NOT NULL,
-    rejected INTEGER NOT NULL,
-    created INTEGER NOT NULL,
-    payouts REAL NOT NULL,
-    revenue REAL NOT NULL,
-    PRIMARY KEY (hour_us, advertiser_id, offer_id, pid, goal_lc, status, response_status, error)
+    PRIMARY KEY (by_partner, hour_us, advertiser_id, offer_id, pid, goal_lc, status,
+                 response_status, error)
 ) WITHOUT ROWID;
 
 -- The seqs of each UTC hour's server postbacks, first and last, kept with the hourly counts:

@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 const SCHEMA: &str = include_str!("../../../schemas/sqlite.sql");
 /// Kept in `PRAGMA user_version`. Raise it with every change to `schemas/sqlite.sql`: a store of
 /// another version is not migrated but rebuilt from the logs, which hold everything it derives.
-pub const SCHEMA_VERSION: i64 = 8;
+pub const SCHEMA_VERSION: i64 = 9;
 const READERS: usize = 3;
 
 /// What an existing store file's schema is, compared with this build's.
@@ -512,23 +512,17 @@ fn insert_rows(conn: &mut Connection, rows: &AnalyticsRows) -> rusqlite::Result<
     tx.commit()
 }
 
-/// The hourly counts of the server-postback log (see `schemas/sqlite.sql`), and whether each
-/// keeps the partner: with it an hour has a group per offer and partner, so summaries that
-/// neither group nor filter by partner read the table without it (pid 0), several times
-/// smaller.
-const HOURLY: [(&str, bool); 2] = [("sp_hourly", false), ("sp_hourly_partners", true)];
-
 /// Adds the rows `filter` selects (SQL on `server_postbacks`, with `values`) to the hourly
-/// counts and the hours' seqs.
+/// counts, at both grains (`by_partner` 0: partners summed as pid 0; 1: per partner), and to
+/// the hours' seqs.
 fn add_hourly_counts(tx: &Transaction<'_>, filter: &str, values: &[i64]) -> rusqlite::Result<()> {
-    for (table, with_partner) in HOURLY {
-        let pid = if with_partner { "pid" } else { "0" };
+    for (by_partner, pid) in [(0, "0"), (1, "pid")] {
         tx.prepare_cached(&format!(
-            "INSERT INTO {table} SELECT (at_us / {HOUR_US}) * {HOUR_US}, offer_id,
-               advertiser_id, {pid}, goal_lc, status, response_status, error, COUNT(*),
-               SUM(response_status = 1), SUM(response_status <> 1), SUM(created),
+            "INSERT INTO sp_hourly SELECT {by_partner}, (at_us / {HOUR_US}) * {HOUR_US},
+               offer_id, advertiser_id, {pid}, goal_lc, status, response_status, error,
+               COUNT(*), SUM(response_status = 1), SUM(response_status <> 1), SUM(created),
                SUM(payouts), SUM(revenue)
-             FROM server_postbacks WHERE {filter} GROUP BY 1, 2, 3, 4, 5, 6, 7, 8
+             FROM server_postbacks WHERE {filter} GROUP BY 2, 3, 4, 5, 6, 7, 8, 9
              ON CONFLICT DO UPDATE SET postbacks = postbacks + excluded.postbacks,
                accepted = accepted + excluded.accepted, rejected = rejected + excluded.rejected,
                created = created + excluded.created, payouts = payouts + excluded.payouts,
@@ -554,16 +548,14 @@ fn hour_of(at_us: i64) -> i64 {
 /// Counts again, from the rows, the hours from `from_us`'s to `to_us`'s.
 fn recount_hours(tx: &Transaction<'_>, from_us: i64, to_us: i64) -> rusqlite::Result<()> {
     let (first, end) = (hour_of(from_us), hour_of(to_us) + HOUR_US);
-    for table in HOURLY
-        .map(|(table, _)| table)
-        .iter()
-        .chain(&["sp_seqs_by_hour"])
-    {
-        tx.execute(
-            &format!("DELETE FROM {table} WHERE hour_us >= ? AND hour_us < ?"),
-            [first, end],
-        )?;
-    }
+    tx.execute(
+        "DELETE FROM sp_hourly WHERE by_partner IN (0, 1) AND hour_us >= ? AND hour_us < ?",
+        [first, end],
+    )?;
+    tx.execute(
+        "DELETE FROM sp_seqs_by_hour WHERE hour_us >= ? AND hour_us < ?",
+        [first, end],
+    )?;
     add_hourly_counts(tx, "at_us >= ?1 AND at_us < ?2", &[first, end])
 }
 
@@ -902,16 +894,17 @@ fn summary_of(
             }),
         ),
         Counted::Hourly => {
+            // Per partner only when the summary groups or filters by partner: an hour has a
+            // group per offer and partner there, several times more.
+            let by_partner = q.group_by.contains(&K::Partner) || !q.filters.partners.is_empty();
             let mut f = Filter::default();
             f.add(
-                "hour_us >= ? AND hour_us < ?",
-                [Value::Integer(range.0), Value::Integer(range.1)],
+                "by_partner = ? AND hour_us >= ? AND hour_us < ?",
+                [by_partner.into(), range.0, range.1].map(Value::Integer),
             );
             key_filters(&mut f, &q.filters);
-            let partners = q.group_by.contains(&K::Partner) || !q.filters.partners.is_empty();
-            let (table, _) = HOURLY[usize::from(partners)];
             (
-                table,
+                "sp_hourly",
                 "hour_us".to_string(),
                 "SUM(postbacks), SUM(accepted), SUM(rejected), SUM(created), SUM(payouts),
                  SUM(revenue)",
@@ -1248,7 +1241,7 @@ impl AnalyticsStore for SqliteStore {
             c.execute_batch(
                 "BEGIN; DELETE FROM server_postbacks_search; DELETE FROM server_postbacks_keys;
                  DELETE FROM server_postbacks; DELETE FROM sp_hourly;
-                 DELETE FROM sp_hourly_partners; DELETE FROM sp_seqs_by_hour;
+                 DELETE FROM sp_seqs_by_hour;
                  DELETE FROM delivery_attempts; DELETE FROM conversions_keys;
                  DELETE FROM conversions; DELETE FROM clicks;
                  COMMIT;",
