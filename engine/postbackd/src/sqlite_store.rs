@@ -1032,11 +1032,7 @@ fn query_page<T>(
     let tx = conn.unchecked_transaction()?;
     let snapshot = match snapshot {
         Some(s) => s,
-        None => tx
-            .prepare_cached("SELECT seq FROM sqlite_sequence WHERE name = ?")?
-            .query_row([sequence], |r| r.get::<_, i64>(0))
-            .optional()?
-            .map_or(0, |s| s as u64),
+        None => last_seq(&tx, sequence)?,
     };
     filter.add(
         &format!("{seq} <= ?"),
@@ -1060,6 +1056,137 @@ fn query_page<T>(
         total: total as u64,
         snapshot,
     })
+}
+
+/// The highest seq `table` has handed out: a new listing's snapshot.
+fn last_seq(tx: &Connection, table: &str) -> rusqlite::Result<u64> {
+    Ok(tx
+        .prepare_cached("SELECT seq FROM sqlite_sequence WHERE name = ?")?
+        .query_row([table], |r| r.get::<_, i64>(0))
+        .optional()?
+        .map_or(0, |s| s as u64))
+}
+
+/// The server-postback listing with a search the trigram index serves: what `query_page`
+/// does, through fewer of a common term's matches. Its count is the index's alone when it can
+/// be (`index_count`). Its page is read from the newest stretch of the range likely to hold it
+/// (sized by the count), widened until it does: every row before a stretch is older than all
+/// within it, so the stretch's first rows are the range's.
+fn search_page(
+    c: &Connection,
+    q: &ServerPostbackQuery,
+) -> rusqlite::Result<Page<ServerPostbackRow>> {
+    let tx = c.unchecked_transaction()?;
+    let snapshot = match q.snapshot {
+        Some(s) => s,
+        None => last_seq(&tx, "server_postbacks")?,
+    };
+    let until_snapshot = |mut f: Filter| {
+        f.add(
+            "seq <= ?",
+            [Value::Integer(i64::try_from(snapshot).unwrap_or(i64::MAX))],
+        );
+        f
+    };
+    let total = match index_count(&tx, q, snapshot)? {
+        Some(n) => n,
+        None => {
+            let f = until_snapshot(postback_filter(q));
+            let sql = format!("SELECT COUNT(*) FROM server_postbacks {}", f.clause());
+            let n: i64 = tx
+                .prepare_cached(&sql)?
+                .query_row(params_from_iter(f.values.iter()), |r| r.get(0))?;
+            n as u64
+        }
+    };
+    let mut rows = Vec::new();
+    if q.limit > 0 && q.offset < total {
+        let range = i128::from(q.to_us) - i128::from(q.from_us);
+        let want = i128::from(q.offset) + i128::from(q.limit);
+        // Twice the stretch that holds `want` rows if matches are spread evenly, an hour at
+        // least; a page near the end of the listing reads it all.
+        let mut span = (range.saturating_mul(want).saturating_mul(2) / i128::from(total.max(1)))
+            .max(i128::from(HOUR_US));
+        loop {
+            let from_us = i128::from(q.to_us) - span;
+            let whole = from_us <= i128::from(q.from_us);
+            let stretch = ServerPostbackQuery {
+                from_us: if whole { q.from_us } else { from_us as i64 },
+                ..q.clone()
+            };
+            let f = until_snapshot(postback_filter(&stretch));
+            let mut values = f.values.clone();
+            values.push(Value::Integer(i64::try_from(q.limit).unwrap_or(i64::MAX)));
+            values.push(Value::Integer(i64::try_from(q.offset).unwrap_or(i64::MAX)));
+            let sql = format!(
+                "SELECT {POSTBACK_COLUMNS} FROM server_postbacks {}
+                 ORDER BY at_us DESC, id DESC LIMIT ? OFFSET ?",
+                f.clause()
+            );
+            rows = tx
+                .prepare_cached(&sql)?
+                .query_map(params_from_iter(values.iter()), postback_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            if whole || rows.len() as u64 == q.limit {
+                break;
+            }
+            span = span.saturating_mul(4);
+        }
+    }
+    Ok(Page {
+        rows,
+        total,
+        snapshot,
+    })
+}
+
+/// The count of a listing whose only filter is a search, over whole hours, from the trigram
+/// index alone, when no hour outside the range has a seq between the range's hours' first and
+/// last: every match there is then within the range. `None` when that does not hold.
+fn index_count(
+    tx: &Connection,
+    q: &ServerPostbackQuery,
+    snapshot: u64,
+) -> rusqlite::Result<Option<u64>> {
+    let only_search = q.offers.is_empty()
+        && q.partners.is_empty()
+        && q.suppliers.is_empty()
+        && q.id.is_none()
+        && q.click_id.is_none()
+        && q.action_id.is_none()
+        && q.goal.is_none()
+        && q.status.is_none()
+        && q.response_status.is_none();
+    let whole_hours = q.from_us.rem_euclid(HOUR_US) == 0 && q.to_us.rem_euclid(HOUR_US) == 0;
+    let Some(term) = q.search.as_ref().filter(|_| only_search && whole_hours) else {
+        return Ok(None);
+    };
+    let (first, last): (Option<i64>, Option<i64>) = tx
+        .prepare_cached(
+            "SELECT min(first_seq), max(last_seq) FROM sp_seqs_by_hour
+             WHERE hour_us >= ? AND hour_us < ?",
+        )?
+        .query_row([q.from_us, q.to_us], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let (Some(first), Some(last)) = (first, last) else {
+        return Ok(Some(0)); // no row in the range's hours
+    };
+    let overlapped: bool = tx
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM sp_seqs_by_hour WHERE (hour_us < ? OR hour_us >= ?)
+               AND first_seq <= ? AND last_seq >= ?)",
+        )?
+        .query_row([q.from_us, q.to_us, last, first], |r| r.get(0))?;
+    if overlapped {
+        return Ok(None);
+    }
+    let last = last.min(i64::try_from(snapshot).unwrap_or(i64::MAX));
+    let n: i64 = tx
+        .prepare_cached(
+            "SELECT COUNT(*) FROM server_postbacks_search WHERE params MATCH ?
+               AND rowid >= ? AND rowid <= ?",
+        )?
+        .query_row(params![fts_phrase(term), first, last], |r| r.get(0))?;
+    Ok(Some(n as u64))
 }
 
 fn select_in<T>(
@@ -1090,6 +1217,9 @@ impl AnalyticsStore for SqliteStore {
         q: ServerPostbackQuery,
     ) -> BoxFuture<'_, Result<Page<ServerPostbackRow>, SeamError>> {
         self.with_reader(move |c| {
+            if q.search.as_ref().is_some_and(|s| s.chars().count() >= 3) {
+                return search_page(c, &q).map_err(db_err);
+            }
             let f = postback_filter(&q);
             query_page(
                 c,
@@ -1623,6 +1753,92 @@ mod tests {
             .await
             .expect("summary");
         assert_eq!(counted(edges), expected);
+    }
+
+    /// A search reads its count from the index alone and its page from the newest stretch
+    /// of the range: both agree with the rows read one by one, whether the hours' seqs overlap
+    /// (a batch of an earlier hour written late) or not, for every page and range.
+    #[tokio::test]
+    async fn searches_agree_with_the_rows_however_their_hours_were_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("s.sqlite")).expect("opens");
+        let hour = HOUR_US;
+        let row = |i: i64, at_us: i64, common: bool| {
+            let mut r = postback_row(i);
+            r.at_us = at_us;
+            let q = format!("n={i}&kind={}", if common { "sale" } else { "lead" });
+            r.get = postback_core::params::parse_form(q.as_bytes());
+            r
+        };
+        let batch = |rows| AnalyticsRows {
+            postbacks: rows,
+            ..Default::default()
+        };
+        // Hours 10..16, three rows in four matching `kind=sale`; hour 12's last rows come in
+        // a batch after hour 13's, so their seqs overlap.
+        let mut i = 0;
+        let mut late = Vec::new();
+        for h in 10..16 {
+            let mut rows = Vec::new();
+            for k in 0..40 {
+                i += 1;
+                let r = row(i, h * hour + k * 60_000_000, k % 4 != 0);
+                if h == 12 && k >= 30 {
+                    late.push(r);
+                } else {
+                    rows.push(r);
+                }
+            }
+            store.insert(batch(rows)).await.expect("insert");
+            if h == 13 {
+                store
+                    .insert(batch(std::mem::take(&mut late)))
+                    .await
+                    .expect("insert");
+            }
+        }
+        let all = store
+            .server_postbacks(ServerPostbackQuery {
+                from_us: 0,
+                to_us: i64::MAX,
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .expect("all")
+            .rows;
+        assert_eq!(all.len(), 240);
+        for (from, to) in [(10, 16), (10, 12), (12, 13), (13, 14), (11, 15), (12, 20)] {
+            let (from_us, to_us) = (from * hour, to * hour);
+            let expected: Vec<&str> = all
+                .iter()
+                .filter(|r| r.at_us >= from_us && r.at_us < to_us)
+                .filter(|r| r.get.get("kind") == Some("sale"))
+                .map(|r| r.id.as_str())
+                .collect();
+            for (offset, limit) in [(0, 5), (0, 100), (7, 5), (25, 10), (100, 50), (1000, 5)] {
+                let page = store
+                    .server_postbacks(ServerPostbackQuery {
+                        from_us,
+                        to_us,
+                        search: Some("kind=SALE".into()),
+                        offset,
+                        limit,
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("search");
+                assert_eq!(page.total, expected.len() as u64, "{from}..{to}");
+                let ids: Vec<&str> = page.rows.iter().map(|r| r.id.as_str()).collect();
+                let want: Vec<&str> = expected
+                    .iter()
+                    .skip(offset as usize)
+                    .take(limit as usize)
+                    .copied()
+                    .collect();
+                assert_eq!(ids, want, "{from}..{to}, offset {offset}, limit {limit}");
+            }
+        }
     }
 
     /// Enough rows that counting them takes many SQLite VM steps.
