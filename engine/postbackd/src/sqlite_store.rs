@@ -1140,9 +1140,12 @@ fn search_page(
     })
 }
 
-/// The count of a listing whose only filter is a search, over whole hours, from the trigram
-/// index alone, when no hour outside the range has a seq between the range's hours' first and
-/// last: every match there is then within the range. `None` when that does not hold.
+/// The count of a listing whose only filter is a search, mostly from the trigram index alone:
+/// the matches between the first and the last seq of the range's hours, less those among them
+/// outside the range. Those can only lie where the seqs of an hour outside the range, or of a
+/// range's hour that is only partly in it, fall between: rows written out of time order (a
+/// batch spanning an hour's end, a partition behind the others). Only those stretches are
+/// checked row by row. `None` when there are other filters.
 fn index_count(
     tx: &Connection,
     q: &ServerPostbackQuery,
@@ -1157,36 +1160,78 @@ fn index_count(
         && q.goal.is_none()
         && q.status.is_none()
         && q.response_status.is_none();
-    let whole_hours = q.from_us.rem_euclid(HOUR_US) == 0 && q.to_us.rem_euclid(HOUR_US) == 0;
-    let Some(term) = q.search.as_ref().filter(|_| only_search && whole_hours) else {
+    let Some(term) = q
+        .search
+        .as_ref()
+        .filter(|_| only_search && q.from_us < q.to_us)
+    else {
         return Ok(None);
     };
+    let phrase = fts_phrase(term);
+    let snapshot = i64::try_from(snapshot).unwrap_or(i64::MAX);
+    // The hours the range touches: [first_hour, last_hour].
+    let (first_hour, last_hour) = (hour_of(q.from_us), hour_of(q.to_us - 1));
     let (first, last): (Option<i64>, Option<i64>) = tx
         .prepare_cached(
             "SELECT min(first_seq), max(last_seq) FROM sp_seqs_by_hour
-             WHERE hour_us >= ? AND hour_us < ?",
+             WHERE hour_us >= ? AND hour_us <= ?",
         )?
-        .query_row([q.from_us, q.to_us], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        .query_row([first_hour, last_hour], |r| Ok((r.get(0)?, r.get(1)?)))?;
     let (Some(first), Some(last)) = (first, last) else {
         return Ok(Some(0)); // no row in the range's hours
     };
-    let overlapped: bool = tx
-        .prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM sp_seqs_by_hour WHERE (hour_us < ? OR hour_us >= ?)
-               AND first_seq <= ? AND last_seq >= ?)",
-        )?
-        .query_row([q.from_us, q.to_us, last, first], |r| r.get(0))?;
-    if overlapped {
-        return Ok(None);
+    let last = last.min(snapshot);
+    if last < first {
+        return Ok(Some(0));
     }
-    let last = last.min(i64::try_from(snapshot).unwrap_or(i64::MAX));
-    let n: i64 = tx
+    // Where rows outside the range may be: the seqs of the hours outside it that overlap, and
+    // of the range's first and last hours when the range cuts them.
+    let mut mixed: Vec<(i64, i64)> = tx
+        .prepare_cached(
+            "SELECT max(first_seq, ?3), min(last_seq, ?4) FROM sp_seqs_by_hour
+             WHERE ((hour_us < ?1 OR hour_us > ?2) AND first_seq <= ?4 AND last_seq >= ?3)
+                OR (hour_us = ?1 AND ?5) OR (hour_us = ?2 AND ?6)",
+        )?
+        .query_map(
+            params![
+                first_hour,
+                last_hour,
+                first,
+                last,
+                q.from_us != first_hour,
+                i128::from(q.to_us) != i128::from(last_hour) + i128::from(HOUR_US)
+            ],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?
+        .collect::<rusqlite::Result<_>>()?;
+    mixed.sort_unstable();
+    let mut stretches: Vec<(i64, i64)> = Vec::new();
+    for (lo, hi) in mixed.into_iter().filter(|(lo, hi)| lo <= hi) {
+        match stretches.last_mut() {
+            Some(prev) if lo <= prev.1 + 1 => prev.1 = prev.1.max(hi),
+            _ => stretches.push((lo, hi)),
+        }
+    }
+    let matches: i64 = tx
         .prepare_cached(
             "SELECT COUNT(*) FROM server_postbacks_search WHERE params MATCH ?
                AND rowid >= ? AND rowid <= ?",
         )?
-        .query_row(params![fts_phrase(term), first, last], |r| r.get(0))?;
-    Ok(Some(n as u64))
+        .query_row(params![phrase, first, last], |r| r.get(0))?;
+    let mut outside = 0i64;
+    for (lo, hi) in stretches {
+        outside += tx
+            .prepare_cached(
+                "SELECT COUNT(*) FROM server_postbacks WHERE seq >= ?2 AND seq <= ?3
+                   AND NOT (at_us >= ?4 AND at_us < ?5)
+                   AND seq IN (SELECT rowid FROM server_postbacks_search WHERE params MATCH ?1
+                               AND rowid >= ?2 AND rowid <= ?3)",
+            )?
+            .query_row(params![phrase, lo, hi, q.from_us, q.to_us], |r| {
+                r.get::<_, i64>(0)
+            })?;
+    }
+    Ok(Some((matches - outside) as u64))
 }
 
 fn select_in<T>(
@@ -1808,8 +1853,20 @@ mod tests {
             .expect("all")
             .rows;
         assert_eq!(all.len(), 240);
-        for (from, to) in [(10, 16), (10, 12), (12, 13), (13, 14), (11, 15), (12, 20)] {
-            let (from_us, to_us) = (from * hour, to * hour);
+        let half = hour / 2;
+        for (from_us, to_us) in [
+            (10 * hour, 16 * hour),
+            (10 * hour, 12 * hour),
+            (12 * hour, 13 * hour),
+            (13 * hour, 14 * hour),
+            (11 * hour, 15 * hour),
+            (12 * hour, 20 * hour),
+            (12 * hour + half, 14 * hour - half),
+            (10 * hour + 1, 13 * hour + half),
+            (13 * hour + half, 13 * hour + half + 60_000_000),
+            (0, i64::MAX),
+        ] {
+            let (from, to) = (from_us, to_us);
             let expected: Vec<&str> = all
                 .iter()
                 .filter(|r| r.at_us >= from_us && r.at_us < to_us)
