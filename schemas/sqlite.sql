@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS server_postbacks (
     ip TEXT NOT NULL,
     created INTEGER NOT NULL,  -- this postback registered a conversion, of this payout/revenue
     payouts REAL NOT NULL,
-    revenue REAL NOT NULL
+    revenue REAL NOT NULL,
+    line_set INTEGER NOT NULL  -- sp_line_sets.rowid of its narrow lines, 0 when none
 );
 -- Listings are ordered by (time, id), newest first.
 CREATE INDEX IF NOT EXISTS sp_at ON server_postbacks (at_us, id);
@@ -70,6 +71,7 @@ CREATE INDEX IF NOT EXISTS sp_advertiser ON server_postbacks (advertiser_id, at_
 CREATE INDEX IF NOT EXISTS sp_goal ON server_postbacks (goal_lc, at_us);
 CREATE INDEX IF NOT EXISTS sp_status ON server_postbacks (status, at_us);
 CREATE INDEX IF NOT EXISTS sp_response ON server_postbacks (response_status, at_us);
+CREATE INDEX IF NOT EXISTS sp_line_set ON server_postbacks (line_set, at_us);
 
 -- Exact filters on columns with about as many values as rows (click id, action id, sub1) go
 -- through an inverted index of one term per value, rowid = seq: FTS5 keeps it as segments it
@@ -80,10 +82,25 @@ CREATE VIRTUAL TABLE IF NOT EXISTS server_postbacks_keys USING fts5 (
     keys, content = '', contentless_delete = 1, detail = none, tokenize = 'ascii'
 );
 
--- Substring search over "key=value" lines of the parameters; rowid = server_postbacks.seq.
+-- Substring search over the "key=value" lines of the parameters, in two parts (see
+-- engine/postbackd/src/line_sets.rs): the lines of keys that show few values (goal=sale,
+-- status=1) as the row's line set, kept once per combination and counted by hour; the other
+-- lines (click ids, order ids) in a trigram index of the row, rowid = server_postbacks.seq. A
+-- row matches a term when its set's text or its own lines do: a term that hits a third of the
+-- log through a common line is counted from a few sets' hours instead of millions of rows.
 CREATE VIRTUAL TABLE IF NOT EXISTS server_postbacks_search USING fts5 (
     params, content = '', contentless_delete = 1, tokenize = 'trigram'
 );
+CREATE VIRTUAL TABLE IF NOT EXISTS sp_line_sets USING fts5 (lines, tokenize = 'trigram');
+-- Keys that have shown too many values to be in sets: their lines are in the index for good.
+CREATE TABLE IF NOT EXISTS sp_wide_keys (key TEXT PRIMARY KEY) WITHOUT ROWID;
+-- Rows by line set and UTC hour, kept exact as the hourly counts are (below).
+CREATE TABLE IF NOT EXISTS sp_line_set_hours (
+    line_set INTEGER NOT NULL,
+    hour_us INTEGER NOT NULL,
+    postbacks INTEGER NOT NULL,
+    PRIMARY KEY (line_set, hour_us)
+) WITHOUT ROWID;
 
 -- The server-postback log counted by UTC hour and by every key a summary groups or filters
 -- by: a month's summary reads these instead of every row. Kept exact in the rows' own

@@ -275,6 +275,18 @@ async fn main() -> Result<(), Error> {
             }),
         ),
         (
+            // Order ids that start with one digit: a ninth of the rows, in the lines of a key
+            // with as many values as rows (in the SQLite store, the trigram index's part).
+            "search order-id prefix + 30 days",
+            Box::new(|i| {
+                Query::Listing(ServerPostbackQuery {
+                    search: Some(["ORD-1", "ord-2", "D-3"][i as usize % 3].into()),
+                    limit: 100,
+                    ..everything()
+                })
+            }),
+        ),
+        (
             "summary day × advertiser, 30 days",
             Box::new(|_| {
                 Query::Summary(SummaryQuery {

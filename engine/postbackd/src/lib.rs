@@ -16,6 +16,7 @@ pub mod engine;
 pub mod export;
 pub mod guard;
 pub mod http;
+pub mod line_sets;
 pub mod live;
 pub mod paging;
 pub mod pipeline;

@@ -8,6 +8,7 @@
 //! the whole HTTP path, and under a burst the front end must have the cores first, while
 //! processing catches up on what is idle (at least a tenth of a core under full contention).
 
+use crate::line_sets::LineSets;
 use postback_core::delivery::{
     Attempt, AttemptRow, DeliveryJob, DeliveryRecord, DueJobs, DueQuery, JobState, JobStatus,
 };
@@ -31,7 +32,7 @@ use std::sync::{Arc, Mutex};
 const SCHEMA: &str = include_str!("../../../schemas/sqlite.sql");
 /// Kept in `PRAGMA user_version`. Raise it with every change to `schemas/sqlite.sql`: a store of
 /// another version is not migrated but rebuilt from the logs, which hold everything it derives.
-pub const SCHEMA_VERSION: i64 = 9;
+pub const SCHEMA_VERSION: i64 = 10;
 const READERS: usize = 3;
 
 /// What an existing store file's schema is, compared with this build's.
@@ -47,6 +48,8 @@ pub enum SchemaState {
 
 pub struct SqliteStore {
     writer: Writer,
+    /// The line sets' dictionary (`crate::line_sets`), used on the writer's thread only.
+    line_sets: Arc<Mutex<LineSets>>,
     readers: Arc<Vec<Mutex<Connection>>>,
     /// The time budget of a stats query.
     query_budget: std::time::Duration,
@@ -189,6 +192,7 @@ impl SqliteStore {
         writer
             .pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(db_err)?;
+        let line_sets = Arc::new(Mutex::new(load_line_sets(&writer).map_err(db_err)?));
         let mut readers = Vec::new();
         for _ in 0..READERS {
             let r = Connection::open(path).map_err(db_err)?;
@@ -198,6 +202,7 @@ impl SqliteStore {
         }
         Ok(Self {
             writer: Writer::start(writer)?,
+            line_sets,
             readers: Arc::new(readers),
             query_budget: std::time::Duration::from_secs(10),
         })
@@ -312,15 +317,24 @@ fn key_terms(values: &[(char, &str)]) -> String {
         .join(" ")
 }
 
-fn search_text(row: &ServerPostbackRow) -> String {
-    let mut s = String::new();
-    for (k, v) in row.get.iter().chain(row.post.iter()) {
-        s.push_str(k);
-        s.push('=');
-        s.push_str(v);
-        s.push('\n');
-    }
-    s
+/// The line sets' dictionary as stored.
+fn load_line_sets(c: &Connection) -> rusqlite::Result<LineSets> {
+    let sets = c
+        .prepare("SELECT rowid, lines FROM sp_line_sets")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<Vec<(i64, String)>>>()?;
+    let wide = c
+        .prepare("SELECT key FROM sp_wide_keys")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<Vec<String>>>()?;
+    Ok(LineSets::new(sets, wide))
+}
+
+/// Whether the search of `term` goes through the line sets and the trigram index: three
+/// characters at least, and no line break (a term matches within a line; the index's texts
+/// are cut into lines differently than the rows' are).
+fn indexed_term(term: &str) -> bool {
+    term.chars().count() >= 3 && !term.contains('\n')
 }
 
 /// A consumer's next positions, in the transaction that stores what came before them.
@@ -429,16 +443,37 @@ fn upsert_conversions(tx: &Transaction<'_>, conversions: &[Conversion]) -> rusql
     Ok(())
 }
 
-fn insert_rows(conn: &mut Connection, rows: &AnalyticsRows) -> rusqlite::Result<()> {
+/// Inserts a batch; when it fails, the line sets are read back from the store, since the
+/// batch's new sets were not kept.
+fn insert_batch(
+    conn: &mut Connection,
+    rows: &AnalyticsRows,
+    line_sets: &Mutex<LineSets>,
+) -> Result<(), SeamError> {
+    let mut sets = line_sets.lock().map_err(lock_err)?;
+    let inserted = insert_rows(conn, rows, &mut sets);
+    if inserted.is_err() {
+        *sets = load_line_sets(conn).map_err(db_err)?;
+    }
+    inserted.map_err(db_err)
+}
+
+fn insert_rows(
+    conn: &mut Connection,
+    rows: &AnalyticsRows,
+    line_sets: &mut LineSets,
+) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     upsert_clicks(&tx, &rows.clicks)?;
     {
         let mut pb = tx.prepare_cached(
             "INSERT OR IGNORE INTO server_postbacks (id, at_us, server, method, get_pairs, post_pairs,
                pixel, response_status, error, clickid, action_id, goal, goal_lc, status, offer_id,
-               pid, advertiser_id, conversion_id, delta, ip, created, payouts, revenue)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+               pid, advertiser_id, conversion_id, delta, ip, created, payouts, revenue, line_set)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )?;
+        let mut new_set =
+            tx.prepare_cached("INSERT INTO sp_line_sets (rowid, lines) VALUES (?, ?)")?;
         let mut search =
             tx.prepare_cached("INSERT INTO server_postbacks_search (rowid, params) VALUES (?, ?)")?;
         let mut keys =
@@ -450,6 +485,10 @@ fn insert_rows(conn: &mut Connection, rows: &AnalyticsRows) -> rusqlite::Result<
             |r| r.get(0),
         )?;
         for r in &rows.postbacks {
+            let split = line_sets.split(r.get.iter().chain(r.post.iter()));
+            if let Some(text) = &split.new_set {
+                new_set.execute(params![split.set, text])?;
+            }
             let inserted = pb.execute(params![
                 r.id,
                 r.at_us,
@@ -474,16 +513,23 @@ fn insert_rows(conn: &mut Connection, rows: &AnalyticsRows) -> rusqlite::Result<
                 r.created,
                 r.payouts,
                 r.revenue,
+                split.set,
             ])?;
             // Only a new row gets terms: a replayed batch must not add them twice.
             if inserted == 1 {
                 let seq = tx.last_insert_rowid();
-                search.execute(params![seq, search_text(r)])?;
+                if !split.rest.is_empty() {
+                    search.execute(params![seq, split.rest])?;
+                }
                 let terms = key_terms(&[('c', &r.clickid), ('a', &r.action_id)]);
                 if !terms.is_empty() {
                     keys.execute(params![seq, terms])?;
                 }
             }
+        }
+        for key in line_sets.take_new_wide() {
+            tx.prepare_cached("INSERT OR IGNORE INTO sp_wide_keys (key) VALUES (?)")?
+                .execute([key])?;
         }
         add_hourly_counts(&tx, "seq > ?1", &[before])?;
         let mut attempt = tx.prepare_cached(
@@ -531,6 +577,12 @@ fn add_hourly_counts(tx: &Transaction<'_>, filter: &str, values: &[i64]) -> rusq
         .execute(params_from_iter(values))?;
     }
     tx.prepare_cached(&format!(
+        "INSERT INTO sp_line_set_hours SELECT line_set, (at_us / {HOUR_US}) * {HOUR_US}, COUNT(*)
+         FROM server_postbacks WHERE ({filter}) AND line_set > 0 GROUP BY 1, 2
+         ON CONFLICT DO UPDATE SET postbacks = postbacks + excluded.postbacks"
+    ))?
+    .execute(params_from_iter(values))?;
+    tx.prepare_cached(&format!(
         "INSERT INTO sp_seqs_by_hour SELECT (at_us / {HOUR_US}) * {HOUR_US}, min(seq), max(seq)
          FROM server_postbacks WHERE {filter} GROUP BY 1
          ON CONFLICT DO UPDATE SET first_seq = min(first_seq, excluded.first_seq),
@@ -554,6 +606,10 @@ fn recount_hours(tx: &Transaction<'_>, from_us: i64, to_us: i64) -> rusqlite::Re
     )?;
     tx.execute(
         "DELETE FROM sp_seqs_by_hour WHERE hour_us >= ? AND hour_us < ?",
+        [first, end],
+    )?;
+    tx.execute(
+        "DELETE FROM sp_line_set_hours WHERE hour_us >= ? AND hour_us < ?",
         [first, end],
     )?;
     add_hourly_counts(tx, "at_us >= ?1 AND at_us < ?2", &[first, end])
@@ -786,23 +842,26 @@ fn postback_filter(q: &ServerPostbackQuery) -> Filter {
         f.exact("server_postbacks_keys", "action_id", 'a', v);
     }
     if let Some(s) = q.search.as_ref().filter(|s| !s.is_empty()) {
-        if s.chars().count() >= 3 {
-            // The range's seqs bound the index's lists (see `sp_seqs_by_hour`).
+        if indexed_term(s) {
+            // The row's line set, or its other lines; the range's seqs bound the index's
+            // lists (see `sp_seqs_by_hour`).
+            let phrase = Value::Text(fts_phrase(s));
             let hours = [hour_of(q.from_us), hour_of(q.to_us)].map(Value::Integer);
             f.add(
-                "seq IN (SELECT rowid FROM server_postbacks_search WHERE params MATCH ?
+                "(line_set IN (SELECT rowid FROM sp_line_sets WHERE lines MATCH ?)
+                  OR seq IN (SELECT rowid FROM server_postbacks_search WHERE params MATCH ?
                    AND rowid >= (SELECT coalesce(min(first_seq), 0) FROM sp_seqs_by_hour
                                  WHERE hour_us >= ? AND hour_us <= ?)
                    AND rowid <= (SELECT coalesce(max(last_seq), -1) FROM sp_seqs_by_hour
-                                 WHERE hour_us >= ? AND hour_us <= ?))",
-                [Value::Text(fts_phrase(s))]
+                                 WHERE hour_us >= ? AND hour_us <= ?)))",
+                [phrase.clone(), phrase]
                     .into_iter()
                     .chain(hours.clone())
                     .chain(hours),
             );
         } else {
-            // Too short for trigrams: scan the rows the other filters leave, over the same
-            // `key=value` text the index holds.
+            // Too short for trigrams, or across lines: scan the rows the other filters leave,
+            // line by line.
             f.add(
                 "EXISTS (SELECT 1 FROM (SELECT value FROM json_each(get_pairs)
                    UNION ALL SELECT value FROM json_each(post_pairs)) p
@@ -1140,13 +1199,99 @@ fn search_page(
     })
 }
 
-/// The count of a listing whose only filter is a search, mostly from the trigram index alone:
-/// the matches between the first and the last seq of the range's hours, less those among them
-/// outside the range. Those can only lie where the seqs of an hour outside the range, or of a
+/// The count of a listing whose only filter is a search: the rows whose line set matches,
+/// mostly from the sets' hourly counts, and those whose other lines match (`rest_count`), less
+/// the rows in both. `None` when there are other filters.
+fn index_count(
+    tx: &Connection,
+    q: &ServerPostbackQuery,
+    snapshot: u64,
+) -> rusqlite::Result<Option<u64>> {
+    let Some(rest) = rest_count(tx, q, snapshot)? else {
+        return Ok(None);
+    };
+    let phrase = fts_phrase(q.search.as_deref().unwrap_or_default());
+    let any_set: bool = tx
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM sp_line_sets WHERE lines MATCH ?)")?
+        .query_row([&phrase], |r| r.get(0))?;
+    if !any_set {
+        return Ok(Some(rest));
+    }
+    let snapshot = i64::try_from(snapshot).unwrap_or(i64::MAX);
+    // `+` keeps SQLite from reading a common set's rows through its index where the rowid or
+    // the index's matches are fewer.
+    const SETS: &str = "+line_set IN (SELECT rowid FROM sp_line_sets WHERE lines MATCH ?1)";
+    let from_rows = |from_us: i64, to_us: i64| -> rusqlite::Result<i64> {
+        tx.prepare_cached(
+            "SELECT COUNT(*) FROM server_postbacks
+             WHERE line_set IN (SELECT rowid FROM sp_line_sets WHERE lines MATCH ?1)
+               AND at_us >= ?2 AND at_us < ?3 AND seq <= ?4",
+        )?
+        .query_row(params![phrase, from_us, to_us, snapshot], |r| r.get(0))
+    };
+    // The range's whole hours from the counts, less their rows written after the snapshot;
+    // its ends off the hour from the rows.
+    let whole_from = hour_of(q.from_us + HOUR_US - 1);
+    let whole_to = hour_of(q.to_us);
+    let in_sets = if q.from_us >= 0 && whole_from < whole_to {
+        let counted: i64 = tx
+            .prepare_cached(
+                "SELECT coalesce(sum(postbacks), 0) FROM sp_line_set_hours
+                 WHERE line_set IN (SELECT rowid FROM sp_line_sets WHERE lines MATCH ?1)
+                   AND hour_us >= ?2 AND hour_us < ?3",
+            )?
+            .query_row(params![phrase, whole_from, whole_to], |r| r.get(0))?;
+        let newer: i64 = tx
+            .prepare_cached(&format!(
+                "SELECT COUNT(*) FROM server_postbacks
+                 WHERE seq > ?4 AND {SETS} AND +at_us >= ?2 AND +at_us < ?3"
+            ))?
+            .query_row(params![phrase, whole_from, whole_to, snapshot], |r| {
+                r.get(0)
+            })?;
+        counted - newer + from_rows(q.from_us, whole_from)? + from_rows(whole_to, q.to_us)?
+    } else {
+        from_rows(q.from_us, q.to_us)?
+    };
+    // Rows whose set and other lines both match were counted twice: checked from the smaller
+    // side, the set's rows one by one in the index, or the index's matches in the sets.
+    let both: i64 = if rest == 0 || in_sets == 0 {
+        0
+    } else if (in_sets as u64) < rest {
+        tx.prepare_cached(
+            "SELECT COUNT(*) FROM server_postbacks AS p
+             WHERE line_set IN (SELECT rowid FROM sp_line_sets WHERE lines MATCH ?1)
+               AND at_us >= ?2 AND at_us < ?3 AND seq <= ?4
+               AND EXISTS (SELECT 1 FROM server_postbacks_search
+                           WHERE params MATCH ?1 AND rowid = p.seq)",
+        )?
+        .query_row(params![phrase, q.from_us, q.to_us, snapshot], |r| r.get(0))?
+    } else {
+        let hours = [hour_of(q.from_us), hour_of(q.to_us)];
+        tx.prepare_cached(&format!(
+            "SELECT COUNT(*) FROM server_postbacks
+             WHERE seq IN (SELECT rowid FROM server_postbacks_search WHERE params MATCH ?1
+                   AND rowid >= (SELECT coalesce(min(first_seq), 0) FROM sp_seqs_by_hour
+                                 WHERE hour_us >= ?2 AND hour_us <= ?3)
+                   AND rowid <= (SELECT coalesce(max(last_seq), -1) FROM sp_seqs_by_hour
+                                 WHERE hour_us >= ?2 AND hour_us <= ?3))
+               AND {SETS} AND +at_us >= ?4 AND +at_us < ?5 AND seq <= ?6"
+        ))?
+        .query_row(
+            params![phrase, hours[0], hours[1], q.from_us, q.to_us, snapshot],
+            |r| r.get(0),
+        )?
+    };
+    Ok(Some(rest + in_sets as u64 - both as u64))
+}
+
+/// The count of the rows in a search-only listing whose lines outside their line set match,
+/// mostly from the trigram index alone: the matches between the first and the last seq of
+/// the range's hours, less those among them outside the range. Those can only lie where the seqs of an hour outside the range, or of a
 /// range's hour that is only partly in it, fall between: rows written out of time order (a
 /// batch spanning an hour's end, a partition behind the others). Only those stretches are
 /// checked row by row. `None` when there are other filters.
-fn index_count(
+fn rest_count(
     tx: &Connection,
     q: &ServerPostbackQuery,
     snapshot: u64,
@@ -1254,7 +1399,8 @@ fn select_in<T>(
 
 impl AnalyticsStore for SqliteStore {
     fn insert(&self, rows: AnalyticsRows) -> BoxFuture<'_, Result<(), SeamError>> {
-        self.with_writer(move |c| insert_rows(c, &rows).map_err(db_err))
+        let line_sets = self.line_sets.clone();
+        self.with_writer(move |c| insert_batch(c, &rows, &line_sets))
     }
 
     fn server_postbacks(
@@ -1262,7 +1408,7 @@ impl AnalyticsStore for SqliteStore {
         q: ServerPostbackQuery,
     ) -> BoxFuture<'_, Result<Page<ServerPostbackRow>, SeamError>> {
         self.with_reader(move |c| {
-            if q.search.as_ref().is_some_and(|s| s.chars().count() >= 3) {
+            if q.search.as_deref().is_some_and(indexed_term) {
                 return search_page(c, &q).map_err(db_err);
             }
             let f = postback_filter(&q);
@@ -1416,7 +1562,7 @@ impl AnalyticsStore for SqliteStore {
             c.execute_batch(
                 "BEGIN; DELETE FROM server_postbacks_search; DELETE FROM server_postbacks_keys;
                  DELETE FROM server_postbacks; DELETE FROM sp_hourly;
-                 DELETE FROM sp_seqs_by_hour;
+                 DELETE FROM sp_seqs_by_hour; DELETE FROM sp_line_set_hours;
                  DELETE FROM delivery_attempts; DELETE FROM conversions_keys;
                  DELETE FROM conversions; DELETE FROM clicks;
                  COMMIT;",
@@ -1808,10 +1954,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SqliteStore::open(&dir.path().join("s.sqlite")).expect("opens");
         let hour = HOUR_US;
+        // `kind` takes two values (its lines go into line sets); `n` and `note` take too many
+        // (after their first values, the trigram index): "sale" is in the sets of most rows,
+        // in the other lines of a few, and in both of some.
         let row = |i: i64, at_us: i64, common: bool| {
             let mut r = postback_row(i);
             r.at_us = at_us;
-            let q = format!("n={i}&kind={}", if common { "sale" } else { "lead" });
+            let kind = if common { "sale" } else { "lead" };
+            let note = if i % 5 == 0 { "Sale" } else { "x" };
+            let q = format!("n={i}&kind={kind}&note={note}{i}");
             r.get = postback_core::params::parse_form(q.as_bytes());
             r
         };
@@ -1819,8 +1970,8 @@ mod tests {
             postbacks: rows,
             ..Default::default()
         };
-        // Hours 10..16, three rows in four matching `kind=sale`; hour 12's last rows come in
-        // a batch after hour 13's, so their seqs overlap.
+        // Hours 10..16, three rows in four with `kind=sale`; hour 12's last rows come in a
+        // batch after hour 13's, so their seqs overlap.
         let mut i = 0;
         let mut late = Vec::new();
         for h in 10..16 {
@@ -1842,19 +1993,37 @@ mod tests {
                     .expect("insert");
             }
         }
-        let all = store
-            .server_postbacks(ServerPostbackQuery {
-                from_us: 0,
-                to_us: i64::MAX,
-                limit: 1000,
+        let listing = |from_us, to_us, search: &str, offset, limit, snapshot| {
+            store.server_postbacks(ServerPostbackQuery {
+                from_us,
+                to_us,
+                search: Some(search.into()),
+                offset,
+                limit,
+                snapshot,
                 ..Default::default()
             })
+        };
+        let all = listing(0, i64::MAX, "", 0, 1000, None)
             .await
             .expect("all")
             .rows;
         assert_eq!(all.len(), 240);
+        // What a search finds, by its meaning: a substring of a `key=value` line.
+        let matching = |all: &[ServerPostbackRow], from_us: i64, to_us: i64, term: &str| {
+            let term = term.to_lowercase();
+            all.iter()
+                .filter(|r| r.at_us >= from_us && r.at_us < to_us)
+                .filter(|r| {
+                    r.get
+                        .iter()
+                        .any(|(k, v)| format!("{k}={v}").to_lowercase().contains(&term))
+                })
+                .map(|r| r.id.clone())
+                .collect::<Vec<_>>()
+        };
         let half = hour / 2;
-        for (from_us, to_us) in [
+        let ranges = [
             (10 * hour, 16 * hour),
             (10 * hour, 12 * hour),
             (12 * hour, 13 * hour),
@@ -1865,37 +2034,53 @@ mod tests {
             (10 * hour + 1, 13 * hour + half),
             (13 * hour + half, 13 * hour + half + 60_000_000),
             (0, i64::MAX),
-        ] {
-            let (from, to) = (from_us, to_us);
-            let expected: Vec<&str> = all
-                .iter()
-                .filter(|r| r.at_us >= from_us && r.at_us < to_us)
-                .filter(|r| r.get.get("kind") == Some("sale"))
-                .map(|r| r.id.as_str())
-                .collect();
-            for (offset, limit) in [(0, 5), (0, 100), (7, 5), (25, 10), (100, 50), (1000, 5)] {
-                let page = store
-                    .server_postbacks(ServerPostbackQuery {
-                        from_us,
-                        to_us,
-                        search: Some("kind=SALE".into()),
-                        offset,
-                        limit,
-                        ..Default::default()
-                    })
-                    .await
-                    .expect("search");
-                assert_eq!(page.total, expected.len() as u64, "{from}..{to}");
-                let ids: Vec<&str> = page.rows.iter().map(|r| r.id.as_str()).collect();
-                let want: Vec<&str> = expected
-                    .iter()
-                    .skip(offset as usize)
-                    .take(limit as usize)
-                    .copied()
-                    .collect();
-                assert_eq!(ids, want, "{from}..{to}, offset {offset}, limit {limit}");
+        ];
+        let terms = ["kind=SALE", "sale", "=sale1", "n=1", "LEAD", "e=s"];
+        let check = |all: Vec<ServerPostbackRow>| async move {
+            for (from_us, to_us) in ranges {
+                for term in terms {
+                    let expected = matching(&all, from_us, to_us, term);
+                    for (offset, limit) in [(0, 5), (0, 100), (7, 5), (25, 10), (100, 50)] {
+                        let page = listing(from_us, to_us, term, offset, limit, None)
+                            .await
+                            .expect("search");
+                        let at = format!("{term:?} in {from_us}..{to_us}");
+                        assert_eq!(page.total, expected.len() as u64, "{at}");
+                        let ids: Vec<&str> = page.rows.iter().map(|r| r.id.as_str()).collect();
+                        let want: Vec<&str> = expected
+                            .iter()
+                            .skip(offset as usize)
+                            .take(limit as usize)
+                            .map(String::as_str)
+                            .collect();
+                        assert_eq!(ids, want, "{at}, offset {offset}, limit {limit}");
+                    }
+                }
             }
-        }
+        };
+        check(all.clone()).await;
+        // A listing pinned to a snapshot counts none of the rows written after it.
+        let pinned = listing(10 * hour, 16 * hour, "sale", 0, 10, None)
+            .await
+            .expect("pinned");
+        let more: Vec<_> = (0..20)
+            .map(|k| row(1000 + k, 14 * hour + k * 1_000_000, true))
+            .collect();
+        store.insert(batch(more)).await.expect("insert");
+        let again = listing(10 * hour, 16 * hour, "sale", 0, 10, Some(pinned.snapshot))
+            .await
+            .expect("pinned again");
+        assert_eq!((again.total, again.rows), (pinned.total, pinned.rows));
+        // Retention cuts an hour in two: its counts follow.
+        AnalyticsStore::expire(&store, 11 * hour + half)
+            .await
+            .expect("expire");
+        let left = listing(0, i64::MAX, "", 0, 1000, None)
+            .await
+            .expect("all")
+            .rows;
+        assert_eq!(left.len(), 240 + 20 - 70);
+        check(left).await;
     }
 
     /// Enough rows that counting them takes many SQLite VM steps.
@@ -2029,5 +2214,35 @@ mod tests {
             again.server_postbacks(broad()).await.expect("query").total,
             1111
         );
+        // The line sets made before are found again: a row of an early set (n=1 went into one)
+        // and of a wide key's value (n=2999 was indexed) adds to the same searches.
+        let rows = [1, 2999].map(|n| {
+            let mut row = postback_row(5000 + n);
+            row.get = postback_core::params::parse_form(format!("n={n}").as_bytes());
+            row
+        });
+        again
+            .insert(AnalyticsRows {
+                postbacks: rows.to_vec(),
+                ..Default::default()
+            })
+            .await
+            .expect("insert");
+        let found = |term: &str| {
+            again.server_postbacks(ServerPostbackQuery {
+                search: Some(term.into()),
+                ..broad()
+            })
+        };
+        assert_eq!(found("n=1").await.expect("query").total, 1112);
+        assert_eq!(found("n=2999").await.expect("query").total, 2);
+        let sets: i64 = again
+            .with_reader(|c| {
+                c.query_row("SELECT COUNT(*) FROM sp_line_sets", [], |r| r.get(0))
+                    .map_err(db_err)
+            })
+            .await
+            .expect("sets");
+        assert_eq!(sets, crate::line_sets::MAX_VALUES as i64);
     }
 }
