@@ -21,11 +21,14 @@ use std::collections::{HashMap, HashSet};
 /// The distinct values a key may show before its lines leave the sets for good.
 pub const MAX_VALUES: usize = 32;
 /// Keys whose values are tracked; a key beyond these is treated as wide.
-const MAX_KEYS: usize = 10_000;
+const MAX_KEYS: usize = 1_000;
 /// Lines longer than this (key, `=` and value, in bytes) are never in a set.
 const MAX_LINE: usize = 64;
-/// Sets in the dictionary; a row whose set would be a new one beyond these has none.
-pub const MAX_SETS: usize = 50_000;
+/// A set's text at most (bytes); a row's narrow lines beyond it go with the rest.
+pub const MAX_SET_BYTES: usize = 512;
+/// Sets in the dictionary; a row whose set would be a new one beyond these has none. With
+/// the bounds above, the dictionary and the keys' values take at most about 15 MB.
+pub const MAX_SETS: usize = 20_000;
 
 /// Where a row's lines went.
 #[derive(Debug, PartialEq, Eq)]
@@ -71,7 +74,8 @@ impl LineSets {
     pub fn split<'a>(&mut self, pairs: impl Iterator<Item = (&'a str, &'a str)>) -> Split {
         let (mut set_text, mut rest) = (String::new(), String::new());
         for (key, value) in pairs {
-            let to = if self.narrow(key, value) {
+            let fits = set_text.len() + key.len() + value.len() + 2 <= MAX_SET_BYTES;
+            let to = if fits && self.narrow(key, value) {
                 &mut set_text
             } else {
                 &mut rest
@@ -192,6 +196,31 @@ mod tests {
         assert_eq!(s.rest, format!("k={long}\nn=a\nb\n"));
         let none = split(&mut sets, &[("k", &long)]);
         assert_eq!((none.set, none.new_set), (0, None));
+    }
+
+    #[test]
+    fn a_set_holds_so_many_lines_and_the_rest_are_indexed() {
+        let mut sets = LineSets::new([], []);
+        let pairs: Vec<(String, String)> = (0..3000)
+            .map(|i| (format!("key{i}"), "v".to_string()))
+            .collect();
+        let s = sets.split(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let text = s.new_set.expect("a set");
+        assert!(text.len() <= MAX_SET_BYTES, "{}", text.len());
+        assert_eq!(text.lines().count() + s.rest.lines().count(), 3000);
+        assert!(s
+            .rest
+            .starts_with(&format!("key{}=v\n", text.lines().count())));
+        // Keys beyond those tracked are left out of sets.
+        let tracked = sets.values.len();
+        for i in 0..2 * MAX_KEYS {
+            let key = format!("new{i}");
+            let s = split(&mut sets, &[(key.as_str(), "v")]);
+            let narrow = tracked + i < MAX_KEYS;
+            assert_eq!(s.set != 0, narrow, "{key}");
+            assert_eq!(s.rest.is_empty(), narrow, "{key}");
+        }
+        assert_eq!(sets.values.len(), MAX_KEYS);
     }
 
     #[test]
