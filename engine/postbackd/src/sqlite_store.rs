@@ -450,7 +450,16 @@ fn insert_batch(
     rows: &AnalyticsRows,
     line_sets: &Mutex<LineSets>,
 ) -> Result<(), SeamError> {
-    let mut sets = line_sets.lock().map_err(lock_err)?;
+    // A batch that panicked (a bug, caught by the writer's thread) left them unknown too.
+    let mut sets = match line_sets.lock() {
+        Ok(sets) => sets,
+        Err(poisoned) => {
+            let mut sets = poisoned.into_inner();
+            *sets = load_line_sets(conn).map_err(db_err)?;
+            line_sets.clear_poison();
+            sets
+        }
+    };
     let inserted = insert_rows(conn, rows, &mut sets);
     if inserted.is_err() {
         *sets = load_line_sets(conn).map_err(db_err)?;
@@ -2081,6 +2090,56 @@ mod tests {
             .rows;
         assert_eq!(left.len(), 240 + 20 - 70);
         check(left).await;
+    }
+
+    #[tokio::test]
+    async fn line_sets_left_unknown_by_a_panic_are_read_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("s.sqlite")).expect("opens");
+        let rows = |from: i64| AnalyticsRows {
+            postbacks: (from..from + 3)
+                .map(|i| {
+                    let mut row = postback_row(i);
+                    row.get = postback_core::params::parse_form(b"goal=sale");
+                    row
+                })
+                .collect(),
+            ..Default::default()
+        };
+        store.insert(rows(0)).await.expect("insert");
+        // A batch that panicked half way: a set given an id it never stored.
+        let sets = store.line_sets.clone();
+        let _ = std::thread::spawn(move || {
+            let mut sets = sets.lock().expect("lock");
+            sets.split([("goal", "lost")].into_iter());
+            panic!("a bug in a batch");
+        })
+        .join();
+        assert!(store.line_sets.is_poisoned());
+        store
+            .insert(rows(10))
+            .await
+            .expect("insert after the panic");
+        assert!(!store.line_sets.is_poisoned());
+        let mut lost = postback_row(20);
+        lost.get = postback_core::params::parse_form(b"goal=lost");
+        store
+            .insert(AnalyticsRows {
+                postbacks: vec![lost],
+                ..Default::default()
+            })
+            .await
+            .expect("insert");
+        for (term, want) in [("goal=sale", 6), ("goal=lost", 1)] {
+            let page = store
+                .server_postbacks(ServerPostbackQuery {
+                    search: Some(term.into()),
+                    ..broad()
+                })
+                .await
+                .expect("search");
+            assert_eq!(page.total, want, "{term}");
+        }
     }
 
     /// Enough rows that counting them takes many SQLite VM steps.
