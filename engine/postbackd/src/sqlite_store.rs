@@ -1208,6 +1208,10 @@ fn search_page(
     })
 }
 
+/// What looking one row up in the trigram index costs, in matches read in order: 58 µs a
+/// seek against 0.35–1.3 µs a match, measured over 10M rows.
+const SEEK_COST: u64 = 100;
+
 /// The count of a listing whose only filter is a search: the rows whose line set matches,
 /// mostly from the sets' hourly counts, and those whose other lines match (`rest_count`), less
 /// the rows in both. `None` when there are other filters.
@@ -1262,11 +1266,11 @@ fn index_count(
     } else {
         from_rows(q.from_us, q.to_us)?
     };
-    // Rows whose set and other lines both match were counted twice: checked from the smaller
-    // side, the set's rows one by one in the index, or the index's matches in the sets.
+    // Rows whose set and other lines both match were counted twice: checked from the cheaper
+    // side, the sets' rows one by one in the index, or the index's matches in the sets.
     let both: i64 = if rest == 0 || in_sets == 0 {
         0
-    } else if (in_sets as u64) < rest {
+    } else if (in_sets as u64).saturating_mul(SEEK_COST) < rest {
         tx.prepare_cached(
             "SELECT COUNT(*) FROM server_postbacks AS p
              WHERE line_set IN (SELECT rowid FROM sp_line_sets WHERE lines MATCH ?1)
@@ -1969,9 +1973,15 @@ mod tests {
         let row = |i: i64, at_us: i64, common: bool| {
             let mut r = postback_row(i);
             r.at_us = at_us;
-            let kind = if common { "sale" } else { "lead" };
+            // One row's set holds "zzz", and so do the indexed lines of most rows.
+            let kind = match (i, common) {
+                (100, _) => "zzz",
+                (_, true) => "sale",
+                (_, false) => "lead",
+            };
             let note = if i % 5 == 0 { "Sale" } else { "x" };
-            let q = format!("n={i}&kind={kind}&note={note}{i}");
+            let code = if i <= 40 { "a" } else { "zzz" };
+            let q = format!("n={i}&kind={kind}&note={note}{i}&code={code}{i}");
             r.get = postback_core::params::parse_form(q.as_bytes());
             r
         };
@@ -2044,7 +2054,7 @@ mod tests {
             (13 * hour + half, 13 * hour + half + 60_000_000),
             (0, i64::MAX),
         ];
-        let terms = ["kind=SALE", "sale", "=sale1", "n=1", "LEAD", "e=s"];
+        let terms = ["kind=SALE", "sale", "=sale1", "n=1", "LEAD", "e=s", "ZZZ"];
         let check = |all: Vec<ServerPostbackRow>| async move {
             for (from_us, to_us) in ranges {
                 for term in terms {
