@@ -138,6 +138,16 @@ fn conversion(id: &str, key: &str, status: u8, at_us: i64) -> Conversion {
     }
 }
 
+async fn insert_postbacks(store: &dyn AnalyticsStore, rows: Vec<ServerPostbackRow>) {
+    store
+        .insert(AnalyticsRows {
+            postbacks: rows,
+            ..Default::default()
+        })
+        .await
+        .expect("insert");
+}
+
 fn query(from_us: i64, to_us: i64) -> ServerPostbackQuery {
     ServerPostbackQuery {
         from_us,
@@ -259,13 +269,7 @@ async fn filters_search_and_paging(store: &dyn AnalyticsStore) {
             postback(&format!("p{i:02}"), 100 + i, &q, (i % 3) as u64, i % 5 != 0)
         })
         .collect();
-    store
-        .insert(AnalyticsRows {
-            postbacks: rows,
-            ..Default::default()
-        })
-        .await
-        .expect("insert");
+    insert_postbacks(store, rows).await;
     let count = |q: ServerPostbackQuery| async move {
         store.server_postbacks(q).await.expect("query").total
     };
@@ -449,13 +453,7 @@ async fn pages_across_days(store: &dyn AnalyticsStore) {
         .collect();
     let mut want: Vec<_> = rows.iter().map(|r| (r.at_us, r.id.clone())).collect();
     want.sort_by(|a, b| b.cmp(a));
-    store
-        .insert(AnalyticsRows {
-            postbacks: rows,
-            ..Default::default()
-        })
-        .await
-        .expect("insert");
+    insert_postbacks(store, rows).await;
     for (range, search) in [
         ((t0, t0 + 7 * DAY), None),
         ((0, i64::MAX), None),
@@ -520,13 +518,7 @@ async fn search_has_one_meaning(store: &dyn AnalyticsStore) {
     rows[3].post = parse_form(b"Secret=Value1");
     // Inserted out of id order, all at one microsecond.
     rows.swap(0, 2);
-    store
-        .insert(AnalyticsRows {
-            postbacks: rows,
-            ..Default::default()
-        })
-        .await
-        .expect("insert");
+    insert_postbacks(store, rows).await;
     let ids = |term: &'static str| async move {
         let page = store
             .server_postbacks(ServerPostbackQuery {
@@ -1226,13 +1218,7 @@ async fn summaries_of_ranges_off_the_hour(store: &dyn AnalyticsStore) {
             r
         })
         .collect();
-    store
-        .insert(AnalyticsRows {
-            postbacks: rows,
-            ..Default::default()
-        })
-        .await
-        .expect("insert");
+    insert_postbacks(store, rows).await;
     let summary = |from: i64, to: i64, search: Option<&str>, goal: Option<&str>| SummaryQuery {
         filters: ServerPostbackQuery {
             search: search.map(str::to_string),

@@ -1231,15 +1231,14 @@ fn index_count(
         return Ok(Some(rest));
     }
     let snapshot = i64::try_from(snapshot).unwrap_or(i64::MAX);
-    // `+` keeps SQLite from reading a common set's rows through its index where the rowid or
-    // the index's matches are fewer.
-    const SETS: &str = "+line_set IN (SELECT rowid FROM sp_line_sets WHERE lines MATCH ?1)";
+    // The sets whose text matches the term (`?1`); `+line_set` keeps SQLite from reading a
+    // common set's rows through its index where the rowid or the index's matches are fewer.
+    const MATCHING: &str = "(SELECT rowid FROM sp_line_sets WHERE lines MATCH ?1)";
     let from_rows = |from_us: i64, to_us: i64| -> rusqlite::Result<i64> {
-        tx.prepare_cached(
+        tx.prepare_cached(&format!(
             "SELECT COUNT(*) FROM server_postbacks
-             WHERE line_set IN (SELECT rowid FROM sp_line_sets WHERE lines MATCH ?1)
-               AND at_us >= ?2 AND at_us < ?3 AND seq <= ?4",
-        )?
+             WHERE line_set IN {MATCHING} AND at_us >= ?2 AND at_us < ?3 AND seq <= ?4"
+        ))?
         .query_row(params![phrase, from_us, to_us, snapshot], |r| r.get(0))
     };
     // The range's whole hours from the counts, less their rows written after the snapshot;
@@ -1248,16 +1247,15 @@ fn index_count(
     let whole_to = hour_of(q.to_us);
     let in_sets = if q.from_us >= 0 && whole_from < whole_to {
         let counted: i64 = tx
-            .prepare_cached(
+            .prepare_cached(&format!(
                 "SELECT coalesce(sum(postbacks), 0) FROM sp_line_set_hours
-                 WHERE line_set IN (SELECT rowid FROM sp_line_sets WHERE lines MATCH ?1)
-                   AND hour_us >= ?2 AND hour_us < ?3",
-            )?
+                 WHERE line_set IN {MATCHING} AND hour_us >= ?2 AND hour_us < ?3"
+            ))?
             .query_row(params![phrase, whole_from, whole_to], |r| r.get(0))?;
         let newer: i64 = tx
             .prepare_cached(&format!(
                 "SELECT COUNT(*) FROM server_postbacks
-                 WHERE seq > ?4 AND {SETS} AND +at_us >= ?2 AND +at_us < ?3"
+                 WHERE seq > ?4 AND +line_set IN {MATCHING} AND +at_us >= ?2 AND +at_us < ?3"
             ))?
             .query_row(params![phrase, whole_from, whole_to, snapshot], |r| {
                 r.get(0)
@@ -1271,13 +1269,12 @@ fn index_count(
     let both: i64 = if rest == 0 || in_sets == 0 {
         0
     } else if (in_sets as u64).saturating_mul(SEEK_COST) < rest {
-        tx.prepare_cached(
+        tx.prepare_cached(&format!(
             "SELECT COUNT(*) FROM server_postbacks AS p
-             WHERE line_set IN (SELECT rowid FROM sp_line_sets WHERE lines MATCH ?1)
-               AND at_us >= ?2 AND at_us < ?3 AND seq <= ?4
+             WHERE line_set IN {MATCHING} AND at_us >= ?2 AND at_us < ?3 AND seq <= ?4
                AND EXISTS (SELECT 1 FROM server_postbacks_search
-                           WHERE params MATCH ?1 AND rowid = p.seq)",
-        )?
+                           WHERE params MATCH ?1 AND rowid = p.seq)"
+        ))?
         .query_row(params![phrase, q.from_us, q.to_us, snapshot], |r| r.get(0))?
     } else {
         let hours = [hour_of(q.from_us), hour_of(q.to_us)];
@@ -1288,7 +1285,7 @@ fn index_count(
                                  WHERE hour_us >= ?2 AND hour_us <= ?3)
                    AND rowid <= (SELECT coalesce(max(last_seq), -1) FROM sp_seqs_by_hour
                                  WHERE hour_us >= ?2 AND hour_us <= ?3))
-               AND {SETS} AND +at_us >= ?4 AND +at_us < ?5 AND seq <= ?6"
+               AND +line_set IN {MATCHING} AND +at_us >= ?4 AND +at_us < ?5 AND seq <= ?6"
         ))?
         .query_row(
             params![phrase, hours[0], hours[1], q.from_us, q.to_us, snapshot],
@@ -1917,13 +1914,9 @@ mod tests {
             at_us,
             ..postback_row(i)
         };
-        let rows = |rows| AnalyticsRows {
-            postbacks: rows,
-            ..Default::default()
-        };
         let hour = HOUR_US;
         store
-            .insert(rows(vec![
+            .insert(postbacks(vec![
                 at(1, hour + 1),
                 at(2, hour + 5),
                 at(3, hour + 9),
@@ -1934,7 +1927,7 @@ mod tests {
             .await
             .expect("expire");
         store
-            .insert(rows(vec![at(4, hour + 20), at(5, 2 * hour)]))
+            .insert(postbacks(vec![at(4, hour + 20), at(5, 2 * hour)]))
             .await
             .expect("insert");
         let by_hour = |from_us, to_us| SummaryQuery {
@@ -1985,10 +1978,6 @@ mod tests {
             r.get = postback_core::params::parse_form(q.as_bytes());
             r
         };
-        let batch = |rows| AnalyticsRows {
-            postbacks: rows,
-            ..Default::default()
-        };
         // Hours 10..16, three rows in four with `kind=sale`; hour 12's last rows come in a
         // batch after hour 13's, so their seqs overlap.
         let mut i = 0;
@@ -2004,10 +1993,10 @@ mod tests {
                     rows.push(r);
                 }
             }
-            store.insert(batch(rows)).await.expect("insert");
+            store.insert(postbacks(rows)).await.expect("insert");
             if h == 13 {
                 store
-                    .insert(batch(std::mem::take(&mut late)))
+                    .insert(postbacks(std::mem::take(&mut late)))
                     .await
                     .expect("insert");
             }
@@ -2085,7 +2074,7 @@ mod tests {
         let more: Vec<_> = (0..20)
             .map(|k| row(1000 + k, 14 * hour + k * 1_000_000, true))
             .collect();
-        store.insert(batch(more)).await.expect("insert");
+        store.insert(postbacks(more)).await.expect("insert");
         let again = listing(10 * hour, 16 * hour, "sale", 0, 10, Some(pinned.snapshot))
             .await
             .expect("pinned again");
@@ -2106,15 +2095,16 @@ mod tests {
     async fn line_sets_left_unknown_by_a_panic_are_read_back() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SqliteStore::open(&dir.path().join("s.sqlite")).expect("opens");
-        let rows = |from: i64| AnalyticsRows {
-            postbacks: (from..from + 3)
-                .map(|i| {
-                    let mut row = postback_row(i);
-                    row.get = postback_core::params::parse_form(b"goal=sale");
-                    row
-                })
-                .collect(),
-            ..Default::default()
+        let rows = |from: i64| {
+            postbacks(
+                (from..from + 3)
+                    .map(|i| {
+                        let mut row = postback_row(i);
+                        row.get = postback_core::params::parse_form(b"goal=sale");
+                        row
+                    })
+                    .collect(),
+            )
         };
         store.insert(rows(0)).await.expect("insert");
         // A batch that panicked half way: a set given an id it never stored.
@@ -2133,13 +2123,7 @@ mod tests {
         assert!(!store.line_sets.is_poisoned());
         let mut lost = postback_row(20);
         lost.get = postback_core::params::parse_form(b"goal=lost");
-        store
-            .insert(AnalyticsRows {
-                postbacks: vec![lost],
-                ..Default::default()
-            })
-            .await
-            .expect("insert");
+        store.insert(postbacks(vec![lost])).await.expect("insert");
         for (term, want) in [("goal=sale", 6), ("goal=lost", 1)] {
             let page = store
                 .server_postbacks(ServerPostbackQuery {
@@ -2161,11 +2145,14 @@ mod tests {
                 row
             })
             .collect();
-        let rows = AnalyticsRows {
+        store.insert(postbacks(rows)).await.expect("insert");
+    }
+
+    fn postbacks(rows: Vec<ServerPostbackRow>) -> AnalyticsRows {
+        AnalyticsRows {
             postbacks: rows,
             ..Default::default()
-        };
-        store.insert(rows).await.expect("insert");
+        }
     }
 
     fn postback_row(i: i64) -> ServerPostbackRow {
@@ -2291,10 +2278,7 @@ mod tests {
             row
         });
         again
-            .insert(AnalyticsRows {
-                postbacks: rows.to_vec(),
-                ..Default::default()
-            })
+            .insert(postbacks(rows.to_vec()))
             .await
             .expect("insert");
         let found = |term: &str| {
