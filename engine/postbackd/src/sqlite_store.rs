@@ -487,14 +487,10 @@ fn insert_rows(
             tx.prepare_cached("INSERT INTO server_postbacks_search (rowid, params) VALUES (?, ?)")?;
         let mut keys =
             tx.prepare_cached("INSERT INTO server_postbacks_keys (rowid, keys) VALUES (?, ?)")?;
-        // Rows this batch inserts get a seq above every earlier one (AUTOINCREMENT).
-        let before: i64 = tx.query_row(
-            "SELECT coalesce(max(seq), 0) FROM server_postbacks",
-            [],
-            |r| r.get(0),
-        )?;
+        let mut counts = HourlyAdds::default();
         for r in &rows.postbacks {
             let split = line_sets.split(r.get.iter().chain(r.post.iter()));
+            let goal_lc = r.goal.to_lowercase();
             if let Some(text) = &split.new_set {
                 new_set.execute(params![split.set, text])?;
             }
@@ -511,7 +507,7 @@ fn insert_rows(
                 r.clickid,
                 r.action_id,
                 r.goal,
-                r.goal.to_lowercase(),
+                goal_lc,
                 r.status,
                 r.offer_id as i64,
                 r.pid as i64,
@@ -527,6 +523,7 @@ fn insert_rows(
             // Only a new row gets terms: a replayed batch must not add them twice.
             if inserted == 1 {
                 let seq = tx.last_insert_rowid();
+                counts.add(r, goal_lc, seq, split.set);
                 if !split.rest.is_empty() {
                     search.execute(params![seq, split.rest])?;
                 }
@@ -540,7 +537,7 @@ fn insert_rows(
             tx.prepare_cached("INSERT OR IGNORE INTO sp_wide_keys (key) VALUES (?)")?
                 .execute([key])?;
         }
-        add_hourly_counts(&tx, "seq > ?1", &[before])?;
+        counts.write(&tx)?;
         let mut attempt = tx.prepare_cached(
             "INSERT OR IGNORE INTO delivery_attempts (job_id, attempt, at_us, http_code, error,
                state, next_at_us, pid, offer_id, goal_lc, conv_status, job)
@@ -565,6 +562,111 @@ fn insert_rows(
     }
     upsert_conversions(&tx, &rows.conversions)?;
     tx.commit()
+}
+
+/// A batch's additions to the hourly counts, the line sets' hours and the hours' seqs, summed
+/// in memory from the rows it inserted and written as one upsert per group: reading the batch
+/// back with a `GROUP BY` per table cost a fifth of the processor's and store's CPU.
+#[derive(Default)]
+struct HourlyAdds {
+    /// By the primary key of `sp_hourly` (written in its order).
+    groups: BTreeMap<HourlyGroup, HourlySums>,
+    line_sets: BTreeMap<(i64, i64), i64>,
+    seqs: BTreeMap<i64, (i64, i64)>,
+}
+
+/// `(by_partner, hour_us, advertiser_id, offer_id, pid, goal_lc, status, response_status,
+/// error)`, as `sp_hourly`'s primary key.
+type HourlyGroup = (i64, i64, String, i64, i64, String, i64, i64, String);
+
+#[derive(Default)]
+struct HourlySums {
+    postbacks: i64,
+    accepted: i64,
+    rejected: i64,
+    created: i64,
+    payouts: f64,
+    revenue: f64,
+}
+
+impl HourlyAdds {
+    /// Counts `r`, inserted as `seq` with the line set `set`, at both grains.
+    fn add(&mut self, r: &ServerPostbackRow, goal_lc: String, seq: i64, set: i64) {
+        let hour = hour_of(r.at_us);
+        for (by_partner, pid) in [(0, 0), (1, r.pid as i64)] {
+            let key = (
+                by_partner,
+                hour,
+                r.advertiser_id.clone(),
+                r.offer_id as i64,
+                pid,
+                goal_lc.clone(),
+                r.status,
+                i64::from(r.response_status),
+                r.error.clone(),
+            );
+            let sums = self.groups.entry(key).or_default();
+            sums.postbacks += 1;
+            sums.accepted += i64::from(r.response_status == 1);
+            sums.rejected += i64::from(r.response_status != 1);
+            sums.created += i64::from(r.created);
+            sums.payouts += r.payouts;
+            sums.revenue += r.revenue;
+        }
+        if set > 0 {
+            *self.line_sets.entry((set, hour)).or_default() += 1;
+        }
+        let seqs = self.seqs.entry(hour).or_insert((seq, seq));
+        *seqs = (seqs.0.min(seq), seqs.1.max(seq));
+    }
+
+    fn write(self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
+        let mut group = tx.prepare_cached(
+            "INSERT INTO sp_hourly (by_partner, hour_us, advertiser_id, offer_id, pid, goal_lc,
+               status, response_status, error, postbacks, accepted, rejected, created, payouts,
+               revenue)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT DO UPDATE SET postbacks = postbacks + excluded.postbacks,
+               accepted = accepted + excluded.accepted, rejected = rejected + excluded.rejected,
+               created = created + excluded.created, payouts = payouts + excluded.payouts,
+               revenue = revenue + excluded.revenue",
+        )?;
+        for ((by_partner, hour, adv, offer, pid, goal, status, response, error), n) in self.groups {
+            group.execute(params![
+                by_partner,
+                hour,
+                adv,
+                offer,
+                pid,
+                goal,
+                status,
+                response,
+                error,
+                n.postbacks,
+                n.accepted,
+                n.rejected,
+                n.created,
+                n.payouts,
+                n.revenue
+            ])?;
+        }
+        let mut set_hour = tx.prepare_cached(
+            "INSERT INTO sp_line_set_hours (line_set, hour_us, postbacks) VALUES (?, ?, ?)
+             ON CONFLICT DO UPDATE SET postbacks = postbacks + excluded.postbacks",
+        )?;
+        for ((set, hour), n) in self.line_sets {
+            set_hour.execute(params![set, hour, n])?;
+        }
+        let mut seqs = tx.prepare_cached(
+            "INSERT INTO sp_seqs_by_hour (hour_us, first_seq, last_seq) VALUES (?, ?, ?)
+             ON CONFLICT DO UPDATE SET first_seq = min(first_seq, excluded.first_seq),
+               last_seq = max(last_seq, excluded.last_seq)",
+        )?;
+        for (hour, (first, last)) in self.seqs {
+            seqs.execute(params![hour, first, last])?;
+        }
+        Ok(())
+    }
 }
 
 /// Adds the rows `filter` selects (SQL on `server_postbacks`, with `values`) to the hourly
@@ -1950,6 +2052,76 @@ mod tests {
             .await
             .expect("summary");
         assert_eq!(counted(edges), expected);
+    }
+
+    /// A batch adds its rows' counts from memory; they equal the counts read again from the
+    /// rows (as retention recounts an hour), across hours, groups and a batch partly redone.
+    #[tokio::test]
+    async fn batch_counts_equal_a_recount_from_the_rows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.sqlite");
+        let store = SqliteStore::open(&path).expect("opens");
+        let row = |i: i64| {
+            let mut r = postback_row(i);
+            r.at_us = (i % 5) * HOUR_US + i * 997;
+            r.offer_id = (i % 3) as u64;
+            r.pid = (i % 4) as u64;
+            r.advertiser_id = format!("adv{}", i % 2);
+            r.goal = ["Sale", "lead"][(i % 2) as usize].into();
+            r.status = i % 3;
+            (r.response_status, r.error) = if i % 7 == 0 {
+                (2, "Wrong secure".into())
+            } else {
+                (1, String::new())
+            };
+            r.created = i % 2 == 0;
+            // Quarters: sums in any order are exact, so the two ways must agree to the bit.
+            (r.payouts, r.revenue) = ((i % 5) as f64 * 0.25, (i % 3) as f64 * 0.75);
+            r.get = postback_core::params::parse_form(format!("g=g{}&o=o{i}", i % 3).as_bytes());
+            r
+        };
+        store
+            .insert(postbacks((0..40).map(row).collect()))
+            .await
+            .expect("insert");
+        // Rows 30..40 again (a redone batch): only the new ones count.
+        store
+            .insert(postbacks((30..70).map(row).collect()))
+            .await
+            .expect("insert");
+        let mut c = Connection::open(&path).expect("open");
+        let counts = |c: &Connection| -> Vec<String> {
+            ["sp_hourly", "sp_line_set_hours", "sp_seqs_by_hour"]
+                .iter()
+                .flat_map(|table| {
+                    let mut q = c
+                        .prepare(&format!("SELECT * FROM {table} ORDER BY 1, 2, 3, 4, 5, 6"))
+                        .or_else(|_| c.prepare(&format!("SELECT * FROM {table} ORDER BY 1, 2")))
+                        .expect("prepare");
+                    let n = q.column_count();
+                    q.query_map([], |r| {
+                        (0..n)
+                            .map(|i| r.get::<_, Value>(i))
+                            .collect::<rusqlite::Result<Vec<_>>>()
+                    })
+                    .expect("query")
+                    .map(|r| format!("{table} {:?}", r.expect("row")))
+                    .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        let written = counts(&c);
+        let tx = c.transaction().expect("tx");
+        recount_hours(&tx, 0, 6 * HOUR_US).expect("recount");
+        assert_eq!(written, counts(&tx));
+        let total: i64 = tx
+            .query_row(
+                "SELECT sum(postbacks) FROM sp_hourly WHERE by_partner = 1",
+                [],
+                |r| r.get(0),
+            )
+            .expect("sum");
+        assert_eq!(total, 70);
     }
 
     /// A search reads its count from the index alone and its page from the newest stretch
