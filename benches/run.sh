@@ -195,7 +195,8 @@ for try in 1 2 3 4; do
 import json; r=json.load(open('$work/sustained.json'))[0]; l=r.get('e2e_lag') or {}; v=r.get('verify') or {}
 ok = v.get('expected',0)>0 and v.get('missing',1)==0 and v.get('duplicated',1)==0 and v.get('wrong_outcome',1)==0
 held = r['achieved_rps'] >= 0.95*r['rate'] and l.get('p99', 1e9) < 1000
-print('%s|%.0f ok/s for %.0f s, e2e lag p50 %.0f ms, p99 %.0f ms (n=%d), server CPU %.1f µs per request; verify %s' % ('held' if held else 'short', r['achieved_rps'], r['duration_s'], l.get('p50',0), l.get('p99',0), l.get('count',0), r['cpu'].get('server_us_per_request') or 0, 'passed' if ok else 'FAILED'))")
+stages = ', '.join('%s %.1f' % kv for kv in sorted(r['cpu'].get('server_by_thread', {}).items(), key=lambda kv: -kv[1]))
+print('%s|%.0f ok/s for %.0f s, e2e lag p50 %.0f ms, p99 %.0f ms (n=%d), server CPU %.1f µs per request (by thread: %s); verify %s' % ('held' if held else 'short', r['achieved_rps'], r['duration_s'], l.get('p50',0), l.get('p99',0), l.get('count',0), r['cpu'].get('server_us_per_request') or 0, stages, 'passed' if ok else 'FAILED'))")
   echo "  $rate req/s: ${line#*|}" >&2
   if [ "${line%%|*}" = held ]; then sustained="$rate req/s: ${line#*|}"; break; fi
   rate=$(python3 -c "print(int($rate * 0.8))")
@@ -270,6 +271,14 @@ if [ ${#closed_rows[@]} -gt 0 ]; then
     label="$c connections"
     [ "${c%x*}" = "$c" ] || label="${c%x*} connections, pipelined by ${c#*x}"
     echo "| $label | $b_ok ($b_p99 ms)$b_bound | ${n_ok:-} (${n_p99:-} ms)${n_bound:-} | $e_ok ($e_p99 ms)$e_bound | $(ratio "$e_ok" "$b_ok") | $b_gen / ${n_gen:-} / $e_gen; $b_srv / ${n_srv:-} / $e_srv |"
+  done
+  echo
+  echo "postbackd's CPU µs per request in the closed loop, by thread (its stages):"
+  for row in "${closed_rows[@]}"; do
+    c=${row%%|*}
+    python3 -c "
+import json; r=json.load(open('$work/closed-engine-$c.json')); t=r['cpu'].get('server_by_thread', {})
+print('  $c: ' + ', '.join('%s %.1f' % kv for kv in sorted(t.items(), key=lambda kv: -kv[1])))"
   done
 fi
 echo

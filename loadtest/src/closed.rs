@@ -6,6 +6,7 @@
 
 use crate::{histogram, Percentiles};
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -46,6 +47,51 @@ pub struct CpuShare {
     /// The generator spent as much CPU per request as the server, or more: on a machine they
     /// share, the run measured the generator as much as the server.
     pub generator_bound: bool,
+    /// The server's CPU per request by thread name (its stages: postbackd names its threads
+    /// `front-end`, `log-writer`, `processor`, `store-writer`, ...; librdkafka's are
+    /// summed as `librdkafka`), with `ended threads` for those gone before the run ended.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub server_by_thread: BTreeMap<String, f64>,
+}
+
+/// CPU seconds of each live thread of `pid`, by thread id: its name and user + system time.
+fn thread_seconds(pid: u32) -> BTreeMap<u32, (String, f64)> {
+    let mut out = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        if let Some((name, seconds)) = parse_stat(&stat) {
+            out.insert(tid, (stage_of(name), seconds));
+        }
+    }
+    out
+}
+
+/// The command name and CPU seconds (user + system) of a `/proc/.../stat` line.
+fn parse_stat(stat: &str) -> Option<(&str, f64)> {
+    let (head, rest) = stat.rsplit_once(')')?;
+    let name = head.split_once('(')?.1;
+    // Fields after the command name (which may hold spaces), from field 3.
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
+    // utime and stime are fields 14 and 15 (1-based), in USER_HZ (100 on Linux).
+    Some((name, (ticks(11)? + ticks(12)?) / 100.0))
+}
+
+/// The stage a thread's name stands for: librdkafka's many threads as one.
+fn stage_of(thread: &str) -> String {
+    if thread.starts_with("rdk:") || thread == "producer pollin" {
+        "librdkafka".into()
+    } else {
+        thread.to_string()
+    }
 }
 
 /// CPU seconds a process has used (user + system), from `/proc/PID/stat`.
@@ -55,12 +101,7 @@ pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
         |p| format!("/proc/{p}/stat"),
     );
     let stat = std::fs::read_to_string(path).ok()?;
-    // Fields after the command name (which may hold spaces), from field 3.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
-    // utime and stime are fields 14 and 15 (1-based), in USER_HZ (100 on Linux).
-    Some((ticks(11)? + ticks(12)?) / 100.0)
+    Some(parse_stat(&stat)?.1)
 }
 
 /// CPU per request over a run: the generator's and the server's (all its processes).
@@ -68,6 +109,7 @@ pub struct CpuMeter {
     generator: Option<f64>,
     server: Option<f64>,
     server_pids: Vec<u32>,
+    threads: Vec<BTreeMap<u32, (String, f64)>>,
 }
 
 fn server_seconds(pids: &[u32]) -> Option<f64> {
@@ -83,6 +125,7 @@ impl CpuMeter {
             generator: cpu_seconds(None),
             server: server_seconds(server_pids),
             server_pids: server_pids.to_vec(),
+            threads: server_pids.iter().map(|p| thread_seconds(*p)).collect(),
         }
     }
 
@@ -97,7 +140,34 @@ impl CpuMeter {
             generator_us_per_request: generator,
             server_us_per_request: server,
             generator_bound: server.is_some_and(|s| generator >= s),
+            server_by_thread: self.by_thread(server, requests),
         }
+    }
+}
+
+impl CpuMeter {
+    /// `server` (µs per request) split by thread name: what each live thread used since the
+    /// start (a thread started meanwhile, from zero), the rest as `ended threads`.
+    fn by_thread(&self, server: Option<f64>, requests: u64) -> BTreeMap<String, f64> {
+        let mut out = BTreeMap::new();
+        let Some(server) = server else {
+            return out;
+        };
+        if requests == 0 {
+            return out;
+        }
+        for (pid, before) in self.server_pids.iter().zip(&self.threads) {
+            for (tid, (name, now)) in thread_seconds(*pid) {
+                let then = before.get(&tid).map_or(0.0, |t| t.1);
+                *out.entry(name).or_insert(0.0) += (now - then) * 1e6 / requests as f64;
+            }
+        }
+        let seen: f64 = out.values().sum();
+        if server - seen >= 0.05 {
+            out.insert("ended threads".into(), server - seen);
+        }
+        out.retain(|_, us| *us >= 0.05);
+        out
     }
 }
 
@@ -341,6 +411,49 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A thread's name may hold spaces and parentheses; librdkafka's threads count as one.
+    #[test]
+    fn stat_lines_give_a_threads_name_and_cpu_seconds() {
+        let stat = "42 (rdk:broker1 (x)) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 1 0";
+        let (name, seconds) = parse_stat(stat).expect("parses");
+        assert_eq!(name, "rdk:broker1 (x)");
+        assert!((seconds - 3.0).abs() < 1e-9, "{seconds}");
+        assert_eq!(stage_of(name), "librdkafka");
+        assert_eq!(stage_of("store-writer"), "store-writer");
+    }
+
+    /// The server's CPU is split by thread name: a thread that worked shows under its name,
+    /// and the parts add up to the whole.
+    #[test]
+    fn server_cpu_is_split_by_thread_name() {
+        let me = std::process::id();
+        let meter = CpuMeter::start(&[me]);
+        let (done, hold) = std::sync::mpsc::channel::<()>();
+        let burner = std::thread::Builder::new()
+            .name("burner".into())
+            .spawn(move || {
+                let started = Instant::now();
+                let mut x = 1u64;
+                while started.elapsed() < Duration::from_millis(300) {
+                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                }
+                // Alive until measured: an ended thread's time shows as `ended threads`.
+                let _ = hold.recv();
+            })
+            .expect("spawn");
+        std::thread::sleep(Duration::from_millis(400));
+        // Per 1,000 requests, one clock tick (10 ms) is 10 µs.
+        let share = meter.finish(1000);
+        let _ = done.send(());
+        burner.join().expect("join");
+        let burned = share.server_by_thread.get("burner").copied().unwrap_or(0.0);
+        assert!(burned >= 10.0, "{:?}", share.server_by_thread);
+        // The process's and its threads' counters are read a moment apart: a tick or two.
+        let parts: f64 = share.server_by_thread.values().sum();
+        let whole = share.server_us_per_request.expect("server cpu");
+        assert!((parts - whole).abs() <= 20.5, "{parts} against {whole}");
+    }
 
     /// Answers arrive in pieces and several at once (pipelined): each is taken whole, bodies
     /// by length or in chunks, and what follows one waits for the next.

@@ -1340,6 +1340,23 @@ pub fn table(r: &Report) -> String {
         ),
     );
     line(&mut s, "throughput", format!("{:.0} ok/s", r.achieved_rps));
+    if let Some(server) = r.cpu.server_us_per_request {
+        let threads: Vec<String> = r
+            .cpu
+            .server_by_thread
+            .iter()
+            .map(|(name, us)| format!("{name} {us:.1}"))
+            .collect();
+        line(
+            &mut s,
+            "cpu µs/request",
+            format!(
+                "pbload {:.1}, server {server:.1}: {}",
+                r.cpu.generator_us_per_request,
+                threads.join(", ")
+            ),
+        );
+    }
     s.push_str(&format!(
         "{:<18}{:>9}{:>9}{:>9}{:>9}{:>9}{:>9}\n",
         "latency (ms)", "n", "p50", "p90", "p99", "p99.9", "max"

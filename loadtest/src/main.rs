@@ -145,8 +145,18 @@ fn main() -> anyhow::Result<()> {
 fn cpu_note(cpu: &pbload::CpuShare) -> String {
     match cpu.server_us_per_request {
         Some(server) => format!(
-            ", cpu/req pbload {:.1} µs, server {server:.1} µs{}",
+            ", cpu/req pbload {:.1} µs, server {server:.1} µs{}{}",
             cpu.generator_us_per_request,
+            if cpu.server_by_thread.is_empty() {
+                String::new()
+            } else {
+                let threads: Vec<String> = cpu
+                    .server_by_thread
+                    .iter()
+                    .map(|(name, us)| format!("{name} {us:.1}"))
+                    .collect();
+                format!(" ({})", threads.join(", "))
+            },
             if cpu.generator_bound {
                 " GENERATOR-BOUND"
             } else {

@@ -251,7 +251,7 @@ impl PartitionLog {
             failed: None,
         };
         let handle = std::thread::Builder::new()
-            .name("event-log-writer".into())
+            .name("log-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| io_err("start log writer", e))?;
         Ok(Self {
@@ -888,7 +888,7 @@ impl EmbeddedEventLog {
                 let (tx, rx) = mpsc::channel::<()>();
                 let parts = partitions.clone();
                 let handle = std::thread::Builder::new()
-                    .name("event-log-retention".into())
+                    .name("log-retention".into())
                     .spawn(move || loop {
                         if let Some(cutoff) = SystemTime::now().checked_sub(retention) {
                             for (p, log) in parts.iter().enumerate() {

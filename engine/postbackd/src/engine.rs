@@ -413,12 +413,15 @@ fn in_background(
     task: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> JoinHandle<()> {
     let (done, finished) = tokio::sync::oneshot::channel::<()>();
+    // Its blocking threads (log reads, Kafka calls) are named after it too.
+    let io_name = format!("{name}-io");
     let started = std::thread::Builder::new()
         .name(name.to_string())
         .spawn(move || {
             crate::priority::lower_this_thread();
             match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .thread_name(io_name)
                 .build()
             {
                 Ok(runtime) => runtime.block_on(task),

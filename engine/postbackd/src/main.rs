@@ -88,7 +88,12 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     let env: std::collections::HashMap<String, String> = std::env::vars().collect();
-    let runtime = tokio::runtime::Runtime::new()?;
+    // Named so that a thread's CPU time says its stage (`pbload --server-pid` reports it):
+    // HTTP, the stats API and the dispatcher run here.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("front-end")
+        .build()?;
     let default = Command::Serve {
         common: Common::default(),
         listen: None,
