@@ -264,6 +264,14 @@ async fn connection(
     (h, ok, errors)
 }
 
+/// An answer read whole (see `Answers::read`).
+struct Answer {
+    status: u16,
+    keep_alive: bool,
+    location: Option<String>,
+    body: Vec<u8>,
+}
+
 /// Answers read from one connection: what was read past the last answer waits for the next.
 struct Answers {
     buf: Vec<u8>,
@@ -304,6 +312,13 @@ impl Answers {
     /// The next response (headers, then a `Content-Length` or chunked body): its status, and
     /// whether the connection stays open. `None` on a broken or unreadable answer.
     async fn next(&mut self, stream: &mut TcpStream) -> Option<(u16, bool)> {
+        let answer = self.read(stream, false).await?;
+        Some((answer.status, answer.keep_alive))
+    }
+
+    /// The next response whole: with its `Location` and its body when `keep` (otherwise they
+    /// are skipped, which costs nothing per byte).
+    async fn read(&mut self, stream: &mut TcpStream, keep: bool) -> Option<Answer> {
         if self.start == self.end {
             (self.start, self.end) = (0, 0);
         }
@@ -326,36 +341,75 @@ impl Answers {
         let keep_alive = header("connection").is_none_or(|v| v != "close");
         let length = header("content-length");
         let chunked = header("transfer-encoding").is_some_and(|v| v.contains("chunked"));
+        // The location as sent (`header` lowercases values).
+        let location = keep
+            .then(|| {
+                head.split("\r\n").skip(1).find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.trim()
+                        .eq_ignore_ascii_case("location")
+                        .then(|| v.trim().to_string())
+                })
+            })
+            .flatten();
         self.start += head_len;
+        let mut body = Vec::new();
         if let Some(length) = length {
-            let mut want: usize = length.parse().ok()?;
-            loop {
-                let have = (self.end - self.start).min(want);
-                self.start += have;
-                want -= have;
-                if want == 0 {
-                    break;
-                }
-                (self.start, self.end) = (0, 0);
-                self.fill(stream).await?;
-            }
+            self.take(stream, length.parse().ok()?, keep.then_some(&mut body))
+                .await?;
         } else if chunked {
-            // Up to the last chunk's marker (the bodies here are small).
             loop {
-                if let Some(i) = find(&self.buf[self.start..self.end], b"0\r\n\r\n") {
-                    self.start += i + 5;
+                let line = loop {
+                    if let Some(i) = find(&self.buf[self.start..self.end], b"\r\n") {
+                        break i;
+                    }
+                    self.fill(stream).await?;
+                };
+                let size = std::str::from_utf8(&self.buf[self.start..self.start + line]).ok()?;
+                let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+                self.start += line + 2;
+                // The chunk and its line break; the last (empty) chunk is only a line break.
+                self.take(stream, size, keep.then_some(&mut body)).await?;
+                self.take(stream, 2, None).await?;
+                if size == 0 {
                     break;
                 }
-                self.fill(stream).await?;
             }
         }
-        Some((status, keep_alive))
+        Some(Answer {
+            status,
+            keep_alive,
+            location,
+            body,
+        })
+    }
+
+    /// Takes the next `want` bytes, into `into` if given.
+    async fn take(
+        &mut self,
+        stream: &mut TcpStream,
+        mut want: usize,
+        mut into: Option<&mut Vec<u8>>,
+    ) -> Option<()> {
+        loop {
+            let have = (self.end - self.start).min(want);
+            if let Some(body) = into.as_deref_mut() {
+                body.extend_from_slice(&self.buf[self.start..self.start + have]);
+            }
+            self.start += have;
+            want -= have;
+            if want == 0 {
+                return Some(());
+            }
+            (self.start, self.end) = (0, 0);
+            self.fill(stream).await?;
+        }
     }
 }
 
-/// Keep-alive connections to one server for tracking requests (a GET, no body), written and
-/// read without an HTTP library: what the open-loop `postback` and `click` scenarios send, so
-/// that the generator costs less per request than the servers it drives.
+/// Keep-alive connections to one server for tracking requests, written and read without an
+/// HTTP library: what the open-loop scenarios send (clicks, postbacks by GET and POST, pixels),
+/// so that the generator costs less per request than the servers it drives.
 pub(crate) struct RawPool {
     authority: String,
     idle: std::sync::Mutex<Vec<(TcpStream, Answers)>>,
@@ -376,6 +430,31 @@ impl RawPool {
 
     /// Sends `GET path` on an idle connection (or a new one); the answer's status.
     pub(crate) async fn get(&self, path: &str) -> anyhow::Result<u16> {
+        Ok(self.send("GET", path, None, false).await?.status)
+    }
+
+    /// Sends a request with an optional `(content type, body)`; the answer's status, and its
+    /// `Location` for a redirect or else its body.
+    pub(crate) async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<(&str, &str)>,
+    ) -> anyhow::Result<(u16, Vec<u8>)> {
+        let answer = self.send(method, path, body, true).await?;
+        Ok(match answer.location {
+            Some(location) if answer.status == 302 => (answer.status, location.into_bytes()),
+            _ => (answer.status, answer.body),
+        })
+    }
+
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<(&str, &str)>,
+        keep: bool,
+    ) -> anyhow::Result<Answer> {
         let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let (mut stream, mut answers) = match idle {
             Some(c) => c,
@@ -385,22 +464,31 @@ impl RawPool {
                 (s, Answers::default())
             }
         };
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: pbload\r\n\r\n",
+        let mut request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: pbload\r\n",
             self.authority
         );
+        match body {
+            Some((content_type, body)) => {
+                request.push_str(&format!(
+                    "Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                ));
+            }
+            None => request.push_str("\r\n"),
+        }
         stream.write_all(request.as_bytes()).await?;
-        let (status, keep_alive) = answers
-            .next(&mut stream)
+        let answer = answers
+            .read(&mut stream, keep)
             .await
             .ok_or_else(|| anyhow::anyhow!("the connection broke or the answer was unreadable"))?;
-        if keep_alive {
+        if answer.keep_alive {
             self.idle
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push((stream, answers));
         }
-        Ok(status)
+        Ok(answer)
     }
 }
 
@@ -456,7 +544,7 @@ mod tests {
     }
 
     /// Answers arrive in pieces and several at once (pipelined): each is taken whole, bodies
-    /// by length or in chunks, and what follows one waits for the next.
+    /// by length or in chunks (kept or skipped), and what follows one waits for the next.
     #[tokio::test]
     async fn answers_are_split_at_their_ends_however_they_arrive() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -487,12 +575,20 @@ mod tests {
             end: 0,
         };
         let mut got = Vec::new();
-        for _ in 0..4 {
-            got.push(answers.next(&mut stream).await.expect("an answer"));
+        // The first skipped (as the closed loop reads), the others whole.
+        for keep in [false, true, true, true] {
+            let a = answers.read(&mut stream, keep).await.expect("an answer");
+            let body = String::from_utf8(a.body).expect("utf-8");
+            got.push((a.status, a.keep_alive, a.location, body));
         }
         assert_eq!(
             got,
-            vec![(200, true), (302, true), (503, true), (200, false)]
+            vec![
+                (200, true, None, String::new()),
+                (302, true, Some("/x".to_string()), String::new()),
+                (503, true, None, "busy".to_string()),
+                (200, false, None, "end".to_string()),
+            ]
         );
         assert!(answers.next(&mut stream).await.is_none(), "closed");
         server.await.expect("server");
