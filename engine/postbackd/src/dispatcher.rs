@@ -51,6 +51,11 @@ const APPLY_BATCH: usize = 1024;
 /// all the attempts themselves; this gathers them. Due jobs are started before the pause.
 const APPLY_LINGER: Duration = Duration::from_millis(50);
 
+/// The least time between two looks for due jobs started by attempts ending: a host's slots
+/// are refilled as they free up (not once per `APPLY_LINGER`, which held a host to about 160
+/// deliveries a second), without a query of the queue per attempt.
+const REFILL_GAP: Duration = Duration::from_millis(5);
+
 /// Delivery settings, from the engine's configuration.
 #[derive(Debug, Clone)]
 pub struct DeliveryConfig {
@@ -75,6 +80,8 @@ struct Dispatcher {
     running: Mutex<Running>,
     /// Where the next read of due jobs starts: hosts are served in turn.
     host_cursor: Mutex<String>,
+    /// Told when an attempt gives its slot back: there may be room to start another.
+    freed: tokio::sync::Notify,
     stop: watch::Receiver<bool>,
 }
 
@@ -108,6 +115,8 @@ impl Drop for Slot {
                 running.per_partition.remove(&self.partition);
             }
         }
+        drop(running);
+        self.dispatcher.freed.notify_one();
     }
 }
 
@@ -121,6 +130,7 @@ pub async fn run(engine: Arc<Engine>, config: DeliveryConfig, mut stop: watch::R
         in_flight: Mutex::new(HashMap::new()),
         running: Mutex::new(Running::default()),
         host_cursor: Mutex::new(String::new()),
+        freed: tokio::sync::Notify::new(),
         stop: stop.clone(),
     });
     let mut attempts = tokio::task::JoinSet::new();
@@ -159,8 +169,10 @@ impl Dispatcher {
             if *stop.borrow() {
                 return Ok(());
             }
+            // A poll is cancel-safe: an attempt ending cuts it short to start the next ones.
             let polled = tokio::select! {
                 polled = sub.poll(APPLY_BATCH, 4 << 20, Duration::from_millis(250)) => polled?,
+                _ = self.refill_wanted() => Polled::Idle,
                 _ = stop.changed() => continue,
             };
             let mut linger = false;
@@ -209,12 +221,26 @@ impl Dispatcher {
             while attempts.try_join_next().is_some() {}
             self.start_due(&owned, attempts).await?;
             if linger {
-                tokio::select! {
-                    _ = tokio::time::sleep(APPLY_LINGER) => {}
-                    _ = stop.changed() => {}
+                // Records gather meanwhile; slots that free up are filled again.
+                let until = tokio::time::Instant::now() + APPLY_LINGER;
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(until) => break,
+                        _ = self.refill_wanted() => {
+                            while attempts.try_join_next().is_some() {}
+                            self.start_due(&owned, attempts).await?;
+                        }
+                        _ = stop.changed() => break,
+                    }
                 }
             }
         }
+    }
+
+    /// Ends once an attempt has given its slot back, at most once per `REFILL_GAP`.
+    async fn refill_wanted(&self) {
+        self.freed.notified().await;
+        tokio::time::sleep(REFILL_GAP).await;
     }
 
     /// Applies a partition just assigned from where this process's queue stopped up to the
@@ -292,15 +318,17 @@ impl Dispatcher {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        // Due jobs already under way, or ended and not yet applied from the log, come back
+        // too: ask for enough past them.
+        let under_way = self.lock_in_flight().len();
         let due = self
             .engine
             .queue
             .due_jobs(DueQuery {
                 now_us: now_us(),
-                per_host,
+                per_host: per_host + under_way,
                 after_host,
-                // Due jobs already under way come back too; leave room for them.
-                limit: room + concurrency,
+                limit: room + under_way,
                 max_hosts: 1024,
                 partitions: Some(owned.iter().copied().collect()),
             })
