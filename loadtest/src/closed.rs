@@ -54,6 +54,18 @@ pub struct CpuShare {
     pub server_by_thread: BTreeMap<String, f64>,
 }
 
+impl CpuShare {
+    /// `server_by_thread` as `name µs, ...`.
+    pub fn by_thread_text(&self) -> String {
+        let parts: Vec<String> = self
+            .server_by_thread
+            .iter()
+            .map(|(name, us)| format!("{name} {us:.1}"))
+            .collect();
+        parts.join(", ")
+    }
+}
+
 /// CPU seconds of each live thread of `pid`, by thread id: its name and user + system time.
 fn thread_seconds(pid: u32) -> BTreeMap<u32, (String, f64)> {
     let mut out = BTreeMap::new();

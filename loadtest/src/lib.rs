@@ -1336,19 +1336,13 @@ pub fn table(r: &Report) -> String {
     );
     line(&mut s, "throughput", format!("{:.0} ok/s", r.achieved_rps));
     if let Some(server) = r.cpu.server_us_per_request {
-        let threads: Vec<String> = r
-            .cpu
-            .server_by_thread
-            .iter()
-            .map(|(name, us)| format!("{name} {us:.1}"))
-            .collect();
         line(
             &mut s,
             "cpu µs/request",
             format!(
                 "pbload {:.1}, server {server:.1}: {}",
                 r.cpu.generator_us_per_request,
-                threads.join(", ")
+                r.cpu.by_thread_text()
             ),
         );
     }

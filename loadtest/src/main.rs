@@ -150,12 +150,7 @@ fn cpu_note(cpu: &pbload::CpuShare) -> String {
             if cpu.server_by_thread.is_empty() {
                 String::new()
             } else {
-                let threads: Vec<String> = cpu
-                    .server_by_thread
-                    .iter()
-                    .map(|(name, us)| format!("{name} {us:.1}"))
-                    .collect();
-                format!(" ({})", threads.join(", "))
+                format!(" ({})", cpu.by_thread_text())
             },
             if cpu.generator_bound {
                 " GENERATOR-BOUND"

@@ -218,23 +218,29 @@ impl Dispatcher {
                 Polled::Idle => {}
             }
             *backoff = Duration::from_millis(100);
-            while attempts.try_join_next().is_some() {}
-            self.start_due(&owned, attempts).await?;
+            self.fill_slots(&owned, attempts).await?;
             if linger {
                 // Records gather meanwhile; slots that free up are filled again.
                 let until = tokio::time::Instant::now() + APPLY_LINGER;
                 loop {
                     tokio::select! {
                         _ = tokio::time::sleep_until(until) => break,
-                        _ = self.refill_wanted() => {
-                            while attempts.try_join_next().is_some() {}
-                            self.start_due(&owned, attempts).await?;
-                        }
+                        _ = self.refill_wanted() => self.fill_slots(&owned, attempts).await?,
                         _ = stop.changed() => break,
                     }
                 }
             }
         }
+    }
+
+    /// Reaps the attempts that ended and starts due ones in the slots free.
+    async fn fill_slots(
+        self: &Arc<Self>,
+        owned: &BTreeSet<Partition>,
+        attempts: &mut tokio::task::JoinSet<()>,
+    ) -> Result<(), SeamError> {
+        while attempts.try_join_next().is_some() {}
+        self.start_due(owned, attempts).await
     }
 
     /// Ends once an attempt has given its slot back, at most once per `REFILL_GAP`.
