@@ -23,7 +23,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use rand::Rng;
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -141,6 +141,10 @@ pub struct DeliveryCheck {
     pub duplicated: u64,
     /// Deliveries of states no conversion had.
     pub unexpected: u64,
+    /// Deliveries of status updates whose answer was lost (the connection broke, as when an
+    /// engine is killed): the engine may have logged such a request before it went, so its
+    /// state may or may not arrive; neither is a fault.
+    pub answer_lost: u64,
 }
 
 impl Verification {
@@ -639,6 +643,8 @@ struct Recorder {
     twins: Mutex<Vec<(String, String)>>,
     /// (token, action id) of the acknowledged status updates.
     updates: Mutex<Vec<(String, String)>>,
+    /// Action ids of status updates whose answer was lost (no HTTP status came back).
+    updates_answer_lost: Mutex<Vec<String>>,
     first_error: Mutex<Option<String>>,
 }
 
@@ -703,6 +709,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         expected: Mutex::new(HashMap::new()),
         twins: Mutex::new(Vec::new()),
         updates: Mutex::new(Vec::new()),
+        updates_answer_lost: Mutex::new(Vec::new()),
         first_error: Mutex::new(None),
     });
     let in_flight = Arc::new(tokio::sync::Semaphore::new(opts.max_in_flight.max(1)));
@@ -894,6 +901,12 @@ async fn one(
         }
         other => {
             rec.errors.fetch_add(1, Ordering::Relaxed);
+            if let (Err(_), Some(action)) = (&other, &p.update_of) {
+                rec.updates_answer_lost
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(action.clone());
+            }
             let mut first = rec.first_error.lock().unwrap_or_else(|e| e.into_inner());
             if first.is_none() {
                 *first = Some(match other {
@@ -1270,8 +1283,21 @@ async fn verify_deliveries(
             }
         }
     }
+    let answer_lost: HashSet<String> = rec
+        .updates_answer_lost
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .cloned()
+        .collect();
     for (key, n) in &counts {
-        if !expected.contains_key(key) {
+        if expected.contains_key(key) {
+            continue;
+        }
+        // An update is to pending (2); one whose answer was lost may have been logged.
+        if key.1 == "2" && answer_lost.contains(&key.0) {
+            check.answer_lost += u64::from(*n);
+        } else {
             check.unexpected += u64::from(*n);
             note(
                 problems,
@@ -1394,8 +1420,20 @@ pub fn table(r: &Report) -> String {
                 &mut s,
                 "deliveries",
                 format!(
-                    "{} of {} conversion states reached the affiliate once; {} missing, {} duplicated, {} unexpected",
-                    d.once, d.expected, d.missing, d.duplicated, d.unexpected
+                    "{} of {} conversion states reached the affiliate once; {} missing, {} duplicated, {} unexpected{}",
+                    d.once,
+                    d.expected,
+                    d.missing,
+                    d.duplicated,
+                    d.unexpected,
+                    if d.answer_lost > 0 {
+                        format!(
+                            "; {} for updates whose answer was lost (may or may not arrive)",
+                            d.answer_lost
+                        )
+                    } else {
+                        String::new()
+                    }
                 ),
             );
         }
