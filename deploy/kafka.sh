@@ -100,7 +100,9 @@ EOF
     -Dlog4j2.configurationFile="$dir/log4j2.properties" -Dlog4j2.shutdownHookEnabled=false \
     -cp "$cp" kafka.Kafka "$dir/server.properties" </dev/null >"$dir/stdout.log" 2>&1 &
   echo $! >"$dir/pid"
-  for _ in $(seq 1 600); do
+  # A restart recovers every partition's log first: a test broker holding the thousands of
+  # partitions earlier suites created once took over 60 s on two loaded cores.
+  for _ in $(seq 1 1800); do
     if tail -n +"$((marker + 1))" "$dir/server.log" 2>/dev/null | grep -q "Kafka Server started"; then
       return 0
     fi
@@ -111,7 +113,7 @@ EOF
     fi
     sleep 0.1
   done
-  echo "kafka.sh: the broker did not start within 60 s" >&2
+  echo "kafka.sh: the broker did not start within 180 s" >&2
   tail -n 30 "$dir/server.log" >&2 || true
   exit 1
 }
