@@ -16,6 +16,7 @@ async fn start(dir: &std::path::Path, allow_internal: bool, timeout_ms: u64) -> 
         listen: "127.0.0.1:0".parse().expect("addr"),
         data_dir: dir.to_path_buf(),
         log: common::test_log(dir),
+        partitions: common::test_partitions(),
         store: common::test_store(dir),
         migrate: true,
         api_key: KEY.into(),

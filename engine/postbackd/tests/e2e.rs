@@ -12,6 +12,7 @@ async fn start(dir: &std::path::Path, platform_secure: &str) -> Server {
         listen: "127.0.0.1:0".parse().expect("addr"),
         data_dir: dir.to_path_buf(),
         log: common::test_log(dir),
+        partitions: common::test_partitions(),
         store: common::test_store(dir),
         migrate: true,
         api_key: KEY.into(),

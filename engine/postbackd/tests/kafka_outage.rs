@@ -43,6 +43,7 @@ async fn a_broker_outage_gives_503s_and_loses_nothing() {
         listen: "127.0.0.1:0".parse().expect("addr"),
         data_dir: dir.path().to_path_buf(),
         log: common::test_log(dir.path()),
+        partitions: common::test_partitions(),
         api_key: KEY.into(),
         append_timeout_ms: 3000,
         ..Config::default()

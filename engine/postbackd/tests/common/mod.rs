@@ -133,10 +133,22 @@ pub async fn offer_and_click(api: &Api) -> String {
 /// Kafka broker (`POSTBACKD_TEST_KAFKA=host:port`), topics of their own on it (named after
 /// the data directory, so a restarted engine finds its topics again).
 pub fn test_log(dir: &std::path::Path) -> String {
-    match std::env::var("POSTBACKD_TEST_KAFKA") {
-        Ok(broker) if !broker.is_empty() => format!("kafka://{broker}/t{}", name_of(dir)),
-        _ => String::new(),
-    }
+    test_broker().map_or_else(String::new, |broker| {
+        format!("kafka://{broker}/t{}", name_of(dir))
+    })
+}
+
+fn test_broker() -> Option<String> {
+    std::env::var("POSTBACKD_TEST_KAFKA")
+        .ok()
+        .filter(|broker| !broker.is_empty())
+}
+
+/// Partitions of a test engine's logs: two on Kafka, where the default (12) for each of the
+/// engine's topics would leave the suite's one broker holding thousands of partitions, each of
+/// which a restart of the broker (the outage test) must recover before it serves again.
+pub fn test_partitions() -> Option<u32> {
+    test_broker().map(|_| 2)
 }
 
 /// A directory's name in letters and digits: a name for its topics or database.
@@ -156,6 +168,7 @@ pub fn test_config(dir: &std::path::Path) -> postbackd::Config {
         listen: "127.0.0.1:0".parse().expect("addr"),
         data_dir: dir.to_path_buf(),
         log: test_log(dir),
+        partitions: test_partitions(),
         store: test_store(dir),
         migrate: true,
         api_key: KEY.into(),
