@@ -342,6 +342,39 @@ fn the_modern_ddl_and_every_query_run_in_a_current_engine() {
             json!([[0, 0, "", 0, "", 0, "", 3, 2, 1, 2, 5, 8]]),
         ),
         (sql::summary(DB, &every_key, i64::MIN, s), json!(3)),
+        // The same from the hourly counts the materialized view kept as the rows came.
+        (
+            sql::summary_hourly(
+                DB,
+                &SummaryQuery {
+                    filters: all.clone(),
+                    group_by: vec![],
+                },
+                T0.div_euclid(HOUR) * HOUR,
+                T0 + 24 * HOUR,
+            ),
+            json!([[0, 0, "", 0, "", 0, "", 3, 2, 1, 2, 5, 8]]),
+        ),
+        (
+            sql::summary_hourly(
+                DB,
+                &SummaryQuery {
+                    filters: ServerPostbackQuery {
+                        offers: vec![1],
+                        partners: vec![2],
+                        suppliers: vec!["adv".into()],
+                        goal: Some("SALE".into()),
+                        status: Some(0),
+                        response_status: Some(1),
+                        ..all.clone()
+                    },
+                    group_by: every_key.group_by.clone(),
+                },
+                T0.div_euclid(HOUR) * HOUR,
+                T0 + 24 * HOUR,
+            ),
+            json!(2),
+        ),
         (
             sql::conversions_count(DB, &conversions, i64::MIN, s),
             json!([[2]]),
@@ -412,7 +445,7 @@ fn the_modern_ddl_and_every_query_run_in_a_current_engine() {
             sql::existing(DB, "clicks", "click_id", "at_us", &["c2".into()], (T0, T0)),
             json!([["c2"]]),
         ),
-        (sql::partitions(DB), json!(4)),
+        (sql::partitions(DB), json!(5)),
         (sql::drop_partition(DB, "clicks", 202609), json!([])),
         (sql::truncate(DB, "delivery_attempts"), json!([])),
         (

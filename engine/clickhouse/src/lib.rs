@@ -14,6 +14,8 @@
 //!   a failure, a restart or a hand-over, see `AnalyticsRows::maybe_inserted`) is checked
 //!   against the table before it is inserted, so queries count plain rows, correct before any
 //!   merge; the `ReplacingMergeTree` engines are the backstop.
+//! - Summaries: the whole hours of a range are read from the hourly counts (`sp_hourly`, kept
+//!   by a materialized view as rows are inserted), the range's ends from the rows.
 //! - Snapshots: each insert carries the writer's `written_us` (strictly increasing in this
 //!   process); a listing's snapshot is a `written_us` no insert still in flight is below.
 
@@ -27,8 +29,8 @@ use postback_core::delivery::AttemptRow;
 use postback_core::processor::ServerPostbackRow;
 use postback_core::rules::{Click, Conversion};
 use postback_core::seams::{
-    AnalyticsRows, AnalyticsStore, AttemptQuery, BoxFuture, ConversionQuery, Page, SeamError,
-    ServerPostbackQuery, SummaryKey, SummaryQuery, SummaryRow,
+    AnalyticsRows, AnalyticsStore, AttemptQuery, BoxFuture, ConversionQuery, GroupKey, Page,
+    SeamError, ServerPostbackQuery, SummaryKey, SummaryQuery, SummaryRow, HOUR_US,
 };
 use rows::*;
 use std::collections::{BTreeMap, HashSet};
@@ -37,19 +39,27 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The analytics tables.
-const TABLES: [&str; 4] = [
+const TABLES: [&str; 5] = [
     "server_postbacks",
     "conversions",
     "clicks",
     "delivery_attempts",
+    "sp_hourly",
 ];
 
 /// The migrations, in order: (version, name, DDL template).
-pub const MIGRATIONS: &[(u32, &str, &str)] = &[(
-    1,
-    "tables",
-    include_str!("../../../schemas/clickhouse/001_tables.sql"),
-)];
+pub const MIGRATIONS: &[(u32, &str, &str)] = &[
+    (
+        1,
+        "tables",
+        include_str!("../../../schemas/clickhouse/001_tables.sql"),
+    ),
+    (
+        2,
+        "hourly counts",
+        include_str!("../../../schemas/clickhouse/002_hourly.sql"),
+    ),
+];
 
 /// Where the store is: `clickhouse://[USER[:PASSWORD]@]HOST:PORT/DATABASE` (the HTTP port).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -638,7 +648,10 @@ impl ClickHouseStore {
                     .execute()
                     .await
                     .map_err(write_err)?;
-                dropped += p.rows;
+                // Counts are not rows of the log.
+                if p.table != "sp_hourly" {
+                    dropped += p.rows;
+                }
             }
         }
         Ok(dropped)
@@ -729,39 +742,74 @@ impl AnalyticsStore for ClickHouseStore {
         })
     }
 
+    /// The whole UTC hours of the range from the hourly counts (when the filters allow), the
+    /// range's ends off the hour from the rows; the parts merged, groups in key order.
     fn summary(&self, q: SummaryQuery) -> BoxFuture<'_, Result<Vec<SummaryRow>, SeamError>> {
         Box::pin(async move {
-            let sql = sql::summary(&self.db, &q, self.floor(), self.snapshot_now());
-            let rows = self
-                .read(&sql)
-                .fetch_all::<SummaryOut>()
-                .await
-                .map_err(read_err)?;
+            let (floor, snapshot) = (self.floor(), self.snapshot_now());
+            let f = &q.filters;
+            let from = f.from_us.max(floor);
+            let hours = (
+                from.saturating_add(HOUR_US - 1).div_euclid(HOUR_US) * HOUR_US,
+                f.to_us.div_euclid(HOUR_US) * HOUR_US,
+            );
+            let in_range = |from_us, to_us| SummaryQuery {
+                filters: ServerPostbackQuery {
+                    from_us,
+                    to_us,
+                    ..f.clone()
+                },
+                group_by: q.group_by.clone(),
+            };
+            let mut parts = Vec::new();
+            if sql::summary_fits_hours(f) && hours.0 < hours.1 {
+                parts.push(sql::summary_hourly(&self.db, &q, hours.0, hours.1));
+                for (from_us, to_us) in [(from, hours.0), (hours.1, f.to_us)] {
+                    if from_us < to_us {
+                        let edge = in_range(from_us, to_us);
+                        parts.push(sql::summary(&self.db, &edge, floor, snapshot));
+                    }
+                }
+            } else {
+                parts.push(sql::summary(&self.db, &q, floor, snapshot));
+            }
             let has = |k| q.group_by.contains(&k);
             let time = has(SummaryKey::Hour) || has(SummaryKey::Day);
-            // Ungrouped, an empty range still gives SQL one row (of zeros): no rows, like
-            // groups (and like the other stores).
-            let mut out: Vec<SummaryRow> = rows
-                .into_iter()
-                .filter(|r| r.n_postbacks > 0)
-                .map(|r| SummaryRow {
-                    hour_us: time.then_some(r.k_hour),
-                    offer_id: has(SummaryKey::Offer).then_some(r.k_offer),
-                    advertiser_id: has(SummaryKey::Advertiser).then_some(r.k_advertiser),
-                    pid: has(SummaryKey::Partner).then_some(r.k_partner),
-                    goal: has(SummaryKey::Goal).then_some(r.k_goal),
-                    response_status: has(SummaryKey::ResponseStatus).then_some(r.k_response),
-                    error: has(SummaryKey::Error).then_some(r.k_error),
-                    postbacks: r.n_postbacks,
-                    accepted: r.n_accepted,
-                    rejected: r.n_rejected,
-                    conversions: r.n_conversions,
-                    payouts: r.n_payouts,
-                    revenue: r.n_revenue,
-                })
-                .collect();
-            out.sort_by_key(SummaryRow::key);
-            Ok(out)
+            // The parts at once: each end off the hour reads the granules of its whole day.
+            let results = postback_core::log::join_all(
+                parts
+                    .iter()
+                    .map(|sql| self.read(sql).fetch_all::<SummaryOut>()),
+            )
+            .await;
+            let mut groups: BTreeMap<GroupKey, SummaryRow> = BTreeMap::new();
+            for rows in results {
+                let rows = rows.map_err(read_err)?;
+                // Ungrouped, an empty range still gives SQL one row (of zeros): no rows, like
+                // groups (and like the other stores).
+                for r in rows.into_iter().filter(|r| r.n_postbacks > 0) {
+                    let part = SummaryRow {
+                        hour_us: time.then_some(r.k_hour),
+                        offer_id: has(SummaryKey::Offer).then_some(r.k_offer),
+                        advertiser_id: has(SummaryKey::Advertiser).then_some(r.k_advertiser),
+                        pid: has(SummaryKey::Partner).then_some(r.k_partner),
+                        goal: has(SummaryKey::Goal).then_some(r.k_goal),
+                        response_status: has(SummaryKey::ResponseStatus).then_some(r.k_response),
+                        error: has(SummaryKey::Error).then_some(r.k_error),
+                        postbacks: r.n_postbacks,
+                        accepted: r.n_accepted,
+                        rejected: r.n_rejected,
+                        conversions: r.n_conversions,
+                        payouts: r.n_payouts,
+                        revenue: r.n_revenue,
+                    };
+                    groups
+                        .entry(part.key())
+                        .and_modify(|g| g.merge(&part))
+                        .or_insert(part);
+                }
+            }
+            Ok(groups.into_values().collect())
         })
     }
 

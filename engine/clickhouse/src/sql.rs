@@ -177,19 +177,83 @@ pub fn postbacks_page(db: &str, q: &ServerPostbackQuery, floor_us: i64, snapshot
     )
 }
 
-/// The summary: one GROUP BY; keys not grouped by are constants (the caller leaves them out).
+/// The summary from the rows: one GROUP BY; keys not grouped by are constants (the caller
+/// leaves them out).
 /// Output names differ from the columns' (`k_`, `n_`): an alias that shadows a column would
 /// change what the aggregates read.
 pub fn summary(db: &str, q: &SummaryQuery, floor_us: i64, snapshot: i64) -> String {
+    summary_select(
+        q,
+        (&format!("intDiv(at_us, {HOUR_US}) * {HOUR_US}"), "pid"),
+        "count() AS n_postbacks, countIf(response_status = 1) AS n_accepted, \
+         countIf(response_status != 1) AS n_rejected, countIf(created = 1) AS n_conversions, \
+         sumIf(payouts, created = 1) AS n_payouts, sumIf(revenue, created = 1) AS n_revenue",
+        &format!(
+            "{db}.server_postbacks {}",
+            postback_filter(&q.filters, floor_us, snapshot)
+        ),
+    )
+}
+
+/// Whether a summary can count the whole hours of its range from `sp_hourly`: every filter
+/// is on a column the counts are keyed by (not ids, not the search).
+pub fn summary_fits_hours(q: &ServerPostbackQuery) -> bool {
+    q.id.is_none()
+        && q.click_id.is_none()
+        && q.action_id.is_none()
+        && q.search.as_ref().is_none_or(|s| s.is_empty())
+}
+
+/// The summary of the whole UTC hours `[from_hour_us, to_hour_us)` from the hourly counts
+/// (only for filters that [`summary_fits_hours`]); the same columns as [`summary`].
+pub fn summary_hourly(db: &str, q: &SummaryQuery, from_hour_us: i64, to_hour_us: i64) -> String {
+    let f = &q.filters;
+    // Per partner only when the summary groups or filters by partner: an hour has a group per
+    // offer and partner there, several times more.
+    let by_partner = q.group_by.contains(&SummaryKey::Partner) || !f.partners.is_empty();
+    let mut w = Where::default();
+    w.add(format!(
+        "by_partner = {} AND hour_us >= {from_hour_us} AND hour_us < {to_hour_us}",
+        u8::from(by_partner)
+    ));
+    w.any_of("offer_id", &f.offers, u64::to_string);
+    w.any_of("partner", &f.partners, u64::to_string);
+    w.any_of("advertiser_id", &f.suppliers, |s| quote(s));
+    if let Some(v) = &f.goal {
+        w.add(format!("goal_lc = {}", quote(&v.to_lowercase())));
+    }
+    if let Some(v) = f.status {
+        w.add(format!("status = {v}"));
+    }
+    if let Some(v) = f.response_status {
+        w.add(format!("response_status = {v}"));
+    }
+    summary_select(
+        q,
+        ("hour_us", "partner"),
+        "sum(postbacks) AS n_postbacks, sum(accepted) AS n_accepted, \
+         sum(rejected) AS n_rejected, sum(conversions) AS n_conversions, \
+         sum(payout_total) AS n_payouts, sum(revenue_total) AS n_revenue",
+        &format!("{db}.sp_hourly WHERE {}", w.sql()),
+    )
+}
+
+/// A summary's SELECT: its group keys (`hour` and `partner` the source's columns for them),
+/// `counts`, `FROM source`.
+fn summary_select(
+    q: &SummaryQuery,
+    (hour, partner): (&str, &str),
+    counts: &str,
+    source: &str,
+) -> String {
     let has = |k| q.group_by.contains(&k);
     let key = |on: bool, expr: &str, none: &str, alias: &str| {
         format!("{} AS {alias}", if on { expr } else { none })
     };
-    let hour = format!("intDiv(at_us, {HOUR_US}) * {HOUR_US}");
     let keys = [
         key(
             has(SummaryKey::Hour) || has(SummaryKey::Day),
-            &hour,
+            hour,
             "toInt64(0)",
             "k_hour",
         ),
@@ -200,7 +264,12 @@ pub fn summary(db: &str, q: &SummaryQuery, floor_us: i64, snapshot: i64) -> Stri
             "''",
             "k_advertiser",
         ),
-        key(has(SummaryKey::Partner), "pid", "toUInt64(0)", "k_partner"),
+        key(
+            has(SummaryKey::Partner),
+            partner,
+            "toUInt64(0)",
+            "k_partner",
+        ),
         key(has(SummaryKey::Goal), "goal_lc", "''", "k_goal"),
         key(
             has(SummaryKey::ResponseStatus),
@@ -212,13 +281,8 @@ pub fn summary(db: &str, q: &SummaryQuery, floor_us: i64, snapshot: i64) -> Stri
     ];
     let aliases = "k_hour, k_offer, k_advertiser, k_partner, k_goal, k_response, k_error";
     format!(
-        "SELECT {keys}, count() AS n_postbacks, countIf(response_status = 1) AS n_accepted, \
-           countIf(response_status != 1) AS n_rejected, countIf(created = 1) AS n_conversions, \
-           sumIf(payouts, created = 1) AS n_payouts, sumIf(revenue, created = 1) AS n_revenue \
-         FROM {db}.server_postbacks {w} \
-         GROUP BY {aliases} ORDER BY {aliases}",
+        "SELECT {keys}, {counts} FROM {source} GROUP BY {aliases} ORDER BY {aliases}",
         keys = keys.join(", "),
-        w = postback_filter(&q.filters, floor_us, snapshot)
     )
 }
 
@@ -492,7 +556,7 @@ pub fn partitions(db: &str) -> String {
         s,
         "SELECT table, partition, toUInt64(sum(rows)) AS rows FROM system.parts \
          WHERE database = {} AND active AND table IN ('server_postbacks', 'conversions', \
-         'clicks', 'delivery_attempts') GROUP BY table, partition ORDER BY table, partition",
+         'clicks', 'delivery_attempts', 'sp_hourly') GROUP BY table, partition ORDER BY table, partition",
         quote(db)
     );
     s

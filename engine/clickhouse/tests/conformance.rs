@@ -88,10 +88,16 @@ async fn migrations_recorded_in_the_legacy_table_count() {
         admin.query(&sql).execute().await.expect(&sql);
     }
     let store = ClickHouseStore::connect(&config).await.expect("connect");
-    store
-        .check_schema()
-        .await
-        .expect("migrated by the older build");
+    assert!(
+        store.check_schema().await.is_err(),
+        "the older build did not have the hourly counts"
+    );
+    assert_eq!(
+        store.migrate().await.expect("migrate"),
+        1,
+        "migration 2 only"
+    );
+    store.check_schema().await.expect("migrated");
     assert_eq!(store.migrate().await.expect("migrate"), 0, "nothing again");
     // Without the legacy record, the same database would be behind.
     admin
@@ -103,4 +109,78 @@ async fn migrations_recorded_in_the_legacy_table_count() {
         store.check_schema().await.is_err(),
         "no record, not migrated"
     );
+}
+
+/// An upgrade to the hourly counts (migration 2) counts the rows logged before it once, and
+/// the rows inserted after it as they come; cut short and run again, it counts nothing twice.
+#[tokio::test]
+#[ignore = "needs a ClickHouse server: POSTBACKD_TEST_CLICKHOUSE=clickhouse://127.0.0.1:PORT"]
+async fn an_upgrade_counts_the_rows_logged_before_it() {
+    use postback_clickhouse::{sql, ClickHouseConfig, ClickHouseStore};
+    use postback_core::seams::{AnalyticsRows, ServerPostbackQuery, SummaryKey, SummaryQuery};
+    const HOUR: i64 = postback_core::seams::HOUR_US;
+    let db = format!("upgrade_{}", std::process::id());
+    let config = ClickHouseConfig::from_url(&format!("{}/{db}", server())).expect("url");
+    let store = ClickHouseStore::connect(&config).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    let admin = clickhouse::Client::default().with_url(&config.url);
+    let run = |sql: String| {
+        let admin = admin.clone();
+        async move { admin.query(&sql).execute().await.expect(&sql) }
+    };
+    // The schema of the build before: migration 1 only, no counts.
+    run(format!("DROP TABLE {db}.sp_hourly_counter")).await;
+    run(format!("DROP TABLE {db}.sp_hourly")).await;
+    let only_the_first = || async {
+        run(format!("DROP TABLE {db}.schema_versions")).await;
+        run(sql::create_migrations_table(&db)).await;
+        run(sql::record_migration(&db, 1, "tables", 0)).await;
+    };
+    only_the_first().await;
+    let insert = |rows: Vec<_>| {
+        store.insert(AnalyticsRows {
+            postbacks: rows,
+            ..Default::default()
+        })
+    };
+    let pb = suite::postback;
+    insert(vec![
+        pb("u1", 10 * HOUR, "goal=1", 1, true),
+        pb("u2", 10 * HOUR + 9, "goal=1", 1, false),
+        pb("u3", 11 * HOUR + 1, "goal=1", 2, true),
+    ])
+    .await
+    .expect("rows of the older build");
+    let by_hour = || async {
+        let q = SummaryQuery {
+            filters: ServerPostbackQuery {
+                from_us: 0,
+                to_us: 24 * HOUR,
+                ..Default::default()
+            },
+            group_by: vec![SummaryKey::Hour],
+        };
+        store
+            .summary(q)
+            .await
+            .expect("summary")
+            .into_iter()
+            .map(|g| (g.hour_us.expect("by hour") / HOUR, g.postbacks, g.accepted))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(store.migrate().await.expect("migrate"), 1);
+    assert_eq!(
+        by_hour().await,
+        [(10, 2, 1), (11, 1, 1)],
+        "counted at the upgrade"
+    );
+    insert(vec![pb("u4", 12 * HOUR, "goal=1", 1, true)])
+        .await
+        .expect("a row after it");
+    let after = [(10, 2, 1), (11, 1, 1), (12, 1, 1)];
+    assert_eq!(by_hour().await, after, "and the rows after it as they come");
+    // Cut short before it was recorded: run again, it counts nothing twice.
+    only_the_first().await;
+    assert_eq!(store.migrate().await.expect("migrate"), 1);
+    assert_eq!(by_hour().await, after, "nothing twice");
 }

@@ -77,7 +77,8 @@ fn click(id: &str, at_us: i64) -> Click {
     }
 }
 
-fn postback(id: &str, at_us: i64, query: &str, offer_id: u64, ok: bool) -> ServerPostbackRow {
+/// A server-postback row of the checks: accepted (`ok`) or not, with its query's parameters.
+pub fn postback(id: &str, at_us: i64, query: &str, offer_id: u64, ok: bool) -> ServerPostbackRow {
     let get = parse_form(query.as_bytes());
     let action_id = get.get("action_id").unwrap_or("").into();
     ServerPostbackRow {
@@ -1091,6 +1092,7 @@ async fn summaries(store: &dyn AnalyticsStore) {
     let row = |i: i64, at_us: i64, offer: u64, ok: bool, created: bool| {
         let mut r = postback(&format!("s{i:03}"), at_us, "goal=Sale", offer, ok);
         r.advertiser_id = format!("adv{}", offer % 2);
+        r.pid = 2 + (i as u64 % 2);
         if !ok && i % 2 == 0 {
             r.error = "Goal not found".into();
         }
@@ -1191,6 +1193,34 @@ async fn summaries(store: &dyn AnalyticsStore) {
             (Some("adv1"), Some("sale"), 5)
         ],
         "goals without case"
+    );
+    let by_partner = store
+        .summary(q(vec![SummaryKey::Partner]))
+        .await
+        .expect("summary");
+    assert_eq!(
+        by_partner
+            .iter()
+            .map(|r| (r.pid, r.postbacks, r.conversions))
+            .collect::<Vec<_>>(),
+        vec![(Some(2), 3, 2), (Some(3), 3, 1)]
+    );
+    let one_partner = store
+        .summary(SummaryQuery {
+            filters: ServerPostbackQuery {
+                partners: vec![3],
+                ..query(0, 24 * HOUR)
+            },
+            group_by: vec![SummaryKey::Hour],
+        })
+        .await
+        .expect("summary");
+    assert_eq!(
+        one_partner
+            .iter()
+            .map(|r| (r.hour_us, r.postbacks))
+            .collect::<Vec<_>>(),
+        vec![(Some(10 * HOUR), 1), (Some(11 * HOUR), 2)]
     );
 }
 
