@@ -342,6 +342,15 @@ fn the_modern_ddl_and_every_query_run_in_a_current_engine() {
             json!([[0, 0, "", 0, "", 0, "", 3, 2, 1, 2, 5, 8]]),
         ),
         (sql::summary(DB, &every_key, i64::MIN, s), json!(3)),
+        // Where a click id lies, from the ids the materialized view kept as the rows came.
+        (
+            sql::id_span(DB, sql::CLICK_ID, "c1", T0, T0 + 24 * HOUR),
+            json!([[T0, T0 + 2 * HOUR, 2]]),
+        ),
+        (
+            sql::id_span(DB, sql::ACTION_ID, "c1", T0, T0 + 24 * HOUR),
+            json!([[0, 0, 0]]),
+        ),
         // The same from the hourly counts the materialized view kept as the rows came.
         (
             sql::summary_hourly(
@@ -445,7 +454,7 @@ fn the_modern_ddl_and_every_query_run_in_a_current_engine() {
             sql::existing(DB, "clicks", "click_id", "at_us", &["c2".into()], (T0, T0)),
             json!([["c2"]]),
         ),
-        (sql::partitions(DB), json!(5)),
+        (sql::partitions(DB), json!(6)),
         (sql::drop_partition(DB, "clicks", 202609), json!([])),
         (sql::truncate(DB, "delivery_attempts"), json!([])),
         (

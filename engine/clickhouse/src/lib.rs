@@ -16,6 +16,8 @@
 //!   merge; the `ReplacingMergeTree` engines are the backstop.
 //! - Summaries: the whole hours of a range are read from the hourly counts (`sp_hourly`, kept
 //!   by a materialized view as rows are inserted), the range's ends from the rows.
+//! - Ids: a filter on a click id or action id first looks up where the id lies in time
+//!   (`sp_ids`, kept by another view) and reads the log only there.
 //! - Snapshots: each insert carries the writer's `written_us` (strictly increasing in this
 //!   process); a listing's snapshot is a `written_us` no insert still in flight is below.
 
@@ -39,12 +41,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The analytics tables.
-const TABLES: [&str; 5] = [
+const TABLES: [&str; 6] = [
     "server_postbacks",
     "conversions",
     "clicks",
     "delivery_attempts",
     "sp_hourly",
+    "sp_ids",
 ];
 
 /// The migrations, in order: (version, name, DDL template).
@@ -58,6 +61,11 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         2,
         "hourly counts",
         include_str!("../../../schemas/clickhouse/002_hourly.sql"),
+    ),
+    (
+        3,
+        "click and action ids",
+        include_str!("../../../schemas/clickhouse/003_ids.sql"),
     ),
 ];
 
@@ -648,13 +656,42 @@ impl ClickHouseStore {
                     .execute()
                     .await
                     .map_err(write_err)?;
-                // Counts are not rows of the log.
-                if p.table != "sp_hourly" {
+                // Counts and ids are not rows of the log.
+                if !matches!(p.table.as_str(), "sp_hourly" | "sp_ids") {
                     dropped += p.rows;
                 }
             }
         }
         Ok(dropped)
+    }
+
+    /// The query with its range narrowed to where its click id and action id lie (looked up in
+    /// `sp_ids`), or `None` when one of them is not in the range at all: the rows it matches
+    /// all lie within, so counts and pages are unchanged, read from fewer days.
+    async fn narrowed(
+        &self,
+        mut q: ServerPostbackQuery,
+    ) -> Result<Option<ServerPostbackQuery>, SeamError> {
+        let ids = [
+            (sql::CLICK_ID, q.click_id.clone()),
+            (sql::ACTION_ID, q.action_id.clone()),
+        ];
+        for (kind, value) in ids {
+            let Some(value) = value.filter(|v| !v.is_empty()) else {
+                continue;
+            };
+            let span: DayCount = self
+                .read(&sql::id_span(&self.db, kind, &value, q.from_us, q.to_us))
+                .fetch_one()
+                .await
+                .map_err(read_err)?;
+            if span.n == 0 {
+                return Ok(None);
+            }
+            q.from_us = q.from_us.max(span.first_us);
+            q.to_us = q.to_us.min(span.last_us.saturating_add(1));
+        }
+        Ok(Some(q))
     }
 
     fn note(&self, result: &Result<(), SeamError>) {
@@ -710,6 +747,13 @@ impl AnalyticsStore for ClickHouseStore {
     ) -> BoxFuture<'_, Result<Page<ServerPostbackRow>, SeamError>> {
         Box::pin(async move {
             let snapshot = q.snapshot.map_or_else(|| self.snapshot_now(), |s| s as i64);
+            let Some(q) = self.narrowed(q).await? else {
+                return Ok(Page {
+                    rows: Vec::new(),
+                    total: 0,
+                    snapshot: snapshot as u64,
+                });
+            };
             let (db, floor) = (&self.db, self.floor());
             let days: Vec<DayCount> = self
                 .read(&sql::postbacks_by_day(db, &q, floor, snapshot))
@@ -747,6 +791,10 @@ impl AnalyticsStore for ClickHouseStore {
     fn summary(&self, q: SummaryQuery) -> BoxFuture<'_, Result<Vec<SummaryRow>, SeamError>> {
         Box::pin(async move {
             let (floor, snapshot) = (self.floor(), self.snapshot_now());
+            let Some(filters) = self.narrowed(q.filters.clone()).await? else {
+                return Ok(Vec::new());
+            };
+            let q = SummaryQuery { filters, ..q };
             let f = &q.filters;
             let from = f.from_us.max(floor);
             let hours = (

@@ -126,6 +126,20 @@ const LAST_DATE_SECOND: i64 = 4_102_444_799;
 /// The server-postback table's first sorting key column: the row's UTC day.
 const DAY_KEY: &str = "toDate(toDateTime(intDiv(at_us, 1000000), 'UTC'))";
 
+/// The kinds of value `sp_ids` holds.
+pub const CLICK_ID: u8 = 1;
+pub const ACTION_ID: u8 = 2;
+
+/// Where a click id or action id (`kind`) lies in `[from_us, to_us)`: how many times it was
+/// logged there, first and last (`DayCount`'s columns).
+pub fn id_span(db: &str, kind: u8, value: &str, from_us: i64, to_us: i64) -> String {
+    format!(
+        "SELECT min(at_us) AS first_us, max(at_us) AS last_us, count() AS n FROM {db}.sp_ids \
+         WHERE kind = {kind} AND value = {} AND at_us >= {from_us} AND at_us < {to_us}",
+        quote(value)
+    )
+}
+
 /// How many rows match, per UTC day (newest first), with each day's first and last time: the
 /// total, and where a page's rows lie, so the page reads those days only.
 pub fn postbacks_by_day(db: &str, q: &ServerPostbackQuery, floor_us: i64, snapshot: i64) -> String {
@@ -239,7 +253,8 @@ pub fn summary_hourly(db: &str, q: &SummaryQuery, from_hour_us: i64, to_hour_us:
 }
 
 /// A summary's SELECT: its group keys (`hour` and `partner` the source's columns for them),
-/// `counts`, `FROM source`.
+/// `counts`, `FROM source`. Groups come in no order: the store merges the parts and sorts
+/// (an `ORDER BY` of a month's 29k hour × advertiser groups took ClickHouse 15 ms).
 fn summary_select(
     q: &SummaryQuery,
     (hour, partner): (&str, &str),
@@ -281,7 +296,7 @@ fn summary_select(
     ];
     let aliases = "k_hour, k_offer, k_advertiser, k_partner, k_goal, k_response, k_error";
     format!(
-        "SELECT {keys}, {counts} FROM {source} GROUP BY {aliases} ORDER BY {aliases}",
+        "SELECT {keys}, {counts} FROM {source} GROUP BY {aliases}",
         keys = keys.join(", "),
     )
 }
@@ -556,7 +571,7 @@ pub fn partitions(db: &str) -> String {
         s,
         "SELECT table, partition, toUInt64(sum(rows)) AS rows FROM system.parts \
          WHERE database = {} AND active AND table IN ('server_postbacks', 'conversions', \
-         'clicks', 'delivery_attempts', 'sp_hourly') GROUP BY table, partition ORDER BY table, partition",
+         'clicks', 'delivery_attempts', 'sp_hourly', 'sp_ids') GROUP BY table, partition ORDER BY table, partition",
         quote(db)
     );
     s

@@ -90,12 +90,12 @@ async fn migrations_recorded_in_the_legacy_table_count() {
     let store = ClickHouseStore::connect(&config).await.expect("connect");
     assert!(
         store.check_schema().await.is_err(),
-        "the older build did not have the hourly counts"
+        "the older build had only the first migration"
     );
     assert_eq!(
         store.migrate().await.expect("migrate"),
-        1,
-        "migration 2 only"
+        postback_clickhouse::MIGRATIONS.len() - 1,
+        "all but the first"
     );
     store.check_schema().await.expect("migrated");
     assert_eq!(store.migrate().await.expect("migrate"), 0, "nothing again");
@@ -111,8 +111,9 @@ async fn migrations_recorded_in_the_legacy_table_count() {
     );
 }
 
-/// An upgrade to the hourly counts (migration 2) counts the rows logged before it once, and
-/// the rows inserted after it as they come; cut short and run again, it counts nothing twice.
+/// An upgrade to the hourly counts and the ids' times (migrations 2 and 3) counts the rows
+/// logged before it once, and the rows inserted after it as they come; cut short and run
+/// again, it counts nothing twice.
 #[tokio::test]
 #[ignore = "needs a ClickHouse server: POSTBACKD_TEST_CLICKHOUSE=clickhouse://127.0.0.1:PORT"]
 async fn an_upgrade_counts_the_rows_logged_before_it() {
@@ -129,8 +130,9 @@ async fn an_upgrade_counts_the_rows_logged_before_it() {
         async move { admin.query(&sql).execute().await.expect(&sql) }
     };
     // The schema of the build before: migration 1 only, no counts.
-    run(format!("DROP TABLE {db}.sp_hourly_counter")).await;
-    run(format!("DROP TABLE {db}.sp_hourly")).await;
+    for table in ["sp_hourly_counter", "sp_hourly", "sp_ids_keeper", "sp_ids"] {
+        run(format!("DROP TABLE {db}.{table}")).await;
+    }
     let only_the_first = || async {
         run(format!("DROP TABLE {db}.schema_versions")).await;
         run(sql::create_migrations_table(&db)).await;
@@ -145,9 +147,15 @@ async fn an_upgrade_counts_the_rows_logged_before_it() {
     };
     let pb = suite::postback;
     insert(vec![
-        pb("u1", 10 * HOUR, "goal=1", 1, true),
-        pb("u2", 10 * HOUR + 9, "goal=1", 1, false),
-        pb("u3", 11 * HOUR + 1, "goal=1", 2, true),
+        pb("u1", 10 * HOUR, "goal=1&clickid=c1&action_id=a1", 1, true),
+        pb("u2", 10 * HOUR + 9, "goal=1&clickid=c2", 1, false),
+        pb(
+            "u3",
+            11 * HOUR + 1,
+            "goal=1&clickid=c1&action_id=a3",
+            2,
+            true,
+        ),
     ])
     .await
     .expect("rows of the older build");
@@ -168,19 +176,48 @@ async fn an_upgrade_counts_the_rows_logged_before_it() {
             .map(|g| (g.hour_us.expect("by hour") / HOUR, g.postbacks, g.accepted))
             .collect::<Vec<_>>()
     };
-    assert_eq!(store.migrate().await.expect("migrate"), 1);
+    // Listings by click id or action id: the ids' times (looked up first) must hold them all.
+    let ids_of = |click: &str, action: &str| {
+        let q = ServerPostbackQuery {
+            from_us: 0,
+            to_us: 24 * HOUR,
+            click_id: (!click.is_empty()).then(|| click.to_string()),
+            action_id: (!action.is_empty()).then(|| action.to_string()),
+            limit: 10,
+            ..Default::default()
+        };
+        let store = &store;
+        async move {
+            let page = store.server_postbacks(q).await.expect("listing");
+            let ids: Vec<String> = page.rows.into_iter().map(|r| r.id).collect();
+            (page.total, ids)
+        }
+    };
+    assert_eq!(store.migrate().await.expect("migrate"), 2);
     assert_eq!(
         by_hour().await,
         [(10, 2, 1), (11, 1, 1)],
         "counted at the upgrade"
     );
-    insert(vec![pb("u4", 12 * HOUR, "goal=1", 1, true)])
-        .await
-        .expect("a row after it");
+    assert_eq!(ids_of("c1", "").await, (2, vec!["u3".into(), "u1".into()]));
+    assert_eq!(ids_of("c1", "a1").await, (1, vec!["u1".into()]));
+    assert_eq!(ids_of("c2", "a1").await, (0, vec![]));
+    insert(vec![pb(
+        "u4",
+        12 * HOUR,
+        "goal=1&clickid=c2&action_id=a1",
+        1,
+        true,
+    )])
+    .await
+    .expect("a row after it");
     let after = [(10, 2, 1), (11, 1, 1), (12, 1, 1)];
     assert_eq!(by_hour().await, after, "and the rows after it as they come");
+    assert_eq!(ids_of("c2", "a1").await, (1, vec!["u4".into()]));
+    assert_eq!(ids_of("c2", "").await, (2, vec!["u4".into(), "u2".into()]));
     // Cut short before it was recorded: run again, it counts nothing twice.
     only_the_first().await;
-    assert_eq!(store.migrate().await.expect("migrate"), 1);
+    assert_eq!(store.migrate().await.expect("migrate"), 2);
     assert_eq!(by_hour().await, after, "nothing twice");
+    assert_eq!(ids_of("c1", "").await.0, 2);
 }
