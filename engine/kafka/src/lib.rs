@@ -31,6 +31,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
+use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -260,6 +261,7 @@ impl Kafka {
                 meta: self.meta.clone(),
                 at: None,
             })),
+            metrics: ProduceMetrics::new(),
         }))
     }
 }
@@ -392,11 +394,43 @@ pub struct KafkaEventLog {
     topic: String,
     partitions: Partition,
     reader: Arc<Mutex<Reader>>,
+    metrics: ProduceMetrics,
+}
+
+/// The producer's metrics, registered once (a lookup by name on every append costs more than
+/// the update).
+struct ProduceMetrics {
+    in_flight: metrics::Gauge,
+    produce_seconds: metrics::Histogram,
+    produce_errors: metrics::Counter,
+}
+
+impl ProduceMetrics {
+    fn new() -> Self {
+        Self {
+            in_flight: metrics::gauge!("postbackd_kafka_in_flight"),
+            produce_seconds: metrics::histogram!("postbackd_kafka_produce_seconds"),
+            produce_errors: metrics::counter!("postbackd_kafka_produce_errors_total"),
+        }
+    }
 }
 
 impl KafkaEventLog {
     pub fn topic(&self) -> &str {
         &self.topic
+    }
+
+    /// Produces one record to its key's partition; done when the broker has it (or not).
+    async fn send(&self, r: &Keyed) -> (Partition, OwnedDeliveryResult) {
+        let partition = partition_of(&r.key, self.partitions);
+        let record = FutureRecord::to(&self.topic)
+            .partition(partition as i32)
+            .key(r.key.as_bytes())
+            .payload(&r.payload);
+        (
+            partition,
+            self.kafka.producer.send(record, Timeout::Never).await,
+        )
     }
 }
 
@@ -417,21 +451,15 @@ impl EventLog for KafkaEventLog {
     fn append(&self, records: Vec<Keyed>) -> BoxFuture<'_, Result<Vec<Position>, SeamError>> {
         Box::pin(async move {
             let started = Instant::now();
-            let in_flight = metrics::gauge!("postbackd_kafka_in_flight");
-            in_flight.increment(records.len() as f64);
-            let sends = records.iter().map(|r| {
-                let partition = partition_of(&r.key, self.partitions);
-                let record = FutureRecord::to(&self.topic)
-                    .partition(partition as i32)
-                    .key(r.key.as_bytes())
-                    .payload(&r.payload);
-                let send = self.kafka.producer.send(record, Timeout::Never);
-                async move { (partition, send.await) }
-            });
-            let results = postback_core::log::join_all(sends).await;
-            in_flight.decrement(records.len() as f64);
-            metrics::histogram!("postbackd_kafka_produce_seconds")
-                .record(started.elapsed().as_secs_f64());
+            let m = &self.metrics;
+            m.in_flight.increment(records.len() as f64);
+            // One record (a tracking request) is the common case: no set of futures to join.
+            let results = match records.as_slice() {
+                [one] => vec![self.send(one).await],
+                _ => postback_core::log::join_all(records.iter().map(|r| self.send(r))).await,
+            };
+            m.in_flight.decrement(records.len() as f64);
+            m.produce_seconds.record(started.elapsed().as_secs_f64());
             let mut out = Vec::with_capacity(results.len());
             for (partition, result) in results {
                 match result {
@@ -440,7 +468,7 @@ impl EventLog for KafkaEventLog {
                         offset: delivery.offset as u64,
                     }),
                     Err((e, _)) => {
-                        metrics::counter!("postbackd_kafka_produce_errors_total").increment(1);
+                        m.produce_errors.increment(1);
                         return Err(produce_error(&e));
                     }
                 }
