@@ -9,8 +9,9 @@
 --
 -- Upgrading a database that holds rows: the rows already there are counted once, here, before
 -- the view starts counting new ones; run `postbackd migrate` while no engine writes (rows
--- written between the two statements would not be counted). Run again after being cut short,
--- the count is skipped once the table holds any counts.
+-- written between the two statements would not be counted; `serve --migrate` refuses it when
+-- there are rows, as replicas starting together would each count them). Run again after being
+-- cut short, the count is skipped once the table holds any counts.
 
 -- Two grains, told apart by `by_partner`: per partner (1), and with the partners summed into
 -- partner 0 (0), which serves every summary that neither groups nor filters by partner with

@@ -410,6 +410,42 @@ impl ClickHouseStore {
             .collect())
     }
 
+    /// `migrate` for a server starting with `--migrate`, where replicas may start together:
+    /// refused when a pending migration counts the rows already logged (its `INSERT`) and
+    /// there are rows, since two processes running it at once would count them twice. An
+    /// empty database (a new deployment) is migrated as by `migrate`.
+    pub async fn migrate_at_start(&self) -> Result<usize, SeamError> {
+        let applied = match self.applied_migrations().await {
+            Ok(applied) => applied,
+            Err(e) if matches!(error_code(&e.to_string()), Some(60 | 81)) => HashSet::new(),
+            Err(e) => return Err(write_err(e)),
+        };
+        let counting: Vec<u32> = MIGRATIONS
+            .iter()
+            .filter(|(v, _, template)| !applied.contains(v) && template.contains("INSERT INTO"))
+            .map(|(v, _, _)| *v)
+            .collect();
+        if !counting.is_empty() {
+            let rows = match self
+                .count(sql::row_count(&self.db, "server_postbacks"))
+                .await
+            {
+                Ok(n) => n,
+                Err(e) if matches!(error_code(&e.to_string()), Some(60 | 81)) => 0,
+                Err(e) => return Err(e),
+            };
+            if rows > 0 {
+                return Err(SeamError::Fatal(format!(
+                    "migrations {counting:?} count the {rows} rows already logged in {}, once: \
+                     run `postbackd migrate --store ...` while no engine writes (at start, \
+                     replicas migrating together would count them twice)",
+                    self.db
+                )));
+            }
+        }
+        self.migrate().await
+    }
+
     /// Fails unless every migration of this build is applied: a schema that is behind is
     /// upgraded by `postbackd migrate` (or `--migrate`), never silently.
     pub async fn check_schema(&self) -> Result<(), SeamError> {

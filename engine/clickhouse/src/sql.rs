@@ -549,6 +549,10 @@ pub fn record_migration(db: &str, version: u32, name: &str, at_us: i64) -> Strin
     )
 }
 
+pub fn row_count(db: &str, table: &str) -> String {
+    format!("SELECT count() AS n FROM {db}.{table}")
+}
+
 pub fn truncate(db: &str, table: &str) -> String {
     format!("TRUNCATE TABLE {db}.{table}")
 }

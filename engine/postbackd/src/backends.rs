@@ -58,7 +58,7 @@ pub async fn open_stores(config: &Config, dir: &Path) -> anyhow::Result<Stores> 
         .with_context(|| format!("connecting to the analytics store {}", redact(store)))?;
     if config.migrate {
         clickhouse
-            .migrate()
+            .migrate_at_start()
             .await
             .context("migrating the ClickHouse schema")?;
     }
