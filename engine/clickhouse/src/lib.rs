@@ -446,6 +446,34 @@ impl ClickHouseStore {
         self.migrate().await
     }
 
+    /// Counts the hourly counts again from the rows (after a server was killed between an
+    /// insert's rows and its counts): empties `sp_hourly`, then runs migration 2's count. Like
+    /// that migration, it must run while no engine writes.
+    pub async fn recount_hours(&self) -> Result<(), SeamError> {
+        let (_, _, template) = MIGRATIONS
+            .iter()
+            .find(|(v, _, _)| *v == 2)
+            .ok_or_else(|| SeamError::Fatal("no hourly counts in this build".into()))?;
+        let rendered = render_migration(
+            template,
+            &self.db,
+            self.version.is_modern(),
+            self.retention_days,
+        );
+        let count = rendered
+            .into_iter()
+            .find(|s| s.starts_with("INSERT INTO"))
+            .ok_or_else(|| SeamError::Fatal("migration 2 has no count".into()))?;
+        for sql in [sql::truncate(&self.db, "sp_hourly"), count] {
+            self.admin
+                .query_raw(&sql)
+                .execute()
+                .await
+                .map_err(write_err)?;
+        }
+        Ok(())
+    }
+
     /// Fails unless every migration of this build is applied: a schema that is behind is
     /// upgraded by `postbackd migrate` (or `--migrate`), never silently.
     pub async fn check_schema(&self) -> Result<(), SeamError> {

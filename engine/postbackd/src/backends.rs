@@ -82,9 +82,10 @@ fn clickhouse_config(config: &Config) -> anyhow::Result<postback_clickhouse::Cli
     Ok(c)
 }
 
-/// `postbackd migrate`: brings the ClickHouse schema up to this build's; returns how many
-/// migrations it applied.
-pub async fn migrate(config: &Config) -> anyhow::Result<usize> {
+/// `postbackd migrate`: brings the ClickHouse schema up to this build's, then, with
+/// `recount_hours`, counts the hourly counts again from the rows; returns how many migrations
+/// it applied.
+pub async fn migrate(config: &Config, recount_hours: bool) -> anyhow::Result<usize> {
     if config.store.trim().is_empty() {
         anyhow::bail!(
             "migrate: no --store given; the embedded store needs no migrations (a store of an \
@@ -94,7 +95,11 @@ pub async fn migrate(config: &Config) -> anyhow::Result<usize> {
     let store = postback_clickhouse::ClickHouseStore::connect(&clickhouse_config(config)?)
         .await
         .with_context(|| format!("connecting to {}", redact(config.store.trim())))?;
-    Ok(store.migrate().await?)
+    let applied = store.migrate().await?;
+    if recount_hours {
+        store.recount_hours().await?;
+    }
+    Ok(applied)
 }
 
 /// A store URL without its password, for messages.

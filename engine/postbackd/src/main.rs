@@ -58,11 +58,16 @@ enum Command {
         roles: Option<postbackd::config::Roles>,
     },
     /// Create or upgrade the ClickHouse schema (--store clickhouse://...), then exit.
-    /// Idempotent: applied migrations are recorded in the database's `schema_versions`;
-    /// safe to run from several processes at once.
+    /// Idempotent: applied migrations are recorded in the database's `schema_versions`.
+    /// Safe to run from several processes at once on a new database; on one that holds rows,
+    /// run it once, with no engine writing (migrations 2 and 3 count the rows already logged).
     Migrate {
         #[command(flatten)]
         common: Common,
+        /// Then count the hourly counts again from the rows (after the ClickHouse server was
+        /// killed during an insert); with no engine writing.
+        #[arg(long)]
+        recount_hours: bool,
     },
     /// Rebuild the analytics store from the event log, then exit.
     Replay {
@@ -126,7 +131,10 @@ fn main() -> anyhow::Result<()> {
                 metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
             runtime.block_on(serve(config, metrics))
         }
-        Command::Migrate { common } => {
+        Command::Migrate {
+            common,
+            recount_hours,
+        } => {
             let flags = Overrides {
                 data_dir: common.data_dir,
                 log: common.log,
@@ -134,8 +142,11 @@ fn main() -> anyhow::Result<()> {
                 ..Default::default()
             };
             let config = Config::load(common.config.as_deref(), &env, &flags)?;
-            let applied = runtime.block_on(postbackd::backends::migrate(&config))?;
+            let applied = runtime.block_on(postbackd::backends::migrate(&config, recount_hours))?;
             println!("applied {applied} migration(s); the schema is current");
+            if recount_hours {
+                println!("the hourly counts were counted again from the rows");
+            }
             Ok(())
         }
         Command::CheckConfig { common, roles } => {
