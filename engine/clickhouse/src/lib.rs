@@ -410,16 +410,21 @@ impl ClickHouseStore {
             .collect())
     }
 
+    /// The migrations applied, none while the database or its tables are missing (60, 81).
+    async fn applied_so_far(&self) -> Result<HashSet<u32>, SeamError> {
+        match self.applied_migrations().await {
+            Ok(applied) => Ok(applied),
+            Err(e) if matches!(error_code(&e.to_string()), Some(60 | 81)) => Ok(HashSet::new()),
+            Err(e) => Err(write_err(e)),
+        }
+    }
+
     /// `migrate` for a server starting with `--migrate`, where replicas may start together:
     /// refused when a pending migration counts the rows already logged (its `INSERT`) and
     /// there are rows, since two processes running it at once would count them twice. An
     /// empty database (a new deployment) is migrated as by `migrate`.
     pub async fn migrate_at_start(&self) -> Result<usize, SeamError> {
-        let applied = match self.applied_migrations().await {
-            Ok(applied) => applied,
-            Err(e) if matches!(error_code(&e.to_string()), Some(60 | 81)) => HashSet::new(),
-            Err(e) => return Err(write_err(e)),
-        };
+        let applied = self.applied_so_far().await?;
         let counting: Vec<u32> = MIGRATIONS
             .iter()
             .filter(|(v, _, template)| !applied.contains(v) && template.contains("INSERT INTO"))
@@ -478,11 +483,7 @@ impl ClickHouseStore {
     /// upgraded by `postbackd migrate` (or `--migrate`), never silently.
     pub async fn check_schema(&self) -> Result<(), SeamError> {
         let db = &self.db;
-        let applied = match self.applied_migrations().await {
-            Ok(applied) => applied,
-            Err(e) if matches!(error_code(&e.to_string()), Some(60 | 81)) => HashSet::new(),
-            Err(e) => return Err(write_err(e)),
-        };
+        let applied = self.applied_so_far().await?;
         let missing: Vec<u32> = MIGRATIONS
             .iter()
             .map(|(v, _, _)| *v)
