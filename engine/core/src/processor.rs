@@ -216,13 +216,20 @@ pub struct Lookups {
 /// the two together never hold much more than the budget (plus one batch).
 ///
 /// Generations turn only between batches (`settle`): a batch asks the store only for what it
-/// did not find in memory, so what it found must stay until the batch is done.
+/// did not find in memory, so what it found must stay until the batch is done. What a batch
+/// adds stays at least until the next batch is done too (it can only have moved to the
+/// previous generation), so the next batch can be judged while this one is still being
+/// written, unless this one wrote something too big to hold (`held_last_batch`).
 #[derive(Debug)]
 struct Recent<V> {
     current: HashMap<String, V>,
     previous: HashMap<String, V>,
     current_bytes: usize,
     budget: usize,
+    /// An entry was refused (too big) since the last `settle`.
+    refused: bool,
+    /// The batch before the last `settle` had every entry it added held.
+    held_last_batch: bool,
 }
 
 impl<V: Weight> Recent<V> {
@@ -232,6 +239,8 @@ impl<V: Weight> Recent<V> {
             previous: HashMap::new(),
             current_bytes: 0,
             budget: budget_bytes.max(1),
+            refused: false,
+            held_last_batch: true,
         }
     }
     fn get(&self, k: &str) -> Option<&V> {
@@ -240,9 +249,10 @@ impl<V: Weight> Recent<V> {
     fn insert(&mut self, k: String, v: V) {
         let bytes = k.len() + v.weight() + ENTRY_OVERHEAD;
         if bytes > self.budget / 2 {
-            // Too big to keep at all: the store has it.
+            // Too big to keep at all: the store has it (once this batch is written).
             self.current.remove(&k);
             self.previous.remove(&k);
+            self.refused = true;
             return;
         }
         let key_bytes = k.len() + ENTRY_OVERHEAD;
@@ -253,6 +263,7 @@ impl<V: Weight> Recent<V> {
     }
     /// Turns the generations if the current one holds its half of the budget.
     fn settle(&mut self) {
+        self.held_last_batch = !std::mem::take(&mut self.refused);
         if self.current_bytes > self.budget / 2 {
             self.previous = std::mem::take(&mut self.current);
             self.current_bytes = 0;
@@ -262,6 +273,8 @@ impl<V: Weight> Recent<V> {
         self.current.clear();
         self.previous.clear();
         self.current_bytes = 0;
+        self.refused = false;
+        self.held_last_batch = true;
     }
     /// Bytes held, as weighed.
     #[cfg(test)]
@@ -393,6 +406,12 @@ impl Processor {
     pub fn forget(&mut self) {
         self.clicks.clear();
         self.deduper.forget();
+    }
+
+    /// Whether memory holds everything the last batch added: then the next batch finds all of
+    /// it here and can be judged before the last one is in the store.
+    pub fn held_last_batch(&self) -> bool {
+        self.clicks.held_last_batch && self.deduper.held_last_batch()
     }
 
     /// Click ids the batch's postbacks name that are neither held nor clicked in the batch.
@@ -619,6 +638,11 @@ impl Deduper {
     /// Drops what is held in memory (after a failed write, or partitions moved).
     pub fn forget(&mut self) {
         self.conversions.clear();
+    }
+
+    /// As [`Processor::held_last_batch`], for the conversions.
+    pub fn held_last_batch(&self) -> bool {
+        self.conversions.held_last_batch
     }
 
     /// Reads a batch of accepted postbacks, in log order. A record seen twice in the batch
@@ -853,6 +877,43 @@ mod tests {
         let out = p.apply(&catalog, &batch, lookups);
         let errors: Vec<&str> = out.postbacks.iter().map(|r| r.error.as_str()).collect();
         assert_eq!(errors, vec!["", "Conversion exists"]);
+    }
+
+    /// The next batch may be judged while this one is written only if what this one added is
+    /// still here after both batches settle: it is, unless it was too big to hold.
+    #[test]
+    fn what_a_batch_adds_outlives_the_next_batch_unless_it_was_refused() {
+        let budget = 64 * 1024;
+        let mut recent: Recent<Click> = Recent::new(budget);
+        for i in 0..200 {
+            // Batch i adds its clicks and settles; batch i + 1 (judged while i is written)
+            // must still find them after it settles in turn.
+            let batch: Vec<String> = (0..20).map(|j| format!("{i:012x}{j:012x}")).collect();
+            for id in &batch {
+                recent.insert(id.clone(), click(0, 100));
+            }
+            recent.settle();
+            assert!(recent.held_last_batch);
+            recent.insert(format!("next{i}"), click(0, 100));
+            recent.settle();
+            assert!(
+                batch.iter().all(|id| recent.get(id).is_some()),
+                "batch {i} was dropped one batch too early"
+            );
+        }
+        recent.insert("huge".into(), click(0, budget));
+        recent.settle();
+        assert!(!recent.held_last_batch, "the huge one is only in the store");
+        recent.insert("small".into(), click(0, 1));
+        recent.settle();
+        assert!(recent.held_last_batch);
+        recent.insert("huge".into(), click(0, budget));
+        recent.clear();
+        recent.settle();
+        assert!(
+            recent.held_last_batch,
+            "forgotten: the store has everything"
+        );
     }
 
     #[test]

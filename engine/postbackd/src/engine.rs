@@ -413,13 +413,16 @@ fn in_background(
     task: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> JoinHandle<()> {
     let (done, finished) = tokio::sync::oneshot::channel::<()>();
-    // Its blocking threads (log reads, Kafka calls) are named after it too.
+    // Its worker (which runs what the task spawns: the processor's writes, while the task
+    // itself judges the next batch on this thread) and its blocking threads (log reads, Kafka
+    // calls) are named after it too.
     let io_name = format!("{name}-io");
     let started = std::thread::Builder::new()
         .name(name.to_string())
         .spawn(move || {
             crate::priority::lower_this_thread();
-            match tokio::runtime::Builder::new_current_thread()
+            match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
                 .enable_all()
                 .thread_name(io_name)
                 .build()

@@ -29,7 +29,7 @@ use crate::engine::Engine;
 use postback_core::delivery::DeliveryRecord;
 use postback_core::event::Event;
 use postback_core::keys::Partition;
-use postback_core::log::{EventLog, Keyed, Polled, Position, Record};
+use postback_core::log::{EventLog, Keyed, Polled, Position, Record, Subscription};
 use postback_core::processor::{
     self, Accepted, ConversionChange, Deduper, Lookups, Output, Parsed, Processor,
 };
@@ -113,11 +113,25 @@ async fn supervise(engine: Arc<Engine>, mut stop: watch::Receiver<bool>, stage: 
     }
 }
 
-/// Processes the partitions the group gives this member, until `stop`.
+/// Processes the partitions the group gives this member, until `stop`. A batch is written
+/// while the next one is judged (see [`Writing`]); every way out waits for that write.
 async fn consume(
     engine: &Arc<Engine>,
     stop: &mut watch::Receiver<bool>,
     stage: Stage,
+) -> Result<(), SeamError> {
+    let mut writing = Writing::default();
+    let result = consume_with(engine, stop, stage, &mut writing).await;
+    // Ending with a write in flight would let a restart read positions it is still changing.
+    let _ = writing.finish().await;
+    result
+}
+
+async fn consume_with(
+    engine: &Arc<Engine>,
+    stop: &mut watch::Receiver<bool>,
+    stage: Stage,
+    writing: &mut Writing,
 ) -> Result<(), SeamError> {
     let consumer = stage.consumer();
     let mut sub = stage.log(engine).subscribe(consumer).await?;
@@ -125,7 +139,7 @@ async fn consume(
     let rebalances = metrics::counter!("postbackd_processor_rebalances_total");
     loop {
         if *stop.borrow() {
-            return Ok(());
+            return commit_written(&mut sub, writing, &mut batch).await;
         }
         // A poll is cancel-safe: stopping here loses nothing.
         let polled = tokio::select! {
@@ -136,45 +150,99 @@ async fn consume(
             ) => polled?,
             _ = stop.changed() => continue,
         };
-        match polled {
-            Polled::Idle => {}
-            Polled::Assigned(partitions) => {
-                rebalances.increment(1);
-                for p in partitions {
-                    let at = engine.state.position(consumer, p).await?;
-                    let local_from = engine.state.position(&local_from_name(consumer), p).await?;
-                    tracing::info!(
-                        partition = p,
-                        at,
-                        local_from,
-                        consumer,
-                        "processing a partition"
-                    );
-                    sub.start_at(p, at);
-                    batch.resumed_at(p, at, local_from);
-                }
-            }
-            Polled::Revoked(partitions) => {
-                rebalances.increment(1);
-                tracing::info!(
-                    ?partitions,
-                    consumer,
-                    "partitions moved to another processor"
-                );
-                batch.forget();
-            }
-            Polled::Records(records) => {
-                let short = records.len() < engine.config.processor_batch;
-                let next = batch.process(records).await?;
-                sub.commit(next).await?;
-                let linger = engine.config.processor_linger();
-                if short && !linger.is_zero() {
-                    tokio::select! {
-                        _ = tokio::time::sleep(linger) => {}
-                        _ = stop.changed() => {}
+        let Polled::Records(records) = polled else {
+            // Partitions change only once what was polled of them is stored and committed (a
+            // revocation is let go at the next poll).
+            commit_written(&mut sub, writing, &mut batch).await?;
+            match polled {
+                Polled::Assigned(partitions) => {
+                    rebalances.increment(1);
+                    for p in partitions {
+                        let at = engine.state.position(consumer, p).await?;
+                        let local_from =
+                            engine.state.position(&local_from_name(consumer), p).await?;
+                        tracing::info!(
+                            partition = p,
+                            at,
+                            local_from,
+                            consumer,
+                            "processing a partition"
+                        );
+                        sub.start_at(p, at);
+                        batch.resumed_at(p, at, local_from);
                     }
                 }
+                Polled::Revoked(partitions) => {
+                    rebalances.increment(1);
+                    tracing::info!(
+                        ?partitions,
+                        consumer,
+                        "partitions moved to another processor"
+                    );
+                    batch.forget();
+                }
+                Polled::Idle | Polled::Records(_) => {}
             }
+            continue;
+        };
+        let short = records.len() < engine.config.processor_batch;
+        if !batch.held_last_batch() {
+            // This batch may need what the last one wrote and memory could not hold.
+            commit_written(&mut sub, writing, &mut batch).await?;
+        }
+        let prepared = batch.prepare(records).await?;
+        commit_written(&mut sub, writing, &mut batch).await?;
+        writing.start(engine, stage, prepared);
+        let linger = engine.config.processor_linger();
+        if short && !linger.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(linger) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+}
+
+/// Waits for the batch being written, and commits its positions to the group once it is
+/// stored. A failed write leaves memory ahead of the store: it is dropped.
+async fn commit_written(
+    sub: &mut Box<dyn Subscription>,
+    writing: &mut Writing,
+    batch: &mut Batcher<'_>,
+) -> Result<(), SeamError> {
+    match writing.finish().await {
+        Ok(Some(next)) => sub.commit(next).await,
+        Ok(None) => Ok(()),
+        Err(e) => {
+            batch.forget();
+            Err(e)
+        }
+    }
+}
+
+/// The one batch being written while the next is judged: judging takes the processor's
+/// thread and writing mostly the store's, so the two overlap on two cores. One at a time keeps
+/// the writes in log order; the next batch finds what this one added in memory (`Recent`), so
+/// it need not wait for the store.
+#[derive(Default)]
+struct Writing(Option<tokio::task::JoinHandle<Result<Vec<Position>, SeamError>>>);
+
+impl Writing {
+    fn start(&mut self, engine: &Arc<Engine>, stage: Stage, prepared: Prepared) {
+        let engine = engine.clone();
+        self.0 = Some(tokio::spawn(async move {
+            write(&engine, stage, prepared).await
+        }));
+    }
+
+    /// Waits for the batch being written; its next positions once it is stored.
+    async fn finish(&mut self) -> Result<Option<Vec<Position>>, SeamError> {
+        let Some(handle) = self.0.take() else {
+            return Ok(None);
+        };
+        match handle.await {
+            Ok(result) => result.map(Some),
+            Err(e) => Err(SeamError::Fatal(format!("writing a batch panicked: {e}"))),
         }
     }
 }
@@ -190,6 +258,31 @@ fn local_from_name(consumer: &str) -> String {
 /// there was decided here.
 pub async fn process_to_end(engine: &Arc<Engine>) -> Result<u64, SeamError> {
     let mut batch = Batcher::new(engine, Stage::OnePass, false);
+    let mut writing = Writing::default();
+    let processed = replay_partitions(engine, &mut batch, &mut writing).await;
+    writing.finish().await?;
+    let processed = processed?;
+    let mut ends = Vec::new();
+    for p in 0..engine.conversions.partitions() {
+        let end = engine.conversions.bounds(p).await?.1;
+        ends.push(Position {
+            partition: p,
+            offset: end,
+        });
+    }
+    engine
+        .state
+        .commit(DEDUPER, StateChanges::default(), ends)
+        .await?;
+    Ok(processed)
+}
+
+/// The replay's loop: each batch is judged while the one before is written.
+async fn replay_partitions(
+    engine: &Arc<Engine>,
+    batch: &mut Batcher<'_>,
+    writing: &mut Writing,
+) -> Result<u64, SeamError> {
     let mut processed = 0;
     for p in 0..engine.events.partitions() {
         let (start, end) = engine.events.bounds(p).await?;
@@ -208,21 +301,14 @@ pub async fn process_to_end(engine: &Arc<Engine>) -> Result<u64, SeamError> {
             let Some(last) = records.last() else { break };
             next = last.offset + 1;
             processed += records.len() as u64;
-            batch.process(records).await?;
+            if !batch.held_last_batch() {
+                writing.finish().await?;
+            }
+            let prepared = batch.prepare(records).await?;
+            writing.finish().await?;
+            writing.start(engine, Stage::OnePass, prepared);
         }
     }
-    let mut ends = Vec::new();
-    for p in 0..engine.conversions.partitions() {
-        let end = engine.conversions.bounds(p).await?.1;
-        ends.push(Position {
-            partition: p,
-            offset: end,
-        });
-    }
-    engine
-        .state
-        .commit(DEDUPER, StateChanges::default(), ends)
-        .await?;
     Ok(processed)
 }
 
@@ -235,9 +321,10 @@ struct Batcher<'e> {
     buffers: simd_json::Buffers,
     /// Append the affiliate postbacks a batch triggers to the deliveries log.
     emit_jobs: bool,
-    /// Per partition, the offset below which rows may have been inserted already: a batch
-    /// before it failed or was cut short by a crash or a hand-over after its insert, and
-    /// started at the committed position with at most `processor_batch` records.
+    /// Per partition, the offset below which rows may have been inserted already: the batches
+    /// before it failed or were cut short by a crash or a hand-over after their insert, and
+    /// started at the committed position with at most `processor_batch` records each (the
+    /// one being written and the one judged meanwhile).
     redo_below: BTreeMap<Partition, u64>,
     /// Per partition: the next offset this process's state expects, and the offset from which
     /// that state is complete (0: from the start of the log).
@@ -265,8 +352,10 @@ impl<'e> Batcher<'e> {
     /// Processing of `partition` starts (again) at `at`, its committed position; this
     /// process's state of it is complete from `local_from`.
     fn resumed_at(&mut self, partition: Partition, at: u64, local_from: u64) {
+        // The batch that was being written and the one judged meanwhile (`Writing`).
         let batch = self.engine.config.processor_batch as u64;
-        self.redo_below.insert(partition, at.saturating_add(batch));
+        self.redo_below
+            .insert(partition, at.saturating_add(2 * batch));
         self.expected.insert(partition, at);
         self.local_from.insert(partition, local_from);
     }
@@ -321,13 +410,10 @@ impl<'e> Batcher<'e> {
         Ok(from > start)
     }
 
-    /// Processes records (in order within each partition) and stores the result with the next
-    /// position of each partition; returns those positions. With `emit_jobs`, the affiliate
-    /// postbacks the batch triggers are appended to the deliveries log before the batch is
-    /// stored, so none is lost in a crash; a redone batch appends the same job ids again and
-    /// the dispatcher keeps each once. Stage 1 appends what it accepted to the conversions
-    /// log the same way.
-    async fn process(&mut self, records: Vec<Record>) -> Result<Vec<Position>, SeamError> {
+    /// Judges records (in order within each partition) for [`write`]. Stage 1 appends what it
+    /// accepted to the conversions log here, before the batch is written, so that none is lost
+    /// in a crash; a redone batch appends them again, marked (`redo_below`).
+    async fn prepare(&mut self, records: Vec<Record>) -> Result<Prepared, SeamError> {
         let engine = self.engine;
         engine.catalog_current().await?;
         let mut next: BTreeMap<Partition, u64> = BTreeMap::new();
@@ -420,9 +506,8 @@ impl<'e> Batcher<'e> {
                 self.deduper.apply(&catalog, staged, lookups)
             }
         };
-        let postbacks = output.postbacks.len() as u64;
-        if self.emit_jobs && !output.jobs.is_empty() {
-            let records = output
+        let jobs = if self.emit_jobs {
+            output
                 .jobs
                 .iter()
                 .map(|j| {
@@ -430,32 +515,22 @@ impl<'e> Batcher<'e> {
                         .map_err(|e| SeamError::Fatal(format!("encoding a job: {e}")))?;
                     Ok(Keyed::new(j.job_id.clone(), bytes))
                 })
-                .collect::<Result<Vec<_>, SeamError>>()?;
-            engine.deliveries.append(records).await?;
-        }
-        let consumer = self.stage.consumer();
-        if let Err(e) = store(engine, consumer, output, positions.clone(), maybe_inserted).await {
-            // The cache may hold what the store does not: start afresh.
-            self.forget();
-            return Err(e);
-        }
-        if self.stage != Stage::Dedupe {
-            metrics::counter!("postbackd_processed_events_total").increment(count);
-        }
-        // Rows written: stage 1 writes the rejections of the click's rules, stage 2 the rest.
-        metrics::counter!("postbackd_processed_postbacks_total").increment(postbacks);
-        let log = self.stage.log(engine);
-        for p in &positions {
-            if let Ok((_, end)) = log.bounds(p.partition).await {
-                metrics::gauge!(
-                    "postbackd_processor_lag",
-                    "partition" => p.partition.to_string(),
-                    "stage" => consumer
-                )
-                .set(end.saturating_sub(p.offset) as f64);
-            }
-        }
-        Ok(positions)
+                .collect::<Result<Vec<_>, SeamError>>()?
+        } else {
+            Vec::new()
+        };
+        Ok(Prepared {
+            output,
+            jobs,
+            positions,
+            count,
+            maybe_inserted,
+        })
+    }
+
+    /// Whether memory holds everything the last batch added (see [`Writing`]).
+    fn held_last_batch(&self) -> bool {
+        self.processor.held_last_batch() && self.deduper.held_last_batch()
     }
 
     /// Decodes events and reads them for processing; a record that cannot be decoded is
@@ -540,6 +615,59 @@ impl<'e> Batcher<'e> {
 fn undecodable(position: Position, e: &dyn std::fmt::Display) {
     tracing::error!(?position, error = %e, "skipping an undecodable log record");
     metrics::counter!("postbackd_processor_undecodable_total").increment(1);
+}
+
+/// A judged batch, ready to be written.
+struct Prepared {
+    output: Output,
+    /// The affiliate postbacks it triggers, for the deliveries log.
+    jobs: Vec<Keyed>,
+    /// The next position of each partition it read.
+    positions: Vec<Position>,
+    /// Records it read.
+    count: u64,
+    /// Its rows may have been inserted already (a batch redone).
+    maybe_inserted: bool,
+}
+
+/// Writes a judged batch: its affiliate postbacks to the deliveries log first, so that none
+/// is lost in a crash (a redone batch appends the same job ids again and the dispatcher keeps
+/// each once), then its rows and state with the positions it reached. Returns those.
+async fn write(
+    engine: &Engine,
+    stage: Stage,
+    prepared: Prepared,
+) -> Result<Vec<Position>, SeamError> {
+    let Prepared {
+        output,
+        jobs,
+        positions,
+        count,
+        maybe_inserted,
+    } = prepared;
+    let postbacks = output.postbacks.len() as u64;
+    if !jobs.is_empty() {
+        engine.deliveries.append(jobs).await?;
+    }
+    let consumer = stage.consumer();
+    store(engine, consumer, output, positions.clone(), maybe_inserted).await?;
+    if stage != Stage::Dedupe {
+        metrics::counter!("postbackd_processed_events_total").increment(count);
+    }
+    // Rows written: stage 1 writes the rejections of the click's rules, stage 2 the rest.
+    metrics::counter!("postbackd_processed_postbacks_total").increment(postbacks);
+    let log = stage.log(engine);
+    for p in &positions {
+        if let Ok((_, end)) = log.bounds(p.partition).await {
+            metrics::gauge!(
+                "postbackd_processor_lag",
+                "partition" => p.partition.to_string(),
+                "stage" => consumer
+            )
+            .set(end.saturating_sub(p.offset) as f64);
+        }
+    }
+    Ok(positions)
 }
 
 /// Stores a batch's output: its analytics rows first (idempotent), then its state and the next

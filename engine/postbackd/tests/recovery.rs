@@ -231,3 +231,61 @@ async fn a_dispatcher_that_cannot_record_an_attempt_does_not_send_it_again() {
     assert_eq!(aff.count("/slow", "t=A"), 1);
     server.shutdown().await;
 }
+
+/// The processor judges a batch while the one before is still being written. What the next
+/// batch needs of it is normally in memory; with a cache too small to hold it, the next batch
+/// must wait for the write, or a duplicate judged meanwhile would register a second conversion.
+/// Here the write is held up for 1.5 s by a stalled deliveries log (the affiliate postback of
+/// the conversion goes there first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_judged_while_the_last_is_written_finds_what_memory_could_not_hold() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let faults = Arc::new(Faults::default());
+    let server = start(
+        dir.path(),
+        InjectedFaults {
+            deliveries: Some(faults.clone()),
+            ..Default::default()
+        },
+        |c| {
+            c.allow_private_postback_targets = true;
+            // One record a batch, and no click or conversion small enough to be held.
+            c.processor_batch = 1;
+            c.processor_cache_bytes = 64;
+        },
+    )
+    .await;
+    let api = Api::new(server.addr());
+    let aff = Affiliate::start().await;
+    let click = offer_and_click(&api).await;
+    api.admin_post(
+        "/3.0/partner/postback",
+        &[
+            ("partner_id", "1"),
+            ("url", &aff.url("/p?t={transactionid}")),
+        ],
+    )
+    .await;
+    faults.stall_syncs_ms.store(1500, Ordering::Release);
+    api.postback(&format!("clickid={click}&action_id=A")).await;
+    api.postback(&format!("clickid={click}&action_id=A")).await;
+    let body = api.wait_for_postbacks(2).await;
+    faults.stall_syncs_ms.store(0, Ordering::Release);
+    let mut errors: Vec<&str> = body["postbacks"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| r["error"].as_str().unwrap_or("?"))
+        .collect();
+    errors.sort();
+    assert_eq!(errors, vec!["", "Conversion exists"], "{body}");
+    let d = today();
+    let (_, conversions) = api
+        .get_json(&format!("/3.0/stats/conversions?date_from={d}&date_to={d}"))
+        .await;
+    assert_eq!(
+        conversions["pagination"]["total_count"], 1,
+        "one conversion: {conversions}"
+    );
+    server.shutdown().await;
+}
