@@ -168,19 +168,31 @@ async fn a_stalled_disk_gets_a_deadline_and_stores_nothing_it_refused() {
     server.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dispatcher_that_cannot_record_an_attempt_does_not_send_it_again() {
-    let dir = tempfile::tempdir().expect("tempdir");
+/// An engine whose deliveries log's disk the test controls, with an offer, a partner, a click
+/// and a postback setting of the partner to `path` on a test affiliate.
+struct WithAffiliate {
+    server: Server,
+    faults: Arc<Faults>,
+    api: Api,
+    aff: Affiliate,
+    click: String,
+}
+
+async fn with_affiliate(
+    dir: &std::path::Path,
+    path: &str,
+    tweak: impl FnOnce(&mut Config),
+) -> WithAffiliate {
     let faults = Arc::new(Faults::default());
     let server = start(
-        dir.path(),
+        dir,
         InjectedFaults {
             deliveries: Some(faults.clone()),
             ..Default::default()
         },
         |c| {
             c.allow_private_postback_targets = true;
-            c.delivery_base_delay_ms = 100;
+            tweak(c);
         },
     )
     .await;
@@ -189,11 +201,30 @@ async fn a_dispatcher_that_cannot_record_an_attempt_does_not_send_it_again() {
     let click = offer_and_click(&api).await;
     api.admin_post(
         "/3.0/partner/postback",
-        &[
-            ("partner_id", "1"),
-            ("url", &aff.url("/slow?t={transactionid}")),
-        ],
+        &[("partner_id", "1"), ("url", &aff.url(path))],
     )
+    .await;
+    WithAffiliate {
+        server,
+        faults,
+        api,
+        aff,
+        click,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatcher_that_cannot_record_an_attempt_does_not_send_it_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let WithAffiliate {
+        server,
+        faults,
+        api,
+        aff,
+        click,
+    } = with_affiliate(dir.path(), "/slow?t={transactionid}", |c| {
+        c.delivery_base_delay_ms = 100;
+    })
     .await;
     api.postback(&format!("clickid={click}&action_id=A")).await;
     // The affiliate takes a second to answer; meanwhile the deliveries log fails.
@@ -240,31 +271,17 @@ async fn a_dispatcher_that_cannot_record_an_attempt_does_not_send_it_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_judged_while_the_last_is_written_finds_what_memory_could_not_hold() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let faults = Arc::new(Faults::default());
-    let server = start(
-        dir.path(),
-        InjectedFaults {
-            deliveries: Some(faults.clone()),
-            ..Default::default()
-        },
-        |c| {
-            c.allow_private_postback_targets = true;
-            // One record a batch, and no click or conversion small enough to be held.
-            c.processor_batch = 1;
-            c.processor_cache_bytes = 64;
-        },
-    )
-    .await;
-    let api = Api::new(server.addr());
-    let aff = Affiliate::start().await;
-    let click = offer_and_click(&api).await;
-    api.admin_post(
-        "/3.0/partner/postback",
-        &[
-            ("partner_id", "1"),
-            ("url", &aff.url("/p?t={transactionid}")),
-        ],
-    )
+    let WithAffiliate {
+        server,
+        faults,
+        api,
+        click,
+        ..
+    } = with_affiliate(dir.path(), "/p?t={transactionid}", |c| {
+        // One record a batch, and no click or conversion small enough to be held.
+        c.processor_batch = 1;
+        c.processor_cache_bytes = 64;
+    })
     .await;
     faults.stall_syncs_ms.store(1500, Ordering::Release);
     api.postback(&format!("clickid={click}&action_id=A")).await;
