@@ -1095,6 +1095,50 @@ fn probe_pause(waited: Duration) -> Duration {
 }
 
 /// Every acknowledged postback of this run, found in the log exactly once, with its outcome.
+/// The (token, error) of each row of a server-postback CSV export whose `lt` parameter (in the
+/// query or the form body) starts with `prefix`.
+fn run_rows(csv: &[u8], prefix: &str) -> anyhow::Result<Vec<(String, String)>> {
+    if let Some(at) = find_bytes(csv, b"\r\n# export cut short") {
+        bail!(
+            "the CSV export was cut short: {}",
+            String::from_utf8_lossy(&csv[at + 2..])
+        );
+    }
+    let mut reader = csv::Reader::from_reader(csv);
+    let headers = reader.headers()?.clone();
+    let column = |name: &str| {
+        headers
+            .iter()
+            .position(|h| h == name)
+            .with_context(|| format!("no {name} column in the CSV export"))
+    };
+    let (get, post, error) = (column("get")?, column("post")?, column("error")?);
+    let mut out = Vec::new();
+    for row in reader.records() {
+        let row = row?;
+        // A cell a spreadsheet would take for a formula carries a leading quote.
+        let cell = |i: usize| {
+            let c = row.get(i).unwrap_or("");
+            c.strip_prefix('\'').unwrap_or(c)
+        };
+        let token = |i: usize| {
+            postback_core::params::parse_form(cell(i).as_bytes())
+                .get("lt")
+                .map(str::to_string)
+        };
+        if let Some(t) = token(get).or_else(|| token(post)) {
+            if t.starts_with(prefix) {
+                out.push((t, cell(error).to_string()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn find_bytes(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
 async fn verify(target: &Target, rec: &Recorder, plan: &Plan) -> anyhow::Result<Verification> {
     let expected = rec
         .expected
@@ -1121,31 +1165,23 @@ async fn verify(target: &Target, rec: &Recorder, plan: &Plan) -> anyhow::Result<
         last = total;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // Every row of the run, read from the CSV export: one snapshot, paged by time inside the
+    // engine (listing pages by offset would cost the store a scan of every row before each).
     let mut seen: HashMap<String, Vec<String>> = HashMap::new();
-    for base in &bases {
-        // Pages of one snapshot: rows still arriving would shift later pages.
-        let mut snapshot = String::new();
-        for page in 1.. {
-            let v = target
-                .get_json(&format!("{base}&limit=500&page={page}{snapshot}"))
-                .await?;
-            if let Some(s) = v["pagination"]["snapshot"].as_str() {
-                snapshot = format!("&snapshot={s}");
-            }
-            let rows = v["postbacks"].as_array().cloned().unwrap_or_default();
-            for r in &rows {
-                let token = r["_get"]["lt"]
-                    .as_str()
-                    .or(r["_post"]["lt"].as_str())
-                    .unwrap_or("");
-                if token.starts_with(&prefix) {
-                    let error = r["error"].as_str().unwrap_or("").to_string();
-                    seen.entry(token.to_string()).or_default().push(error);
-                }
-            }
-            if rows.len() < 500 {
-                break;
-            }
+    for offer in [plan.offer_id, 0] {
+        let path = format!(
+            "/3.0/stats/serverpostbacks/csv?{}&offer={offer}",
+            date_range()
+        );
+        let (status, csv) = target.send(Method::GET, &path, None).await?;
+        if status != 200 {
+            bail!(
+                "{path} answered {status}: {}",
+                String::from_utf8_lossy(&csv)
+            );
+        }
+        for (token, error) in run_rows(&csv, &prefix)? {
+            seen.entry(token).or_default().push(error);
         }
     }
     // A duplicate on another click may reach the dedupe before its original: then the
@@ -1447,6 +1483,26 @@ pub fn table(r: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_runs_rows_are_read_from_the_csv_export() {
+        let csv = "id,date,offer_id,error,get,post,server\r\n\
+            \"1\",\"d\",\"7\",\"\",\"clickid=c1&lt=Rabcx1\",\"\",\"s\"\r\n\
+            \"2\",\"d\",\"7\",\"Conversion exists\",\"clickid=c1\",\"lt=Rabcx2&sum=1\",\"s\"\r\n\
+            \"3\",\"d\",\"7\",\"a \"\"quoted\"\", error\",\"'=lt=Rabcx3\",\"\",\"s\"\r\n\
+            \"4\",\"d\",\"7\",\"\",\"lt=Rotherx1\",\"\",\"s\"\r\n";
+        let rows = super::run_rows(csv.as_bytes(), "Rabcx").expect("parses");
+        assert_eq!(
+            rows,
+            vec![
+                ("Rabcx1".to_string(), String::new()),
+                ("Rabcx2".to_string(), "Conversion exists".to_string()),
+            ]
+        );
+        let cut = format!("{csv}# export cut short: the store is down\r\n");
+        let err = super::run_rows(cut.as_bytes(), "Rabcx").expect_err("cut short");
+        assert!(err.to_string().contains("the store is down"), "{err}");
+    }
 
     /// A lag probe polls a few dozen times over a long wait (every 10 ms would be 3,000), and
     /// never pauses for more than a tenth of what it waited (past the first 10 ms).
