@@ -1098,7 +1098,7 @@ fn probe_pause(waited: Duration) -> Duration {
 /// The (token, error) of each row of a server-postback CSV export whose `lt` parameter (in the
 /// query or the form body) starts with `prefix`.
 fn run_rows(csv: &[u8], prefix: &str) -> anyhow::Result<Vec<(String, String)>> {
-    if let Some(at) = find_bytes(csv, b"\r\n# export cut short") {
+    if let Some(at) = closed::find(csv, b"\r\n# export cut short") {
         bail!(
             "the CSV export was cut short: {}",
             String::from_utf8_lossy(&csv[at + 2..])
@@ -1133,10 +1133,6 @@ fn run_rows(csv: &[u8], prefix: &str) -> anyhow::Result<Vec<(String, String)>> {
         }
     }
     Ok(out)
-}
-
-fn find_bytes(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 async fn verify(target: &Target, rec: &Recorder, plan: &Plan) -> anyhow::Result<Verification> {

@@ -139,7 +139,7 @@ async fn consume_with(
     let rebalances = metrics::counter!("postbackd_processor_rebalances_total");
     loop {
         if *stop.borrow() {
-            return commit_written(&mut sub, writing, &mut batch).await;
+            return commit_written(&mut sub, writing).await;
         }
         // A poll is cancel-safe: stopping here loses nothing.
         let polled = tokio::select! {
@@ -153,7 +153,7 @@ async fn consume_with(
         let Polled::Records(records) = polled else {
             // Partitions change only once what was polled of them is stored and committed (a
             // revocation is let go at the next poll).
-            commit_written(&mut sub, writing, &mut batch).await?;
+            commit_written(&mut sub, writing).await?;
             match polled {
                 Polled::Assigned(partitions) => {
                     rebalances.increment(1);
@@ -186,13 +186,9 @@ async fn consume_with(
             continue;
         };
         let short = records.len() < engine.config.processor_batch;
-        if !batch.held_last_batch() {
-            // This batch may need what the last one wrote and memory could not hold.
-            commit_written(&mut sub, writing, &mut batch).await?;
+        if let Some(next) = writing.judge_next(engine, &mut batch, records).await? {
+            sub.commit(next).await?;
         }
-        let prepared = batch.prepare(records).await?;
-        commit_written(&mut sub, writing, &mut batch).await?;
-        writing.start(engine, stage, prepared);
         let linger = engine.config.processor_linger();
         if short && !linger.is_zero() {
             tokio::select! {
@@ -204,19 +200,14 @@ async fn consume_with(
 }
 
 /// Waits for the batch being written, and commits its positions to the group once it is
-/// stored. A failed write leaves memory ahead of the store: it is dropped.
+/// stored. (A failed write ends `consume`, and its cache with it.)
 async fn commit_written(
     sub: &mut Box<dyn Subscription>,
     writing: &mut Writing,
-    batch: &mut Batcher<'_>,
 ) -> Result<(), SeamError> {
-    match writing.finish().await {
-        Ok(Some(next)) => sub.commit(next).await,
-        Ok(None) => Ok(()),
-        Err(e) => {
-            batch.forget();
-            Err(e)
-        }
+    match writing.finish().await? {
+        Some(next) => sub.commit(next).await,
+        None => Ok(()),
     }
 }
 
@@ -228,11 +219,28 @@ async fn commit_written(
 struct Writing(Option<tokio::task::JoinHandle<Result<Vec<Position>, SeamError>>>);
 
 impl Writing {
-    fn start(&mut self, engine: &Arc<Engine>, stage: Stage, prepared: Prepared) {
-        let engine = engine.clone();
+    /// Judges `records` while the batch before is written, then starts their write. Returns
+    /// the batch before's next positions, once it is stored.
+    async fn judge_next(
+        &mut self,
+        engine: &Arc<Engine>,
+        batch: &mut Batcher<'_>,
+        records: Vec<Record>,
+    ) -> Result<Option<Vec<Position>>, SeamError> {
+        let mut written = None;
+        if !batch.held_last_batch() {
+            // This batch may need what the last one wrote and memory could not hold.
+            written = self.finish().await?;
+        }
+        let prepared = batch.prepare(records).await?;
+        if let Some(next) = self.finish().await? {
+            written = Some(next);
+        }
+        let (engine, stage) = (engine.clone(), batch.stage);
         self.0 = Some(tokio::spawn(async move {
             write(&engine, stage, prepared).await
         }));
+        Ok(written)
     }
 
     /// Waits for the batch being written; its next positions once it is stored.
@@ -301,12 +309,7 @@ async fn replay_partitions(
             let Some(last) = records.last() else { break };
             next = last.offset + 1;
             processed += records.len() as u64;
-            if !batch.held_last_batch() {
-                writing.finish().await?;
-            }
-            let prepared = batch.prepare(records).await?;
-            writing.finish().await?;
-            writing.start(engine, Stage::OnePass, prepared);
+            writing.judge_next(engine, batch, records).await?;
         }
     }
     Ok(processed)
