@@ -7,6 +7,8 @@
 #   deploy/kafka.sh stop DIR         SIGTERM, wait for exit
 #   deploy/kafka.sh kill DIR         SIGKILL (tests of a broker that dies)
 #
+# KAFKA_JVM_OPTS replaces the JVM flags (quick-start ones by default, below).
+#
 # Settings and their reasons: ../shared/reference/real-services.md (small heap, fast restarts,
 # the log cleaner's buffer, the ready line).
 set -euo pipefail
@@ -14,6 +16,9 @@ set -euo pipefail
 VERSION=${KAFKA_VERSION:-4.4.0}
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/postbackd/kafka-$VERSION
 JAVA=${JAVA:-java}
+# Flags for a quick start (3-5 s on two cores, see the reference): C1 only, a small heap. A
+# benchmark passes server flags instead (benches/run.sh), as a production broker runs.
+JVM_OPTS=${KAFKA_JVM_OPTS:--XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Xms256m -Xmx256m}
 
 fetch() {
   [ -f "$CACHE/.complete" ] && return 0
@@ -96,7 +101,8 @@ EOF
   fi
   local marker
   marker=$(wc -l <"$dir/server.log" 2>/dev/null || echo 0)
-  nohup "$JAVA" -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Xms256m -Xmx256m \
+  # shellcheck disable=SC2086 # JVM_OPTS is a list of flags
+  nohup "$JAVA" $JVM_OPTS \
     -Dlog4j2.configurationFile="$dir/log4j2.properties" -Dlog4j2.shutdownHookEnabled=false \
     -cp "$cp" kafka.Kafka "$dir/server.properties" </dev/null >"$dir/stdout.log" 2>&1 &
   echo $! >"$dir/pid"

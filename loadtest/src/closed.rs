@@ -424,8 +424,18 @@ impl Answers {
 /// so that the generator costs less per request than the servers it drives.
 pub(crate) struct RawPool {
     authority: String,
-    idle: std::sync::Mutex<Vec<(TcpStream, Answers)>>,
+    /// Connections waiting for a request, each with when it went idle: oldest first.
+    idle: std::sync::Mutex<Vec<(TcpStream, Answers, Instant)>>,
+    /// How long a connection may wait and still be used (see `IDLE_REUSE`).
+    idle_reuse: Duration,
 }
+
+/// Servers close keep-alive connections idle for a while (postbackd after its
+/// `request_timeout_secs`, 10 s by default; nginx after 75 s), and a request written into one
+/// the server is closing fails unread: after a burst had opened more connections than the
+/// load needed, such failures showed as errors of the server. Connections idle longer than
+/// this are closed instead of reused.
+const IDLE_REUSE: Duration = Duration::from_secs(2);
 
 impl RawPool {
     /// `None` for anything but plain `http://`.
@@ -437,6 +447,7 @@ impl RawPool {
         Some(Self {
             authority,
             idle: std::sync::Mutex::new(Vec::new()),
+            idle_reuse: IDLE_REUSE,
         })
     }
 
@@ -467,7 +478,12 @@ impl RawPool {
         body: Option<(&str, &str)>,
         keep: bool,
     ) -> anyhow::Result<Answer> {
-        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let idle = {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            let stale = idle.partition_point(|(_, _, since)| since.elapsed() >= self.idle_reuse);
+            idle.drain(..stale);
+            idle.pop().map(|(stream, answers, _)| (stream, answers))
+        };
         let (mut stream, mut answers) = match idle {
             Some(c) => c,
             None => {
@@ -495,10 +511,11 @@ impl RawPool {
             .await
             .ok_or_else(|| anyhow::anyhow!("the connection broke or the answer was unreadable"))?;
         if answer.keep_alive {
-            self.idle
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((stream, answers));
+            self.idle.lock().unwrap_or_else(|e| e.into_inner()).push((
+                stream,
+                answers,
+                Instant::now(),
+            ));
         }
         Ok(answer)
     }
@@ -604,5 +621,42 @@ mod tests {
         );
         assert!(answers.next(&mut stream).await.is_none(), "closed");
         server.await.expect("server");
+    }
+
+    /// An idle connection is reused while it is fresh, and replaced by a new one once it has
+    /// waited longer than the pool allows (the server may be closing it).
+    #[tokio::test]
+    async fn connections_idle_too_long_are_not_reused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    // One request per read is enough here: each is written whole.
+                    while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+                        let ok = "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                        if s.write_all(ok.as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let mut pool = RawPool::new(&format!("http://{addr}")).expect("pool");
+        pool.idle_reuse = Duration::from_millis(200);
+        let accepts = || accepted.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(pool.get("/a").await.expect("first"), 200);
+        assert_eq!(pool.get("/b").await.expect("at once"), 200);
+        assert_eq!(accepts(), 1, "a fresh idle connection is reused");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(pool.get("/c").await.expect("after a wait"), 200);
+        assert_eq!(accepts(), 2, "a stale one is replaced");
+        assert_eq!(pool.idle.lock().expect("idle").len(), 1, "and dropped");
     }
 }
