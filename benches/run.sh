@@ -11,7 +11,8 @@
 #                                           # sustained cluster closed stats stats-clickhouse)
 #
 # The kafka section starts a single-node broker (deploy/kafka.sh) and measures postbackd with
-# its logs on Kafka (acks=all): the ingest peak, and the end-to-end lag at half of it.
+# its logs on Kafka (acks=all): the ingest peak, and the end-to-end lag at half of it
+# (KAFKA_PARTITIONS=N for topics of N partitions instead of the default 12).
 # The cluster section starts deploy/cluster.sh (Kafka, ClickHouse) with 1, 2 and 3 engines on
 # this one machine (every engine with every role: each ingests, processes, dedupes and
 # dispatches its share of the partitions), ramps postback ingest spread over them (acks=all),
@@ -42,6 +43,8 @@ want() { [[ " $ONLY " == *" $1 "* ]]; }
 # mix those made it spend 80-88 µs of CPU per request against 58-60, on the cores it shares
 # with the engine and the generator.
 export KAFKA_JVM_OPTS=${KAFKA_JVM_OPTS:--XX:+UseG1GC -Xms1g -Xmx1g}
+# The topics' partitions in the kafka section: the engine's default unless KAFKA_PARTITIONS.
+kafka_partitions=${KAFKA_PARTITIONS:-12}
 
 work=$(mktemp -d)
 clickhouse_dir=target/stats-clickhouse-$ROWS
@@ -148,14 +151,14 @@ fi
 if want kafka; then
 echo "== postbackd on Kafka (acks=all)" >&2
 bash deploy/kafka.sh start "$work/kafka" 19292 >&2
-"$BIN/postbackd" serve --listen 127.0.0.1:18085 --data-dir "$work/engine-kafka" --api-key bench \
+POSTBACKD_PARTITIONS=$kafka_partitions "$BIN/postbackd" serve --listen 127.0.0.1:18085 --data-dir "$work/engine-kafka" --api-key bench \
   --log kafka://127.0.0.1:19292/bench >/dev/null 2>&1 & pids+=($!); kafka_pid=$!
 wait_port 18085
 kafka=$(ramp kafka http://127.0.0.1:18085 postback bench); kafka_p99=$(p99_at_peak kafka); kafka_mem=$(peak_mem_mib $kafka_pid)
 kill $kafka_pid; wait $kafka_pid 2>/dev/null || true
 echo "== end to end on Kafka at half its peak, full mix, verified" >&2
 kafka_half=$(python3 -c "print(max(100, int(float('${kafka:-0}')/2)))")
-kafka_e2e=$(e2e_at e2e-kafka 18086 "$kafka_half" --log kafka://127.0.0.1:19292/bench-e2e)
+kafka_e2e=$(POSTBACKD_PARTITIONS=$kafka_partitions e2e_at e2e-kafka 18086 "$kafka_half" --log kafka://127.0.0.1:19292/bench-e2e)
 bash deploy/kafka.sh stop "$work/kafka" >&2
 fi
 
@@ -262,7 +265,7 @@ echo "| bare hyper, 200 without work | $bare | $bare_p99 ms$bare_bound | $bare_m
 echo "| nginx, 204 with access log | $nginx | $nginx_p99 ms$nginx_bound | $nginx_mem MiB | $(ratio "$nginx" "$bare") of bare hyper |"
 echo "| postbackd postback ingest, embedded, durable | $pbd | $pbd_p99 ms$pbd_bound | $pbd_mem MiB | $(ratio "$pbd" "$bare") of bare hyper, $(ratio "$pbd" "$nginx") of nginx |"
 echo "| postbackd click redirects | $clicks | $clicks_p99 ms$clicks_bound | | $(ratio "$clicks" "$bare") of bare hyper |"
-echo "| postbackd postback ingest, Kafka acks=all | $kafka | $kafka_p99 ms | $kafka_mem MiB | $(ratio "$kafka" "$bare") of bare hyper |"
+echo "| postbackd postback ingest, Kafka acks=all, $kafka_partitions partitions | $kafka | $kafka_p99 ms | $kafka_mem MiB | $(ratio "$kafka" "$bare") of bare hyper |"
 for i in 0 1 2; do
   [ -n "${cluster_peaks[$i]:-}" ] || continue
   echo "| postbackd cluster, $((i + 1)) engine(s), Kafka acks=all + ClickHouse | ${cluster_peaks[$i]} | ${cluster_p99[$i]} ms | | $(ratio "${cluster_peaks[$i]}" "$bare") of bare hyper |"
@@ -290,7 +293,7 @@ echo
 echo "End to end (accepted → visible in the stats) at $half req/s, full mix, embedded: $e2e"
 echo "Sustained full pipeline, 60 s, the highest rate tried where the lag p99 stayed under 1 s: ${sustained:-not held at any rate tried}"
 echo "End to end at $cluster_half req/s, full mix, on the 3-engine cluster: $cluster_e2e"
-echo "End to end at $kafka_half req/s, full mix, on Kafka: $kafka_e2e"
+echo "End to end at $kafka_half req/s, full mix, on Kafka ($kafka_partitions partitions): $kafka_e2e"
 echo
 if [ -f "$work/stats.txt" ]; then
   echo "Stats queries (first page of 100), embedded store:"

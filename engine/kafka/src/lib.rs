@@ -98,6 +98,15 @@ impl KafkaConfig {
             .set("log_level", "4");
         c
     }
+
+    /// A consumer's settings. librdkafka fetches ahead up to 64 MiB a consumer by default: a
+    /// stage that fell behind in a burst held that much of its topic in memory, where a few
+    /// batches ahead keep it as busy.
+    fn consumer(&self) -> ClientConfig {
+        let mut c = self.client();
+        c.set("queued.max.messages.kbytes", "8192");
+        c
+    }
 }
 
 /// A connection to the cluster, shared by the engine's logs: one producer, and the health
@@ -243,7 +252,7 @@ impl Kafka {
         }
         let reader: BaseConsumer<ReaderContext> = self
             .config
-            .client()
+            .consumer()
             .set("group.id", format!("{}.reader", self.config.prefix))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
@@ -636,7 +645,7 @@ impl KafkaSubscription {
             .max(100)
             .to_string();
         let consumer: BaseConsumer<GroupContext> = config
-            .client()
+            .consumer()
             .set("group.id", group)
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("enable.auto.commit", "false")
