@@ -64,6 +64,10 @@ pub struct Config {
     /// spread over processes; off with the embedded log, where one process owns them all and
     /// one pass decides the same.
     pub separate_dedupe: Option<bool>,
+    /// How processing and the store's writes give way to the front end (`idle` or `nice`, see
+    /// `priority::Background`). Default: `idle` with the embedded log, where the engine has
+    /// the machine to itself; `nice` with Kafka, whose broker may share it.
+    pub background_priority: Option<crate::priority::Background>,
     /// How many log records the processor takes at once.
     pub processor_batch: usize,
     /// How many bytes of log records the processor takes at once (at least one record).
@@ -122,6 +126,7 @@ impl Default for Config {
             metrics_listen: None,
             partitions: None,
             separate_dedupe: None,
+            background_priority: None,
             processor_batch: 2048,
             processor_batch_bytes: 8 << 20,
             processor_cache_bytes: 64 << 20,
@@ -253,6 +258,17 @@ impl Config {
             })
     }
 
+    /// How background threads give way: as configured, or the log backend's default.
+    pub fn background_priority(&self) -> crate::priority::Background {
+        use crate::priority::Background;
+        self.background_priority
+            .unwrap_or(if self.log.starts_with("kafka://") {
+                Background::Nice
+            } else {
+                Background::Idle
+            })
+    }
+
     /// Whether the dedupe runs as a stage of its own (see `separate_dedupe`).
     pub fn dedupe_separately(&self) -> bool {
         self.separate_dedupe
@@ -377,6 +393,9 @@ impl Config {
                 "SEPARATE_DEDUPE" => {
                     self.separate_dedupe = Some(value.parse().map_err(|e| bad(&e))?)
                 }
+                "BACKGROUND_PRIORITY" => {
+                    self.background_priority = Some(value.parse().map_err(|e: String| bad(&e))?)
+                }
                 "LOG" => self.log = value.clone(),
                 "STORE" => self.store = value.clone(),
                 "ROLES" => self.roles = value.parse().map_err(|e| bad(&e))?,
@@ -496,5 +515,35 @@ mod tests {
             let err = Config::load(None, &env, &Overrides::default()).expect_err(bad);
             assert!(err.to_string().contains("role"), "{bad:?}: {err}");
         }
+    }
+
+    #[test]
+    fn background_priority_defaults_by_log_and_is_read_from_every_layer() {
+        use crate::priority::Background;
+        assert_eq!(Config::default().background_priority(), Background::Idle);
+        let kafka = Config {
+            log: "kafka://127.0.0.1:9092/p".into(),
+            ..Config::default()
+        };
+        assert_eq!(kafka.background_priority(), Background::Nice);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "background_priority = \"nice\"\n").expect("write");
+        let c = Config::load(Some(&file), &HashMap::new(), &Overrides::default()).expect("file");
+        assert_eq!(c.background_priority(), Background::Nice);
+        let env: HashMap<String, String> = [(
+            "POSTBACKD_BACKGROUND_PRIORITY".to_string(),
+            "idle".to_string(),
+        )]
+        .into();
+        let c = Config::load(Some(&file), &env, &Overrides::default()).expect("env");
+        assert_eq!(c.background_priority(), Background::Idle);
+        let env: HashMap<String, String> = [(
+            "POSTBACKD_BACKGROUND_PRIORITY".to_string(),
+            "low".to_string(),
+        )]
+        .into();
+        let err = Config::load(None, &env, &Overrides::default()).expect_err("low");
+        assert!(err.to_string().contains("idle or nice"), "{err}");
     }
 }

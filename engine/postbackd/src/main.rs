@@ -127,6 +127,7 @@ fn main() -> anyhow::Result<()> {
                 allow_private_postback_targets,
             };
             let config = Config::load(common.config.as_deref(), &env, &flags)?;
+            postbackd::priority::set_background(config.background_priority());
             let metrics =
                 metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
             runtime.block_on(serve(config, metrics))

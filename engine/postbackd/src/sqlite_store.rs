@@ -3,10 +3,10 @@
 //! API). It is the analytics store, the processor's state store and the delivery queue at once;
 //! the schema is `schemas/sqlite.sql`.
 //!
-//! Every write runs on the writer connection's own thread, in order, at a lower CPU priority
-//! than the rest of the engine (nice 10): the store's writes cost more CPU per postback than
-//! the whole HTTP path, and under a burst the front end must have the cores first, while
-//! processing catches up on what is idle (at least a tenth of a core under full contention).
+//! Every write runs on the writer connection's own thread, in order, at background priority
+//! (`crate::priority`): the store's writes cost more CPU per postback than the whole HTTP path,
+//! and under a burst the front end must have the cores first, while processing catches up on
+//! what is idle.
 
 use crate::line_sets::LineSets;
 use postback_core::delivery::{
