@@ -57,6 +57,9 @@ pub struct Options {
     pub duration: Duration,
     /// Requests under way at most; beyond it a request is counted as `overloaded`, not sent.
     pub max_in_flight: usize,
+    /// Keep-alive connections per target of the raw open loop (`run_raw`), each carrying one
+    /// request at a time: a server answering in L seconds can be driven at N/L req/s at most.
+    pub open_connections: usize,
     pub verify: bool,
     /// An affiliate postback URL to configure (e.g. a sink), if any.
     pub affiliate_url: Option<String>,
@@ -923,13 +926,17 @@ async fn one(
     }
 }
 
-/// The open loop of the `postback` and `click` scenarios without `verify`: each target gets a
-/// fixed set of workers, each with one raw keep-alive connection (`closed::RawPool`) and a
-/// queue; the clock hands each due request to the next worker with room (none: `overloaded`),
-/// and the worker times it from when it was due. No task, timer or HTTP client per request, so
-/// the generator spends as little per request as it can. Returns the seconds it ran.
+/// The open loop of the `postback` and `click` scenarios without `verify`: each target gets
+/// `open_connections` workers, each with one raw keep-alive connection (`closed::RawPool`) and
+/// a queue; the clock hands each due request to the next worker with room (none:
+/// `overloaded`), and the worker times it from when it was due. No task, timer or HTTP client
+/// per request, so the generator spends as little per request as it can. The connections are
+/// fixed, not opened as the server slows: opening them as needed (up to `max_in_flight`)
+/// halved the rate bare hyper held here (80,000 req/s against 160,000), as a burst opened
+/// connections that the generator and the server then paid for on every request, and closing
+/// the idle ones churned. Returns the seconds it ran.
 async fn run_raw(opts: &Options, plan: &Plan, rec: &Recorder) -> f64 {
-    let workers_per_target = 256usize;
+    let workers_per_target = opts.open_connections.max(1);
     let room = (opts.max_in_flight / (workers_per_target * opts.targets.len()).max(1)).max(1);
     let mut queues = Vec::new();
     let mut workers = tokio::task::JoinSet::new();
@@ -1498,6 +1505,74 @@ mod tests {
         let cut = format!("{csv}# export cut short: the store is down\r\n");
         let err = super::run_rows(cut.as_bytes(), "Rabcx").expect_err("cut short");
         assert!(err.to_string().contains("the store is down"), "{err}");
+    }
+
+    /// A server that answers in 10 ms needs 400 requests under way at 40,000 req/s: the open
+    /// loop keeps as many under way as it was given connections, no more. The server here
+    /// holds every answer until that many are waiting (or 3 s have passed).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_open_loop_keeps_as_many_requests_under_way_as_it_has_connections() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let want = 320u64;
+        let (pending, most) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (release, released) = tokio::sync::watch::channel(false);
+        let release = Arc::new(release);
+        let (p, m) = (pending.clone(), most.clone());
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let (p, m, release, mut released) =
+                    (p.clone(), m.clone(), release.clone(), released.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        while closed::find(&buf, b"\r\n\r\n").is_none() {
+                            match conn.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let end = closed::find(&buf, b"\r\n\r\n").unwrap_or(0) + 4;
+                        buf.drain(..end);
+                        let waiting = p.fetch_add(1, Ordering::SeqCst) + 1;
+                        m.fetch_max(waiting, Ordering::SeqCst);
+                        if waiting >= want {
+                            release.send_replace(true);
+                        }
+                        let held = released.wait_for(|r| *r);
+                        let _ = tokio::time::timeout(Duration::from_secs(3), held).await;
+                        p.fetch_sub(1, Ordering::SeqCst);
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                        if conn.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let report = run(Options {
+            targets: vec![format!("http://{addr}")],
+            api_key: String::new(),
+            scenario: Scenario::Postback,
+            rate: 4000.0,
+            duration: Duration::from_millis(100),
+            max_in_flight: 4096,
+            open_connections: want as usize,
+            verify: false,
+            affiliate_url: None,
+            receive_postbacks: false,
+            server_pids: Vec::new(),
+            quiet: true,
+        })
+        .await
+        .expect("runs");
+        assert_eq!((report.sent, report.ok, report.errors), (400, 400, 0));
+        let most = most.load(Ordering::SeqCst);
+        assert_eq!(most, want, "requests under way at once at most");
     }
 
     /// A lag probe polls a few dozen times over a long wait (every 10 ms would be 3,000), and

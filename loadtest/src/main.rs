@@ -31,6 +31,12 @@ struct Cli {
     ramp: Option<String>,
     #[arg(long, default_value_t = 4096)]
     max_in_flight: usize,
+    /// Keep-alive connections per target of the open loop (`postback` and `click` without
+    /// `--verify`), each carrying one request at a time: a server answering in L seconds can
+    /// be driven at N/L req/s at most, and every connection costs the generator and the server
+    /// a little on each request.
+    #[arg(long, default_value_t = 256, conflicts_with = "connections")]
+    open_connections: usize,
     /// Afterwards, check every acknowledged postback in the stats; also samples e2e lag.
     #[arg(long)]
     verify: bool,
@@ -73,6 +79,7 @@ fn main() -> anyhow::Result<()> {
         rate: cli.rate,
         duration: Duration::from_secs_f64(cli.duration),
         max_in_flight: cli.max_in_flight,
+        open_connections: cli.open_connections,
         verify: cli.verify,
         affiliate_url: cli.affiliate_url.clone(),
         receive_postbacks: cli.receive_postbacks,

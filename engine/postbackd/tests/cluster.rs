@@ -444,6 +444,7 @@ async fn the_load_tester_drives_a_cluster_and_verifies_it() {
         rate: 200.0,
         duration: Duration::from_secs(4),
         max_in_flight: 256,
+        open_connections: 256,
         verify: true,
         affiliate_url: None,
         receive_postbacks: true,

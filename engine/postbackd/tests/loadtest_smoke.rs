@@ -24,6 +24,7 @@ async fn a_short_verified_load_run() {
         rate: 300.0,
         duration: Duration::from_secs(3),
         max_in_flight: 512,
+        open_connections: 256,
         verify: true,
         affiliate_url: None,
         receive_postbacks: true,
