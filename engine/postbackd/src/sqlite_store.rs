@@ -30,8 +30,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 const SCHEMA: &str = include_str!("../../../schemas/sqlite.sql");
-/// Kept in `PRAGMA user_version`. Raise it with every change to `schemas/sqlite.sql`: a store of
-/// another version is not migrated but rebuilt from the logs, which hold everything it derives.
+/// Kept in `PRAGMA user_version`. Raise it with every change to the tables of
+/// `schemas/sqlite.sql` (a setting applied at every open needs none): a store of another
+/// version is not migrated but rebuilt from the logs, which hold everything it derives.
 pub const SCHEMA_VERSION: i64 = 10;
 const READERS: usize = 3;
 
@@ -2004,6 +2005,43 @@ mod tests {
             Box::pin(async move { s })
         })
         .await;
+    }
+
+    /// The row-per-row FTS5 indexes merge 16 segments at a time, also in a store made before
+    /// the setting (it is applied at every open, not only at creation).
+    #[test]
+    fn the_row_indexes_merge_sixteen_segments_at_a_time_in_every_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.sqlite");
+        let tables = [
+            "server_postbacks_keys",
+            "server_postbacks_search",
+            "conversions_keys",
+        ];
+        let automerge = |c: &Connection, t: &str| -> i64 {
+            c.query_row(
+                &format!("SELECT v FROM {t}_config WHERE k = 'automerge'"),
+                [],
+                |r| r.get(0),
+            )
+            .unwrap_or(4)
+        };
+        drop(SqliteStore::open(&path).expect("opens"));
+        let c = Connection::open(&path).expect("opens");
+        for t in tables {
+            assert_eq!(automerge(&c, t), 16, "{t} when created");
+            c.execute_batch(&format!(
+                "INSERT INTO {t} ({t}, rank) VALUES ('automerge', 4)"
+            ))
+            .expect("resets");
+            assert_eq!(automerge(&c, t), 4);
+        }
+        drop(c);
+        drop(SqliteStore::open(&path).expect("opens again"));
+        let c = Connection::open(&path).expect("opens");
+        for t in tables {
+            assert_eq!(automerge(&c, t), 16, "{t} when opened again");
+        }
     }
 
     /// Retention that cuts an hour in two leaves that hour's counts to the rows it kept, and
