@@ -55,6 +55,8 @@ pub struct KafkaConfig {
     pub replication: Option<i32>,
     /// Session timeout of group members: how soon a dead member's partitions move.
     pub session_timeout: Duration,
+    /// How long the producer gathers records into a request (`linger.ms`).
+    pub linger: Duration,
 }
 
 impl KafkaConfig {
@@ -86,6 +88,7 @@ impl KafkaConfig {
             append_timeout: Duration::from_secs(5),
             replication: None,
             session_timeout: Duration::from_secs(6),
+            linger: Duration::from_millis(1),
         })
     }
 
@@ -96,6 +99,21 @@ impl KafkaConfig {
             // default backoff), so a restarted broker is noticed quickly.
             .set("reconnect.backoff.max.ms", "1000")
             .set("log_level", "4");
+        c
+    }
+
+    /// The producer's settings: every append acknowledged by all in-sync replicas, and
+    /// idempotent, so that a retried request never writes a record twice.
+    fn producer(&self) -> ClientConfig {
+        let timeout_ms = self.append_timeout.as_millis().max(1).to_string();
+        let mut c = self.client();
+        c.set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("max.in.flight.requests.per.connection", "5")
+            .set("linger.ms", self.linger.as_millis().to_string())
+            .set("compression.type", "lz4")
+            .set("message.timeout.ms", &timeout_ms)
+            .set("request.timeout.ms", &timeout_ms);
         c
     }
 
@@ -124,16 +142,8 @@ pub struct Kafka {
 impl Kafka {
     /// Connects (librdkafka connects lazily; the health probe tells whether it can).
     pub fn connect(config: KafkaConfig) -> Result<Arc<Self>, SeamError> {
-        let timeout_ms = config.append_timeout.as_millis().max(1).to_string();
         let producer: FutureProducer = config
-            .client()
-            .set("acks", "all")
-            .set("enable.idempotence", "true")
-            .set("max.in.flight.requests.per.connection", "5")
-            .set("linger.ms", "1")
-            .set("compression.type", "lz4")
-            .set("message.timeout.ms", &timeout_ms)
-            .set("request.timeout.ms", &timeout_ms)
+            .producer()
             .create()
             .map_err(|e| SeamError::Fatal(format!("kafka producer: {e}")))?;
         let meta: BaseConsumer = config
@@ -845,5 +855,18 @@ mod tests {
         assert!(KafkaConfig::from_url("kafka:///x").is_err());
         assert!(KafkaConfig::from_url("file:///x").is_err());
         assert!(KafkaConfig::from_url("kafka://h:1/bad prefix").is_err());
+    }
+
+    #[test]
+    fn the_producer_is_durable_and_lingers_as_configured() {
+        let mut c = KafkaConfig::from_url("kafka://h:1").expect("url");
+        assert_eq!(c.producer().get("linger.ms"), Some("1"));
+        c.linger = Duration::from_millis(5);
+        c.append_timeout = Duration::from_millis(2500);
+        let p = c.producer();
+        assert_eq!(p.get("linger.ms"), Some("5"));
+        assert_eq!(p.get("acks"), Some("all"));
+        assert_eq!(p.get("enable.idempotence"), Some("true"));
+        assert_eq!(p.get("message.timeout.ms"), Some("2500"));
     }
 }

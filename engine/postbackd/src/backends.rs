@@ -210,7 +210,10 @@ pub async fn open_logs(config: &Config, faults: InjectedFaults) -> anyhow::Resul
                 )?),
             })
         }
-        LogUrl::Kafka(url) => open_kafka(&url, partitions, retention, append_timeout).await,
+        LogUrl::Kafka(url) => {
+            let linger = Duration::from_millis(config.kafka_linger_ms);
+            open_kafka(&url, partitions, retention, append_timeout, linger).await
+        }
     }
 }
 
@@ -220,9 +223,11 @@ async fn open_kafka(
     partitions: u32,
     retention: Duration,
     append_timeout: Duration,
+    linger: Duration,
 ) -> anyhow::Result<Logs> {
     let mut config = postback_kafka::KafkaConfig::from_url(url).map_err(anyhow::Error::msg)?;
     config.append_timeout = append_timeout;
+    config.linger = linger;
     let kafka = postback_kafka::Kafka::connect(config).context("connecting to Kafka")?;
     let topic = |name: &'static str, partitions, retention| {
         let kafka = kafka.clone();
@@ -247,6 +252,7 @@ async fn open_kafka(
     _partitions: u32,
     _retention: Duration,
     _append_timeout: Duration,
+    _linger: Duration,
 ) -> anyhow::Result<Logs> {
     anyhow::bail!(
         "log: {url}: the Kafka log is not enabled in this build (build postbackd with the \

@@ -86,6 +86,10 @@ pub struct Config {
     /// Milliseconds an append to the log may take (a stalled disk) before the request is
     /// answered 503; what was refused is never stored afterwards.
     pub append_timeout_ms: u64,
+    /// With Kafka: milliseconds the producer waits to gather records into a request
+    /// (`linger.ms`). Longer spends less CPU per record and delays each acknowledgement by as
+    /// much; 1 takes bursts best (measured in the README).
+    pub kafka_linger_ms: u64,
     /// Let affiliate postbacks reach loopback, private and link-local addresses.
     pub allow_private_postback_targets: bool,
     /// Attempts per delivery (a re-send starts a new round).
@@ -133,6 +137,7 @@ impl Default for Config {
             processor_linger_ms: None,
             request_timeout_secs: 10,
             append_timeout_ms: 5000,
+            kafka_linger_ms: 1,
             query_timeout_ms: 10_000,
             allow_private_postback_targets: false,
             delivery_max_attempts: 8,
@@ -339,6 +344,9 @@ impl Config {
         if !(1..=256).contains(&config.partitions()) {
             anyhow::bail!("partitions must be from 1 to 256");
         }
+        if config.kafka_linger_ms >= config.append_timeout_ms {
+            anyhow::bail!("kafka_linger_ms must be below append_timeout_ms");
+        }
         Ok(config)
     }
 
@@ -417,6 +425,7 @@ impl Config {
                 "APPEND_TIMEOUT_MS" => {
                     self.append_timeout_ms = value.parse().map_err(|e| bad(&e))?
                 }
+                "KAFKA_LINGER_MS" => self.kafka_linger_ms = value.parse().map_err(|e| bad(&e))?,
                 "ALLOW_PRIVATE_POSTBACK_TARGETS" => {
                     self.allow_private_postback_targets = value.parse().map_err(|e| bad(&e))?
                 }
@@ -545,5 +554,22 @@ mod tests {
         .into();
         let err = Config::load(None, &env, &Overrides::default()).expect_err("low");
         assert!(err.to_string().contains("idle or nice"), "{err}");
+    }
+
+    #[test]
+    fn kafka_linger_is_read_from_every_layer_and_stays_below_the_append_timeout() {
+        assert_eq!(Config::default().kafka_linger_ms, 1);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "kafka_linger_ms = 5\n").expect("write");
+        let c = Config::load(Some(&file), &HashMap::new(), &Overrides::default()).expect("file");
+        assert_eq!(c.kafka_linger_ms, 5);
+        let env = |v: &str| -> HashMap<String, String> {
+            [("POSTBACKD_KAFKA_LINGER_MS".to_string(), v.to_string())].into()
+        };
+        let c = Config::load(Some(&file), &env("10"), &Overrides::default()).expect("env");
+        assert_eq!(c.kafka_linger_ms, 10);
+        let err = Config::load(None, &env("5000"), &Overrides::default()).expect_err("too long");
+        assert!(err.to_string().contains("below append_timeout_ms"), "{err}");
     }
 }
