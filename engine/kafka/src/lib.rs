@@ -4,12 +4,13 @@
 //! `EventLog` seam of `postback-core` with one topic per log.
 //!
 //! - **Appends** go through one idempotent producer (`acks=all`, `enable.idempotence`, up to
-//!   five requests in flight per connection, `linger.ms=1`, LZ4) to the partition the core's
-//!   partitioner gives the key (the same murmur2 Kafka's clients use). An append returns only
-//!   once the broker acknowledged every record; one that is not acknowledged within the
-//!   deadline (`message.timeout.ms`) fails `Unavailable`, so the front end answers 503, never a
-//!   200 and a loss. (A record whose acknowledgement was lost may still be stored: at least
-//!   once, and the processors' deterministic ids make a duplicate harmless.)
+//!   five requests in flight per connection, `linger.ms` from `KafkaConfig::linger`, LZ4) to
+//!   the partition the core's partitioner gives the key (the same murmur2 Kafka's clients
+//!   use). An append returns only once the broker acknowledged every record; one that is not
+//!   acknowledged within the deadline (`message.timeout.ms`) fails `Unavailable`, so the
+//!   front end answers 503, never a 200 and a loss. (A record whose acknowledgement was lost
+//!   may still be stored: at least once, and the processors' deterministic ids make a
+//!   duplicate harmless.)
 //! - **Reads by partition** (the catalog, the dispatcher, replays) use a consumer outside any
 //!   group, assigned one partition at a time.
 //! - **Groups**: a member is a consumer in a group with the cooperative-sticky assignor and no
