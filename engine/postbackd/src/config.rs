@@ -48,6 +48,9 @@ pub struct Config {
     pub request_memory_bytes: usize,
     /// Open connections at most; more wait in the kernel's accept queue.
     pub max_connections: usize,
+    /// Threads serving HTTP, each keeping the connections it is given (`crate::cores`).
+    /// 0: one per core.
+    pub http_threads: usize,
     /// Accept the API key in the query string (`api-key=`), as Affise does. Keys in URLs end up
     /// in proxies' logs: turn it off where clients send the header.
     pub api_key_in_query: bool,
@@ -126,6 +129,7 @@ impl Default for Config {
             max_api_body_bytes: 1 << 20,
             request_memory_bytes: 64 << 20,
             max_connections: 4096,
+            http_threads: 0,
             api_key_in_query: true,
             metrics_listen: None,
             partitions: None,
@@ -263,6 +267,14 @@ impl Config {
             })
     }
 
+    /// Threads serving HTTP: as configured, or one per core.
+    pub fn http_threads(&self) -> usize {
+        match self.http_threads {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        }
+    }
+
     /// How background threads give way: as configured, or the log backend's default.
     pub fn background_priority(&self) -> crate::priority::Background {
         use crate::priority::Background;
@@ -395,6 +407,7 @@ impl Config {
                     self.request_memory_bytes = value.parse().map_err(|e| bad(&e))?
                 }
                 "MAX_CONNECTIONS" => self.max_connections = value.parse().map_err(|e| bad(&e))?,
+                "HTTP_THREADS" => self.http_threads = value.parse().map_err(|e| bad(&e))?,
                 "API_KEY_IN_QUERY" => self.api_key_in_query = value.parse().map_err(|e| bad(&e))?,
                 "METRICS_LISTEN" => self.metrics_listen = Some(value.parse().map_err(|e| bad(&e))?),
                 "PARTITIONS" => self.partitions = Some(value.parse().map_err(|e| bad(&e))?),
@@ -554,6 +567,21 @@ mod tests {
         .into();
         let err = Config::load(None, &env, &Overrides::default()).expect_err("low");
         assert!(err.to_string().contains("idle or nice"), "{err}");
+    }
+
+    #[test]
+    fn http_threads_default_to_one_per_core_and_are_read_from_every_layer() {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        assert_eq!(Config::default().http_threads(), cores);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "http_threads = 3\n").expect("write");
+        let c = Config::load(Some(&file), &HashMap::new(), &Overrides::default()).expect("file");
+        assert_eq!(c.http_threads(), 3);
+        let env: HashMap<String, String> =
+            [("POSTBACKD_HTTP_THREADS".to_string(), "1".to_string())].into();
+        let c = Config::load(Some(&file), &env, &Overrides::default()).expect("env");
+        assert_eq!(c.http_threads(), 1);
     }
 
     #[test]

@@ -240,6 +240,19 @@ pub async fn serve(
     let connections = Arc::new(Semaphore::new(engine.config.max_connections.max(1)));
     // A request line with its query, plus headers: anything longer is refused by hyper.
     let max_buf = (engine.config.max_request_bytes + 32 * 1024).max(8 * 1024);
+    // Connections are served on the front end's own threads (`crate::cores`); the metrics
+    // listener's few stay on the runtime that called.
+    let cores = if only_metrics {
+        None
+    } else {
+        match crate::cores::Cores::start(engine.config.http_threads(), "front-end") {
+            Ok(c) => Some(Arc::new(c)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no threads of its own for HTTP; serving here");
+                None
+            }
+        }
+    };
     loop {
         let slot = tokio::select! {
             slot = connections.clone().acquire_owned() => match slot {
@@ -262,27 +275,44 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let engine = engine.clone();
-        let service = hyper::service::service_fn(move |req| {
-            let engine = engine.clone();
-            async move {
-                let response = if only_metrics {
-                    metrics_only(&engine, &req).map(Served::Left)
-                } else {
-                    handle(engine, req, peer, timeout).await
-                };
-                Ok::<_, std::convert::Infallible>(response)
-            }
-        });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(timeout)
-            .max_buf_size(max_buf)
-            .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _ = conn.await;
+        let watcher = graceful.watcher();
+        let serve_one = move |stream: tokio::net::TcpStream| async move {
+            let service = hyper::service::service_fn(move |req| {
+                let engine = engine.clone();
+                async move {
+                    let response = if only_metrics {
+                        metrics_only(&engine, &req).map(Served::Left)
+                    } else {
+                        handle(engine, req, peer, timeout).await
+                    };
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeout)
+                .max_buf_size(max_buf)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = watcher.watch(conn).await;
             drop(slot);
-        });
+        };
+        match &cores {
+            // Moved to its thread's runtime, which then polls it and everything it starts.
+            Some(cores) => match stream.into_std() {
+                Ok(stream) => {
+                    cores.next().spawn(async move {
+                        match tokio::net::TcpStream::from_std(stream) {
+                            Ok(stream) => serve_one(stream).await,
+                            Err(e) => tracing::debug!(error = %e, "connection not moved"),
+                        }
+                    });
+                }
+                Err(e) => tracing::debug!(error = %e, "connection not moved"),
+            },
+            None => {
+                tokio::spawn(serve_one(stream));
+            }
+        }
     }
     drop(listener);
     tokio::select! {
@@ -290,6 +320,9 @@ pub async fn serve(
         _ = tokio::time::sleep(Duration::from_secs(10)) => {
             tracing::warn!("connections still open after 10 s; closing them");
         }
+    }
+    if let Some(cores) = cores {
+        let _ = tokio::task::spawn_blocking(move || cores.stop()).await;
     }
 }
 

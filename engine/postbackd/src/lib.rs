@@ -10,6 +10,7 @@ pub mod admin;
 pub mod backends;
 pub mod config;
 pub mod console;
+pub mod cores;
 pub mod dispatcher;
 pub mod embedded_log;
 pub mod engine;
