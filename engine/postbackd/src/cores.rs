@@ -89,7 +89,10 @@ mod tests {
         handle
             .spawn(async {
                 let spawned = tokio::spawn(async { std::thread::current().id() });
-                (std::thread::current().id(), spawned.await.expect("the spawned task"))
+                (
+                    std::thread::current().id(),
+                    spawned.await.expect("the spawned task"),
+                )
             })
             .await
             .expect("the task")
