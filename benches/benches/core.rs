@@ -123,8 +123,8 @@ fn benches(c: &mut Criterion) {
     let parsed = batch(n);
     g.bench_function("batch of 1000 clicks + 1000 postbacks", |b| {
         b.iter_batched(
-            || Processor::new(String::new(), 64 << 20),
-            |mut p| p.apply(&catalog, black_box(&parsed), Lookups::default()),
+            || (Processor::new(String::new(), 64 << 20), parsed.clone()),
+            |(mut p, batch)| p.apply(&catalog, black_box(batch), Lookups::default()),
             BatchSize::SmallInput,
         )
     });
@@ -151,7 +151,7 @@ fn benches(c: &mut Criterion) {
                     .enumerate()
                     .map(|(i, e)| (position(i), parse(e)))
                     .collect();
-                p.apply(&catalog, &batch, Lookups::default())
+                p.apply(&catalog, batch, Lookups::default())
             },
             BatchSize::SmallInput,
         )

@@ -501,7 +501,7 @@ impl Processor {
     pub fn apply(
         &mut self,
         catalog: &Catalog,
-        batch: &[(Position, Parsed)],
+        batch: Vec<(Position, Parsed)>,
         lookups: Lookups,
     ) -> Output {
         let ctx = Context {
@@ -513,27 +513,18 @@ impl Processor {
             match p {
                 Parsed::Click(c) => {
                     self.clicks.insert(c.click_id.clone(), c.clone());
-                    out.clicks.push(c.clone());
+                    out.clicks.push(c);
                 }
                 Parsed::Postback(pb) => {
                     let pb = &pb.parsed;
-                    let click = self.click_of(pb, &lookups);
+                    let click = click_of(&self.clicks, pb, &lookups);
                     match judge_click(pb, click, &ctx) {
                         Err(verdict) => out
                             .postbacks
-                            .push(rejected_row(pb, click, &verdict, *position)),
-                        Ok(candidate) => {
-                            let click = click.cloned();
-                            self.deduper.decide(
-                                catalog,
-                                pb,
-                                click.as_ref(),
-                                candidate,
-                                *position,
-                                &lookups,
-                                &mut out,
-                            )
-                        }
+                            .push(rejected_row(pb, click, &verdict, position)),
+                        Ok(candidate) => self
+                            .deduper
+                            .decide(catalog, pb, click, candidate, position, &lookups, &mut out),
                     }
                 }
             }
@@ -567,7 +558,7 @@ impl Processor {
                 }
                 Parsed::Postback(pb) => {
                     let Postback { event, parsed } = *pb;
-                    let click = self.click_of(&parsed, &lookups);
+                    let click = click_of(&self.clicks, &parsed, &lookups);
                     match judge_click(&parsed, click, &ctx) {
                         Err(verdict) => out
                             .rejected
@@ -594,11 +585,17 @@ impl Processor {
         self.clicks.settle();
         out
     }
+}
 
-    fn click_of<'a>(&'a self, pb: &ParsedPostback, lookups: &'a Lookups) -> Option<&'a Click> {
-        let id = pb.clickid()?.to_lowercase();
-        self.clicks.get(&id).or_else(|| lookups.clicks.get(&id))
-    }
+/// The click a postback names, held or looked up (a function of the clicks alone, so that the
+/// dedupe can borrow the rest of the processor meanwhile).
+fn click_of<'a>(
+    clicks: &'a Recent<Click>,
+    pb: &ParsedPostback,
+    lookups: &'a Lookups,
+) -> Option<&'a Click> {
+    let id = pb.clickid()?.to_lowercase();
+    clicks.get(&id).or_else(|| lookups.clicks.get(&id))
 }
 
 /// An accepted postback as stage 2 holds it: read again, and judged again on the catalog as
@@ -853,7 +850,7 @@ mod tests {
         let first = click(1, 10);
         let out = p.apply(
             &catalog,
-            &[
+            vec![
                 (at(0), Parsed::Click(first.clone())),
                 (at(1), postback(&first, "A")),
             ],
@@ -874,7 +871,7 @@ mod tests {
         let lookups = Lookups::default();
         let asked = p.missing_conversions(&catalog, &batch, &lookups);
         assert_eq!(asked, vec!["1|1|B".to_string()], "A is in memory");
-        let out = p.apply(&catalog, &batch, lookups);
+        let out = p.apply(&catalog, batch, lookups);
         let errors: Vec<&str> = out.postbacks.iter().map(|r| r.error.as_str()).collect();
         assert_eq!(errors, vec!["", "Conversion exists"]);
     }
@@ -965,7 +962,7 @@ mod tests {
         // One pass, partition 0's events first.
         let mut one = Processor::new("x".into(), 1 << 20);
         let all: Vec<_> = p0.iter().chain(&p1).cloned().collect();
-        let single = one.apply(&catalog, &all, Lookups::default());
+        let single = one.apply(&catalog, all, Lookups::default());
 
         let mut first = Processor::new("x".into(), 1 << 20);
         let mut second = Processor::new("x".into(), 1 << 20);

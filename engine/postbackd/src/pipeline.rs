@@ -449,7 +449,7 @@ impl<'e> Batcher<'e> {
                             engine.state.lookup(Vec::new(), keys).await?.conversions;
                     }
                     let catalog = engine.catalog_read();
-                    self.processor.apply(&catalog, &batch, lookups)
+                    self.processor.apply(&catalog, batch, lookups)
                 } else {
                     let judged = {
                         let catalog = engine.catalog_read();
