@@ -10,7 +10,11 @@ async fn main() -> std::io::Result<()> {
     let addr = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:18081".into());
-    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    // The engine's listen backlog, so that both queue a burst of new connections alike.
+    let parsed = addr
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let listener = postbackd::http::listen(parsed)?;
     println!("bare hyper listening on http://{addr}");
     loop {
         let (stream, _) = listener.accept().await?;

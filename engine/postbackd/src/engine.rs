@@ -319,15 +319,12 @@ impl Server {
         metrics: Option<PrometheusHandle>,
         faults: InjectedFaults,
     ) -> anyhow::Result<Self> {
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
+        let listener = crate::http::listen(config.listen)
             .with_context(|| format!("listening on {}", config.listen))?;
         let addr = listener.local_addr()?;
         let metrics_listener = match config.metrics_listen {
             Some(a) => Some(
-                tokio::net::TcpListener::bind(a)
-                    .await
-                    .with_context(|| format!("listening on {a} for metrics"))?,
+                crate::http::listen(a).with_context(|| format!("listening on {a} for metrics"))?,
             ),
             None => None,
         };

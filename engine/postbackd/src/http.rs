@@ -326,6 +326,24 @@ pub async fn serve(
     }
 }
 
+/// The kernel's queue of connections not yet accepted. mio's default, 128, overflowed when a
+/// client opened a few hundred connections at once, and each SYN the kernel dropped was retried
+/// only after a second: those requests took a second longer. The kernel caps it at
+/// `net.core.somaxconn` (4096 by default since Linux 5.4).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listener on `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as `TcpListener::bind`).
+pub fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// The separate metrics listener (`metrics_listen`): `/metrics` without a key, nothing else.
 fn metrics_only(engine: &Engine, req: &Request<Incoming>) -> Response<Body> {
     match Route::of(req.uri().path()) {
@@ -676,6 +694,23 @@ mod tests {
         let junk = xff(&["1.2.3.4, nonsense, 10.0.0.9"]);
         assert_eq!(forwarded_client(true, &nets, &junk, peer), ip("10.0.0.9"));
         assert_eq!(forwarded_client(true, &nets, &xff(&[]), peer), peer);
+    }
+
+    /// Connections a client opens at once all complete, even before any is accepted.
+    #[tokio::test]
+    async fn a_burst_of_connections_waits_in_the_backlog_not_in_syn_retries() {
+        let listener = listen("127.0.0.1:0".parse().expect("addr")).expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        let opened = tokio::task::spawn_blocking(move || {
+            (0..600)
+                .map(|_| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)))
+                .collect::<Result<Vec<_>, _>>()
+                .map(|v| v.len())
+        })
+        .await
+        .expect("connects");
+        assert_eq!(opened.expect("every connection completes"), 600);
+        drop(listener);
     }
 
     #[test]
