@@ -9,15 +9,14 @@
 //! turn, so many connections spread evenly; a few heavy ones may load one core more.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 use tokio::runtime::Handle;
 
 pub struct Cores {
     handles: Vec<Handle>,
     next: AtomicUsize,
-    /// Dropping these ends the threads' runtimes.
-    stops: Mutex<Vec<tokio::sync::oneshot::Sender<()>>>,
-    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Dropped with the value: that ends the threads' runtimes (without waiting for them).
+    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Cores {
@@ -46,8 +45,8 @@ impl Cores {
         Ok(Self {
             handles,
             next: AtomicUsize::new(0),
-            stops: Mutex::new(stops),
-            threads: Mutex::new(threads),
+            stops,
+            threads,
         })
     }
 
@@ -58,22 +57,11 @@ impl Cores {
     }
 
     /// Ends the runtimes (what still runs on them is dropped) and waits for their threads.
-    pub fn stop(&self) {
-        if let Ok(mut stops) = self.stops.lock() {
-            stops.clear();
-        }
-        let threads = self.threads.lock().map(|mut t| std::mem::take(&mut *t));
-        for thread in threads.unwrap_or_default() {
+    pub fn stop(self) {
+        let Self { stops, threads, .. } = self;
+        drop(stops);
+        for thread in threads {
             let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for Cores {
-    /// Ends the runtimes without waiting (waiting is [`Cores::stop`]'s, off the async threads).
-    fn drop(&mut self) {
-        if let Ok(mut stops) = self.stops.lock() {
-            stops.clear();
         }
     }
 }

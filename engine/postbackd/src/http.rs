@@ -246,7 +246,7 @@ pub async fn serve(
         None
     } else {
         match crate::cores::Cores::start(engine.config.http_threads(), "front-end") {
-            Ok(c) => Some(Arc::new(c)),
+            Ok(c) => Some(c),
             Err(e) => {
                 tracing::warn!(error = %e, "no threads of its own for HTTP; serving here");
                 None
