@@ -327,7 +327,9 @@ struct Batcher<'e> {
     /// Per partition, the offset below which rows may have been inserted already: the batches
     /// before it failed or were cut short by a crash or a hand-over after their insert, and
     /// started at the committed position with at most `processor_batch` records each (the
-    /// one being written and the one judged meanwhile).
+    /// one being written and the one judged meanwhile). The committed position is this
+    /// process's own, or where the records start when another process had the partition
+    /// (the group's position, see `note_gaps`).
     redo_below: BTreeMap<Partition, u64>,
     /// Per partition: the next offset this process's state expects, and the offset from which
     /// that state is complete (0: from the start of the log).
@@ -386,6 +388,10 @@ impl<'e> Batcher<'e> {
                 );
                 gaps.push(r.position());
                 self.local_from.insert(r.partition, r.offset);
+                // The other process may have written rows of the batches from here on.
+                let batch = self.engine.config.processor_batch as u64;
+                let below = self.redo_below.entry(r.partition).or_default();
+                *below = (*below).max(r.offset.saturating_add(2 * batch));
             }
             *expected = r.offset + 1;
         }
@@ -421,12 +427,12 @@ impl<'e> Batcher<'e> {
         engine.catalog_current().await?;
         let mut next: BTreeMap<Partition, u64> = BTreeMap::new();
         let count = records.len() as u64;
+        self.note_gaps(&records).await?;
         let mut maybe_inserted = records.iter().any(|r| {
             self.redo_below
                 .get(&r.partition)
                 .is_some_and(|below| r.offset < *below)
         });
-        self.note_gaps(&records).await?;
         for r in &records {
             next.insert(r.partition, r.offset + 1);
         }

@@ -466,3 +466,130 @@ async fn the_load_tester_drives_a_cluster_and_verifies_it() {
     server_b.shutdown().await;
     server_a.shutdown().await;
 }
+
+/// A process that takes a partition over starts where the group's committed position is, and
+/// the last owner may have written rows past it (it died between its write and its commit).
+/// Those batches are redone: their rows must be checked against the store and the postbacks
+/// stage 1 hands on again marked as copies, however far that position lies past where the
+/// new owner's own state of the partition stops (here it has none: every offset is past it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs Kafka and ClickHouse: POSTBACKD_TEST_KAFKA, POSTBACKD_TEST_CLICKHOUSE"]
+async fn a_partition_taken_over_behind_what_was_written_writes_no_row_twice() {
+    use postback_core::log::{Polled, Position};
+    use postback_core::processor::Accepted;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
+    let shared = shared(dirs[0].path());
+    let affiliate = Affiliate::start().await;
+    // Batches of two: the records redone lie far past two batches from the new owner's start.
+    let small_batches = |dir: &std::path::Path| Config {
+        processor_batch: 2,
+        ..config(dir, &shared, "all")
+    };
+    let (server_a, a) = start_config(small_batches(dirs[0].path()), Default::default()).await;
+    offer_with_postback(&a, &affiliate).await;
+    // One click and its postbacks: one partition of the events log.
+    let click = a.click(1, 1, "").await;
+    let ids: Vec<String> = (0..48).map(|i| format!("W{i}")).collect();
+    for id in &ids {
+        let body = a.postback(&format!("clickid={click}&action_id={id}")).await;
+        assert_eq!(body["status"], 1, "{body}");
+    }
+    let today = common::today();
+    let rows = format!("/3.0/stats/serverpostbacks?date_from={today}&date_to={today}&limit=100");
+    eventually(&a, &rows, |body| body["pagination"]["total_count"] == 48).await;
+    each_received_once(&affiliate, &ids).await;
+    server_a.shutdown().await;
+
+    // The group's position of that partition goes back four records, as if the last owner
+    // had died before committing its last two batches.
+    let (server_r, _) = start(dirs[1].path(), &shared, "api").await;
+    let events = server_r.engine.events.clone();
+    let mut partition = None;
+    for p in 0..events.partitions() {
+        if events.bounds(p).await.expect("bounds").1 > 0 {
+            partition = Some(p);
+        }
+    }
+    let partition = partition.expect("the click's partition");
+    let end = events.bounds(partition).await.expect("bounds").1;
+    assert_eq!(end, 49, "the click and its postbacks");
+    let conversions = server_r.engine.conversions.clone();
+    let mut ends_before = Vec::new();
+    for p in 0..conversions.partitions() {
+        ends_before.push(conversions.bounds(p).await.expect("bounds").1);
+    }
+    let mut group = events
+        .subscribe(postbackd::pipeline::CONSUMER)
+        .await
+        .expect("joins");
+    loop {
+        let polled = group.poll(100, 1 << 20, Duration::from_secs(5)).await;
+        if let Polled::Assigned(ps) = polled.expect("polls") {
+            assert!(ps.contains(&partition), "{ps:?}");
+            break;
+        }
+    }
+    let rewound = end - 4;
+    group
+        .commit(vec![Position {
+            partition,
+            offset: rewound,
+        }])
+        .await
+        .expect("commits");
+    drop(group);
+    server_r.shutdown().await;
+
+    // A process with no state of its own takes every partition over and redoes the four.
+    let (server_b, b) = start_config(small_batches(dirs[2].path()), Default::default()).await;
+    let state = server_b.engine.state.clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while state
+        .position(postbackd::pipeline::CONSUMER, partition)
+        .await
+        .expect("position")
+        < end
+    {
+        assert!(Instant::now() < deadline, "the partition was not redone");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Stage 1 handed them on again; the dedupe stage decides each copy.
+    let mut copies = 0;
+    for p in 0..conversions.partitions() {
+        let now = conversions.bounds(p).await.expect("bounds").1;
+        let before = ends_before[p as usize];
+        if now == before {
+            continue;
+        }
+        for r in conversions
+            .read(p, before, 100, 1 << 20)
+            .await
+            .expect("reads")
+        {
+            let copy: Accepted = serde_json::from_slice(&r.payload).expect("a postback");
+            assert!(copy.maybe_copy, "{copy:?} is not marked as a copy");
+            copies += 1;
+        }
+        while state
+            .position(postbackd::pipeline::DEDUPER, p)
+            .await
+            .expect("position")
+            < now
+        {
+            assert!(Instant::now() < deadline, "the copies were not decided");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(
+        copies,
+        end - rewound,
+        "each postback redone is handed on once more"
+    );
+    let (code, body) = b.get_json(&rows).await;
+    assert_eq!(code, 200);
+    assert_eq!(body["pagination"]["total_count"], 48, "{body}");
+    for row in body["postbacks"].as_array().expect("rows") {
+        assert_eq!(row["error"], "", "{row}");
+    }
+    server_b.shutdown().await;
+}
