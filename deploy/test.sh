@@ -147,13 +147,16 @@ cluster_dir=$(mktemp -d)
 export BIN="${CARGO_TARGET_DIR:-target}/debug/postbackd" KAFKA_PORT=19692 CLICKHOUSE_PORT=18723 BASE_PORT=18700
 pbload_bin="${CARGO_TARGET_DIR:-target}/debug/pbload"
 cluster_targets() { bash deploy/cluster.sh urls "$cluster_dir" | sed 's/^/--target /'; }
-# A failed check leaves the engines' own account of it: the end of each one's log.
+# A failed check leaves the engines' own account of it: each one's hand-overs of partitions
+# (where it started each, and where another process had been), then the end of its log.
 cluster_load() {
   # shellcheck disable=SC2046
   if ! "$pbload_bin" $(cluster_targets) --api-key cluster --rate 200 --verify \
     --receive-postbacks --quiet "$@"; then
     for log in "$cluster_dir"/engine-*/out.log; do
-      echo "-- $log"; tail -n 40 "$log"
+      echo "-- $log"
+      grep -E "a partition|another process|moved to another|commit failed|WARN|ERROR" "$log" | tail -n 80
+      echo "-- (its end)"; tail -n 20 "$log"
     done
     bash deploy/cluster.sh stop "$cluster_dir"
     exit 1

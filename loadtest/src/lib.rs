@@ -1103,8 +1103,8 @@ fn probe_pause(waited: Duration) -> Duration {
 
 /// Every acknowledged postback of this run, found in the log exactly once, with its outcome.
 /// The (token, error) of each row of a server-postback CSV export whose `lt` parameter (in the
-/// query or the form body) starts with `prefix`.
-fn run_rows(csv: &[u8], prefix: &str) -> anyhow::Result<Vec<(String, String)>> {
+/// query or the form body) starts with `prefix`, and what else the row says, for a report.
+fn run_rows(csv: &[u8], prefix: &str) -> anyhow::Result<Vec<(String, String, String)>> {
     if let Some(at) = closed::find(csv, b"\r\n# export cut short") {
         bail!(
             "the CSV export was cut short: {}",
@@ -1120,6 +1120,10 @@ fn run_rows(csv: &[u8], prefix: &str) -> anyhow::Result<Vec<(String, String)>> {
             .with_context(|| format!("no {name} column in the CSV export"))
     };
     let (get, post, error) = (column("get")?, column("post")?, column("error")?);
+    let described: Vec<(&str, usize)> = ["id", "date", "action_id", "conversion_id"]
+        .into_iter()
+        .filter_map(|name| Some((name, headers.iter().position(|h| h == name)?)))
+        .collect();
     let mut out = Vec::new();
     for row in reader.records() {
         let row = row?;
@@ -1135,7 +1139,12 @@ fn run_rows(csv: &[u8], prefix: &str) -> anyhow::Result<Vec<(String, String)>> {
         };
         if let Some(t) = token(get).or_else(|| token(post)) {
             if t.starts_with(prefix) {
-                out.push((t, cell(error).to_string()));
+                let about = described
+                    .iter()
+                    .map(|(name, i)| format!("{name} {}", cell(*i)))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                out.push((t, cell(error).to_string(), about));
             }
         }
     }
@@ -1171,6 +1180,8 @@ async fn verify(target: &Target, rec: &Recorder, plan: &Plan) -> anyhow::Result<
     // Every row of the run, read from the CSV export: one snapshot, paged by time inside the
     // engine (listing pages by offset would cost the store a scan of every row before each).
     let mut seen: HashMap<String, Vec<String>> = HashMap::new();
+    // What the rows of each token say besides their outcome (a failure's report shows it).
+    let mut about: HashMap<String, Vec<String>> = HashMap::new();
     for offer in [plan.offer_id, 0] {
         let path = format!(
             "/3.0/stats/serverpostbacks/csv?{}&offer={offer}",
@@ -1183,7 +1194,8 @@ async fn verify(target: &Target, rec: &Recorder, plan: &Plan) -> anyhow::Result<
                 String::from_utf8_lossy(&csv)
             );
         }
-        for (token, error) in run_rows(&csv, &prefix)? {
+        for (token, error, row) in run_rows(&csv, &prefix)? {
+            about.entry(token.clone()).or_default().push(row);
             seen.entry(token).or_default().push(error);
         }
     }
@@ -1191,16 +1203,33 @@ async fn verify(target: &Target, rec: &Recorder, plan: &Plan) -> anyhow::Result<
     // duplicate registered the conversion and the original is the one that exists.
     let mut expected = expected;
     let twins = rec.twins.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let originals: HashMap<&str, &str> = twins
+        .iter()
+        .map(|(original, duplicate)| (duplicate.as_str(), original.as_str()))
+        .collect();
+    // A token's rows, and its original's where it is a duplicate on another click.
+    let report = |token: &str| {
+        let rows = |t: &str| about.get(t).map(|r| r.join("; ")).unwrap_or_default();
+        match originals.get(token) {
+            Some(original) => format!(
+                "[{}] (its original {original}: {:?}, [{}])",
+                rows(token),
+                seen.get(*original).cloned().unwrap_or_default(),
+                rows(original)
+            ),
+            None => format!("[{}]", rows(token)),
+        }
+    };
     let (mut cross, mut cross_first) = (0, 0);
-    for (original, duplicate) in twins {
-        let swapped = seen.get(&original).map(Vec::as_slice)
+    for (original, duplicate) in &twins {
+        let swapped = seen.get(original).map(Vec::as_slice)
             == Some(&["Conversion exists".to_string()][..])
-            && seen.get(&duplicate).map(Vec::as_slice) == Some(&[String::new()][..]);
+            && seen.get(duplicate).map(Vec::as_slice) == Some(&[String::new()][..]);
         cross += 1;
-        if swapped && expected.contains_key(&original) {
+        if swapped && expected.contains_key(original) {
             cross_first += 1;
-            expected.insert(original, "Conversion exists");
-            expected.insert(duplicate, "");
+            expected.insert(original.clone(), "Conversion exists");
+            expected.insert(duplicate.clone(), "");
         }
     }
     let mut v = Verification {
@@ -1222,15 +1251,20 @@ async fn verify(target: &Target, rec: &Recorder, plan: &Plan) -> anyhow::Result<
             Some([got]) => {
                 v.wrong_outcome += 1;
                 if v.problems.len() < 10 {
-                    v.problems
-                        .push(format!("{token}: logged {got:?}, expected {want:?}"));
+                    v.problems.push(format!(
+                        "{token}: logged {got:?}, expected {want:?} {}",
+                        report(token)
+                    ));
                 }
             }
             Some(many) => {
                 v.duplicated += 1;
                 if v.problems.len() < 10 {
-                    v.problems
-                        .push(format!("{token}: logged {} times", many.len()));
+                    v.problems.push(format!(
+                        "{token}: logged {} times {}",
+                        many.len(),
+                        report(token)
+                    ));
                 }
             }
         }
@@ -1255,8 +1289,8 @@ async fn verify_deliveries(
         _ => "?",
     };
     let mut expected: HashMap<(String, String), u32> = HashMap::new();
-    // Action id → conversion id, to explain a state that never arrived.
-    let mut leads: HashMap<String, String> = HashMap::new();
+    // Action id → its conversion ids, to explain a state that never arrived or came twice.
+    let mut leads: HashMap<String, Vec<String>> = HashMap::new();
     let base = format!(
         "/3.0/stats/conversions?{}&offer={}&limit=500",
         date_range(),
@@ -1269,7 +1303,7 @@ async fn verify_deliveries(
             let action = c["action_id"].as_str().unwrap_or("").to_string();
             let status = status_number(c["status"].as_str().unwrap_or("")).to_string();
             let lead = c["id"].as_str().unwrap_or("").to_string();
-            leads.insert(action.clone(), lead);
+            leads.entry(action.clone()).or_default().push(lead);
             expected.insert((action, status), 0);
         }
         if rows.len() < 500 {
@@ -1310,7 +1344,10 @@ async fn verify_deliveries(
             0 => {
                 check.missing += 1;
                 if problems.len() < 10 {
-                    let lead = leads.get(&key.0).map_or("", String::as_str);
+                    let lead = leads
+                        .get(&key.0)
+                        .and_then(|l| l.first())
+                        .map_or("", String::as_str);
                     let why = attempts_of(target, plan, lead).await;
                     note(problems, format!("{key:?}: never delivered ({why})"));
                 }
@@ -1318,7 +1355,11 @@ async fn verify_deliveries(
             1 => check.once += 1,
             n => {
                 check.duplicated += 1;
-                note(problems, format!("{key:?}: delivered {n} times"));
+                let conversions = leads.get(&key.0).cloned().unwrap_or_default();
+                note(
+                    problems,
+                    format!("{key:?}: delivered {n} times (conversions {conversions:?})"),
+                );
             }
         }
     }
@@ -1495,11 +1536,16 @@ mod tests {
             \"3\",\"d\",\"7\",\"a \"\"quoted\"\", error\",\"'=lt=Rabcx3\",\"\",\"s\"\r\n\
             \"4\",\"d\",\"7\",\"\",\"lt=Rotherx1\",\"\",\"s\"\r\n";
         let rows = super::run_rows(csv.as_bytes(), "Rabcx").expect("parses");
+        let about = |id: &str| format!("id {id}, date d");
         assert_eq!(
             rows,
             vec![
-                ("Rabcx1".to_string(), String::new()),
-                ("Rabcx2".to_string(), "Conversion exists".to_string()),
+                ("Rabcx1".to_string(), String::new(), about("1")),
+                (
+                    "Rabcx2".to_string(),
+                    "Conversion exists".to_string(),
+                    about("2")
+                ),
             ]
         );
         let cut = format!("{csv}# export cut short: the store is down\r\n");
