@@ -544,15 +544,17 @@ async fn a_partition_taken_over_behind_what_was_written_writes_no_row_twice() {
     let (server_b, b) = start_config(small_batches(dirs[2].path()), Default::default()).await;
     let state = server_b.engine.state.clone();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while state
-        .position(postbackd::pipeline::CONSUMER, partition)
-        .await
-        .expect("position")
-        < end
-    {
-        assert!(Instant::now() < deadline, "the partition was not redone");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let processed_to = |consumer: &'static str, p: u32, end: u64, what: &'static str| {
+        let state = state.clone();
+        async move {
+            while state.position(consumer, p).await.expect("position") < end {
+                assert!(Instant::now() < deadline, "{what}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let redone = "the partition was not redone";
+    processed_to(postbackd::pipeline::CONSUMER, partition, end, redone).await;
     // Stage 1 handed them on again; the dedupe stage decides each copy.
     let mut copies = 0;
     for p in 0..conversions.partitions() {
@@ -570,15 +572,8 @@ async fn a_partition_taken_over_behind_what_was_written_writes_no_row_twice() {
             assert!(copy.maybe_copy, "{copy:?} is not marked as a copy");
             copies += 1;
         }
-        while state
-            .position(postbackd::pipeline::DEDUPER, p)
-            .await
-            .expect("position")
-            < now
-        {
-            assert!(Instant::now() < deadline, "the copies were not decided");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let decided = "the copies were not decided";
+        processed_to(postbackd::pipeline::DEDUPER, p, now, decided).await;
     }
     assert_eq!(
         copies,
