@@ -16,7 +16,9 @@
 //! - **Groups**: a member is a consumer in a group with the cooperative-sticky assignor and no
 //!   automatic commits, polled on its own thread. A revocation waits, inside librdkafka's
 //!   rebalance callback, until the member has stored and committed what it polled of the
-//!   partitions it loses, so a partition moves only after its last batch is done.
+//!   partitions it loses, so a partition moves only after its last batch is done. A commit
+//!   the group refuses (as it does during a rebalance) goes again with the next one, and
+//!   before a partition is let go, so the next owner never starts behind what was stored.
 //! - **Health**: a thread asks the cluster for metadata every second; while it does not
 //!   answer, `health()` says so (`/ready` answers 503) and clears by itself when it does.
 //!
@@ -646,9 +648,11 @@ struct KafkaSubscription {
     /// A revocation handed over but not yet let go: the member is done with those partitions
     /// only when it polls again (a dispatcher's attempts under way outlive the poll that
     /// revoked them), so the group hears it then.
-    revoked: Option<std::sync::mpsc::Sender<()>>,
+    revoked: Option<(std::sync::mpsc::Sender<()>, Vec<Partition>)>,
     /// The next offset to hand over, per partition: records before it are not.
     next: BTreeMap<Partition, u64>,
+    /// Positions whose commit failed, retried while their partitions are the member's.
+    unsent: Unsent,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -708,6 +712,7 @@ impl KafkaSubscription {
             held: None,
             revoked: None,
             next: BTreeMap::new(),
+            unsent: Unsent::default(),
             stop,
             thread: Some(thread),
         })
@@ -748,8 +753,15 @@ impl Subscription for KafkaSubscription {
         wait: Duration,
     ) -> BoxFuture<'_, Result<Polled, SeamError>> {
         Box::pin(async move {
-            // Polling again says the partitions revoked last time are done with.
-            if let Some(ack) = self.revoked.take() {
+            // Polling again says the partitions revoked last time are done with: their
+            // positions go to the group first (the next owner starts there).
+            if let Some((ack, partitions)) = self.revoked.take() {
+                let last = self.unsent.take(&partitions);
+                if !last.is_empty() {
+                    let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
+                    // Not kept on failure: the partitions are not the member's any more.
+                    let _ = blocking(move || commit_to(&consumer, &topic, &last)).await;
+                }
                 let _ = ack.send(());
             }
             let deadline = tokio::time::Instant::now() + wait;
@@ -801,7 +813,7 @@ impl Subscription for KafkaSubscription {
                             self.next.remove(p);
                         }
                         // Let go at the next poll, once the member has finished with them.
-                        self.revoked = Some(ack);
+                        self.revoked = Some((ack, ps.clone()));
                         return Ok(Polled::Revoked(ps));
                     }
                     GroupEvent::Failed(why) => {
@@ -820,28 +832,91 @@ impl Subscription for KafkaSubscription {
     }
 
     fn commit(&mut self, positions: Vec<Position>) -> BoxFuture<'_, Result<(), SeamError>> {
-        let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
-        Box::pin(blocking(move || {
-            let mut tpl = TopicPartitionList::new();
-            for p in positions {
-                tpl.add_partition_offset(
-                    &topic,
-                    p.partition as i32,
-                    Offset::Offset(p.offset as i64),
-                )
-                .map_err(|e| unavailable("committing", &e))?;
+        Box::pin(async move {
+            // Still the member's: assigned, or revoked and not yet let go.
+            let releasing = self
+                .revoked
+                .as_ref()
+                .map_or(&[][..], |(_, ps)| ps.as_slice());
+            let owned: Vec<Partition> = self.next.keys().chain(releasing).copied().collect();
+            let all = self.unsent.with(&owned, positions);
+            if all.is_empty() {
+                return Ok(());
             }
-            match consumer.commit(&tpl, CommitMode::Sync) {
+            let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
+            let sent = all.clone();
+            match blocking(move || commit_to(&consumer, &topic, &sent)).await {
                 Ok(()) => Ok(()),
-                // The store holds the positions; a commit that did not land only means a
-                // member taking over redoes more (past the two batches whose rows it checks
-                // against the store, rows may be stored twice until a merge): worth a line.
+                // The store holds the positions; the group's are where a member taking a
+                // partition over starts, so those that did not land go with the next commit
+                // (a partition with no more records would otherwise stay behind).
                 Err(e) => {
-                    tracing::warn!(error = %e, "kafka commit failed; the next commit covers it");
+                    tracing::warn!(error = %e, "kafka commit failed; retried with the next");
+                    self.unsent.failed(all);
                     Ok(())
                 }
             }
-        }))
+        })
+    }
+}
+
+/// Commits `positions` to the member's group (synchronously: blocks).
+fn commit_to(
+    consumer: &BaseConsumer<GroupContext>,
+    topic: &str,
+    positions: &[Position],
+) -> Result<(), SeamError> {
+    let mut tpl = TopicPartitionList::new();
+    for p in positions {
+        tpl.add_partition_offset(topic, p.partition as i32, Offset::Offset(p.offset as i64))
+            .map_err(|e| unavailable("committing", &e))?;
+    }
+    consumer
+        .commit(&tpl, CommitMode::Sync)
+        .map_err(|e| unavailable("committing", &e))
+}
+
+/// Positions whose commit to the group failed (Kafka refuses commits while a rebalance is
+/// under way), kept to go with the next one.
+#[derive(Debug, Default)]
+struct Unsent(BTreeMap<Partition, u64>);
+
+impl Unsent {
+    /// `positions` and what is unsent of the `owned` partitions, the furthest of each; the
+    /// rest is dropped (another member commits those partitions now).
+    fn with(&mut self, owned: &[Partition], positions: Vec<Position>) -> Vec<Position> {
+        let mut all: BTreeMap<Partition, u64> = std::mem::take(&mut self.0)
+            .into_iter()
+            .filter(|(p, _)| owned.contains(p))
+            .collect();
+        for p in positions {
+            let offset = all.entry(p.partition).or_default();
+            *offset = (*offset).max(p.offset);
+        }
+        all.into_iter()
+            .map(|(partition, offset)| Position { partition, offset })
+            .collect()
+    }
+
+    /// Keeps `positions`, which did not land, for the next commit.
+    fn failed(&mut self, positions: Vec<Position>) {
+        for p in positions {
+            let offset = self.0.entry(p.partition).or_default();
+            *offset = (*offset).max(p.offset);
+        }
+    }
+
+    /// Takes what is unsent of `partitions`.
+    fn take(&mut self, partitions: &[Partition]) -> Vec<Position> {
+        partitions
+            .iter()
+            .filter_map(|p| {
+                self.0.remove(p).map(|offset| Position {
+                    partition: *p,
+                    offset,
+                })
+            })
+            .collect()
     }
 }
 
@@ -862,6 +937,28 @@ mod tests {
         assert!(KafkaConfig::from_url("kafka:///x").is_err());
         assert!(KafkaConfig::from_url("file:///x").is_err());
         assert!(KafkaConfig::from_url("kafka://h:1/bad prefix").is_err());
+    }
+
+    #[test]
+    fn positions_that_did_not_land_go_with_the_next_commit_while_their_partition_is_owned() {
+        let at = |partition, offset| Position { partition, offset };
+        let mut unsent = Unsent::default();
+        assert_eq!(unsent.with(&[0, 1], vec![at(0, 5)]), vec![at(0, 5)]);
+        // Partition 1's commit fails; the next commit is of partition 0 only.
+        unsent.failed(vec![at(0, 5), at(1, 9)]);
+        assert_eq!(
+            unsent.with(&[0, 1], vec![at(0, 7)]),
+            vec![at(0, 7), at(1, 9)],
+            "the furthest of each partition, the failed one included"
+        );
+        // Once a partition is another member's, what did not land of it is dropped.
+        unsent.failed(vec![at(0, 7), at(1, 9)]);
+        assert_eq!(unsent.with(&[0], Vec::new()), vec![at(0, 7)]);
+        assert!(unsent.with(&[0, 1], Vec::new()).is_empty());
+        // Letting partitions go takes what is unsent of them, and only that.
+        unsent.failed(vec![at(0, 8), at(2, 3)]);
+        assert_eq!(unsent.take(&[2]), vec![at(2, 3)]);
+        assert_eq!(unsent.with(&[0, 2], Vec::new()), vec![at(0, 8)]);
     }
 
     #[test]
