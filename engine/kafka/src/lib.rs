@@ -18,7 +18,8 @@
 //!   rebalance callback, until the member has stored and committed what it polled of the
 //!   partitions it loses, so a partition moves only after its last batch is done. A commit
 //!   the group refuses (as it does during a rebalance) goes again with the next one, and
-//!   before a partition is let go, so the next owner never starts behind what was stored.
+//!   once more before its partition is let go: the next owner starts where the group says,
+//!   and redoes what lies between that and what was stored.
 //! - **Health**: a thread asks the cluster for metadata every second; while it does not
 //!   answer, `health()` says so (`/ready` answers 503) and clears by itself when it does.
 //!
