@@ -758,12 +758,20 @@ impl Subscription for KafkaSubscription {
             // positions go to the group first (the next owner starts there).
             if let Some((ack, partitions)) = self.revoked.take() {
                 let last = self.unsent.take(&partitions);
-                if !last.is_empty() {
+                if last.is_empty() {
+                    let _ = ack.send(());
+                } else {
                     let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
-                    // Not kept on failure: the partitions are not the member's any more.
-                    let _ = blocking(move || commit_to(&consumer, &topic, &last)).await;
+                    // The acknowledgement goes with the commit, so that a poll dropped
+                    // meanwhile still lets go after it. Not kept on failure: the partitions
+                    // are not the member's any more.
+                    let _ = blocking(move || {
+                        let _ = commit_to(&consumer, &topic, &last);
+                        let _ = ack.send(());
+                        Ok(())
+                    })
+                    .await;
                 }
-                let _ = ack.send(());
             }
             let deadline = tokio::time::Instant::now() + wait;
             let mut out: Vec<Record> = Vec::new();
