@@ -648,6 +648,10 @@ struct Recorder {
     updates: Mutex<Vec<(String, String)>>,
     /// Action ids of status updates whose answer was lost (no HTTP status came back).
     updates_answer_lost: Mutex<Vec<String>>,
+    /// (original, duplicate on another click) tokens where the duplicate's answer was lost: it
+    /// may be stored all the same (a process killed after its append), and then may reach the
+    /// dedupe before its original.
+    twins_answer_lost: Mutex<Vec<(String, String)>>,
     first_error: Mutex<Option<String>>,
 }
 
@@ -713,6 +717,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         twins: Mutex::new(Vec::new()),
         updates: Mutex::new(Vec::new()),
         updates_answer_lost: Mutex::new(Vec::new()),
+        twins_answer_lost: Mutex::new(Vec::new()),
         first_error: Mutex::new(None),
     });
     let in_flight = Arc::new(tokio::sync::Semaphore::new(opts.max_in_flight.max(1)));
@@ -909,6 +914,12 @@ async fn one(
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push(action.clone());
+            }
+            if let (Err(_), Some(original), Some(token)) = (&other, &p.twin_of, &p.token) {
+                rec.twins_answer_lost
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((original.clone(), token.clone()));
             }
             let mut first = rec.first_error.lock().unwrap_or_else(|e| e.into_inner());
             if first.is_none() {
@@ -1151,6 +1162,38 @@ fn run_rows(csv: &[u8], prefix: &str) -> anyhow::Result<Vec<(String, String, Str
     Ok(out)
 }
 
+/// Which of a twin pair (an original and its duplicate on another click) should have
+/// registered the conversion: a duplicate may reach the dedupe before its original, and then
+/// the duplicate registered it and the original is the one that exists. That holds too for a
+/// duplicate whose answer was lost (`lost`): not expected itself, it may have been stored all
+/// the same. Returns the pairs of `twins` and how many pairs, of both, came in that order.
+fn settle_twins(
+    expected: &mut HashMap<String, &'static str>,
+    seen: &HashMap<String, Vec<String>>,
+    twins: &[(String, String)],
+    lost: &[(String, String)],
+) -> (u64, u64) {
+    let swapped = |original: &str, duplicate: &str| {
+        seen.get(original).map(Vec::as_slice) == Some(&["Conversion exists".to_string()][..])
+            && seen.get(duplicate).map(Vec::as_slice) == Some(&[String::new()][..])
+    };
+    let mut first = 0;
+    for (original, duplicate) in twins {
+        if swapped(original, duplicate) && expected.contains_key(original) {
+            first += 1;
+            expected.insert(original.clone(), "Conversion exists");
+            expected.insert(duplicate.clone(), "");
+        }
+    }
+    for (original, duplicate) in lost {
+        if swapped(original, duplicate) && expected.contains_key(original) {
+            first += 1;
+            expected.insert(original.clone(), "Conversion exists");
+        }
+    }
+    (twins.len() as u64, first)
+}
+
 async fn verify(target: &Target, rec: &Recorder, plan: &Plan) -> anyhow::Result<Verification> {
     let expected = rec
         .expected
@@ -1220,18 +1263,12 @@ async fn verify(target: &Target, rec: &Recorder, plan: &Plan) -> anyhow::Result<
             None => format!("[{}]", rows(token)),
         }
     };
-    let (mut cross, mut cross_first) = (0, 0);
-    for (original, duplicate) in &twins {
-        let swapped = seen.get(original).map(Vec::as_slice)
-            == Some(&["Conversion exists".to_string()][..])
-            && seen.get(duplicate).map(Vec::as_slice) == Some(&[String::new()][..]);
-        cross += 1;
-        if swapped && expected.contains_key(original) {
-            cross_first += 1;
-            expected.insert(original.clone(), "Conversion exists");
-            expected.insert(duplicate.clone(), "");
-        }
-    }
+    let lost = rec
+        .twins_answer_lost
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let (cross, cross_first) = settle_twins(&mut expected, &seen, &twins, &lost);
     let mut v = Verification {
         expected: expected.len() as u64,
         cross_duplicates: cross,
@@ -1527,6 +1564,55 @@ pub fn table(r: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_duplicate_that_reached_the_dedupe_first_registered_the_conversion() {
+        let owned = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        let seen: HashMap<String, Vec<String>> = [
+            ("O1", "Conversion exists"),
+            ("D1", ""),
+            ("O2", ""),
+            ("D2", "Conversion exists"),
+            ("O3", "Conversion exists"),
+            ("L3", ""),
+        ]
+        .into_iter()
+        .map(|(t, e)| (t.to_string(), vec![e.to_string()]))
+        .collect();
+        let fresh = || -> HashMap<String, &'static str> {
+            [
+                ("O1", ""),
+                ("D1", "Conversion exists"),
+                ("O2", ""),
+                ("D2", "Conversion exists"),
+                ("O3", ""),
+            ]
+            .into_iter()
+            .map(|(t, e)| (t.to_string(), e))
+            .collect()
+        };
+        let twins = owned(&[("O1", "D1"), ("O2", "D2")]);
+        let mut expected = fresh();
+        assert_eq!(settle_twins(&mut expected, &seen, &twins, &[]), (2, 1));
+        assert_eq!((expected["O1"], expected["D1"]), ("Conversion exists", ""));
+        assert_eq!((expected["O2"], expected["D2"]), ("", "Conversion exists"));
+        // O3's duplicate L3 got no answer (its process was killed) but was stored, and came
+        // first: without knowing of it, O3 looks wrong.
+        assert_eq!(expected["O3"], "");
+        let lost = owned(&[("O3", "L3")]);
+        let mut expected = fresh();
+        assert_eq!(settle_twins(&mut expected, &seen, &twins, &lost), (2, 2));
+        assert_eq!(expected["O3"], "Conversion exists");
+        assert!(
+            !expected.contains_key("L3"),
+            "a lost answer is not expected"
+        );
+    }
 
     #[test]
     fn the_runs_rows_are_read_from_the_csv_export() {
