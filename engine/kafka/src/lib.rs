@@ -894,20 +894,15 @@ impl Unsent {
     /// `positions` and what is unsent of the `owned` partitions, the furthest of each; the
     /// rest is dropped (another member commits those partitions now).
     fn with(&mut self, owned: &[Partition], positions: Vec<Position>) -> Vec<Position> {
-        let mut all: BTreeMap<Partition, u64> = std::mem::take(&mut self.0)
+        self.0.retain(|p, _| owned.contains(p));
+        self.failed(positions);
+        std::mem::take(&mut self.0)
             .into_iter()
-            .filter(|(p, _)| owned.contains(p))
-            .collect();
-        for p in positions {
-            let offset = all.entry(p.partition).or_default();
-            *offset = (*offset).max(p.offset);
-        }
-        all.into_iter()
             .map(|(partition, offset)| Position { partition, offset })
             .collect()
     }
 
-    /// Keeps `positions`, which did not land, for the next commit.
+    /// Keeps `positions`, which did not land, for the next commit (the furthest of each).
     fn failed(&mut self, positions: Vec<Position>) {
         for p in positions {
             let offset = self.0.entry(p.partition).or_default();
